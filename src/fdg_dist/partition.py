@@ -1,0 +1,166 @@
+"""Splitting a block list into K contiguous pipeline modules, and reporting the result.
+
+Pure functions, no process group: every rank computes the same split from the same inputs.
+Shapes and FLOPs are computed on the meta device so even wrn28_10 costs no real memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from itertools import pairwise
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+_META = torch.device("meta")
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for a probe pass (BN rejects 1-sample batches in training), restoring the old flags."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _meta_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run ``block`` with all parameters and buffers swapped for meta tensors; the block is untouched."""
+    state = {k: torch.empty_like(v, device=_META) for k, v in block.state_dict(keep_vars=True).items()}
+    with torch.no_grad(), _eval_mode(block):
+        return functional_call(block, state, (x,))
+
+
+def _probe(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> tuple[list[torch.Size], list[int]]:
+    """Boundary shapes and counted forward FLOPs of each block for one meta pass."""
+    x = torch.empty(tuple(input_shape), device=_META)
+    shapes, flops = [x.shape], []
+    for block in blocks:
+        with FlopCounterMode(display=False) as counter:
+            x = _meta_forward(block, x)
+        shapes.append(x.shape)
+        flops.append(counter.get_total_flops())
+    return shapes, flops
+
+
+def boundary_shapes(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> list[torch.Size]:
+    """Input shape of every block followed by the model output shape (``len(blocks) + 1`` entries)."""
+    return _probe(blocks, input_shape)[0]
+
+
+def block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> list[float]:
+    """Per-block forward FLOPs for ``input_shape``.
+
+    Blocks without counted FLOPs (only element-wise ops) are charged their output element count so
+    no block is free and the partitioner still spreads them.
+    """
+    shapes, flops = _probe(blocks, input_shape)
+    return [
+        float(f) if f > 0 else float(max(math.prod(s), 1)) for f, s in zip(flops, shapes[1:], strict=True)
+    ]
+
+
+def _module_costs(costs: Sequence[float], bounds: Sequence[int]) -> list[float]:
+    return [float(sum(costs[a:b])) for a, b in pairwise(bounds)]
+
+
+def _balanced_bounds(costs: Sequence[float], k: int) -> list[int]:
+    """Exact linear partition minimising the largest module cost (DP over prefix sums).
+
+    Ties go to the largest last split point, a fixed rule so every rank agrees.
+    """
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[j][i]: minimal bottleneck putting blocks [0, i) into j modules; cut[j][i]: start of module j.
+    best = [[math.inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n - (k - j) + 1):
+            for s in range(i - 1, j - 2, -1):
+                seg = prefix[i] - prefix[s]
+                if seg >= best[j][i]:
+                    break  # segments only grow as s decreases
+                cand = max(best[j - 1][s], seg)
+                if cand < best[j][i]:
+                    best[j][i], cut[j][i] = cand, s
+    bounds = [n]
+    for j in range(k, 0, -1):
+        bounds.append(cut[j][bounds[-1]])
+    return bounds[::-1]
+
+
+def split_points(costs: Sequence[float], k: int, split: str | Sequence[int]) -> list[int]:
+    """Bounds ``[0, s1, ..., s_{K-1}, n]``; module i holds blocks ``bounds[i]:bounds[i+1]``.
+
+    ``split="auto"`` balances by cost; a list of K-1 block indices is used as given.
+    """
+    n = len(costs)
+    if not 1 <= k <= n:
+        raise ValueError(f"pipeline.k={k} must be between 1 and the number of blocks ({n})")
+    if isinstance(split, str):
+        if split != "auto":
+            raise ValueError(f"pipeline.split={split!r} must be 'auto' or a list of {k - 1} block indices")
+        return _balanced_bounds(costs, k)
+    points = list(split)
+    bounds = [0, *points, n]
+    if (
+        len(points) != k - 1
+        or not all(isinstance(p, int) and not isinstance(p, bool) for p in points)
+        or any(a >= b for a, b in pairwise(bounds))
+    ):
+        raise ValueError(
+            f"pipeline.split={points} must be {k - 1} strictly increasing block indices in 1..{n - 1}"
+        )
+    return bounds
+
+
+def balance_ratio(costs: Sequence[float], bounds: Sequence[int]) -> float:
+    """Slowest module cost over mean module cost: 1.0 is a perfectly balanced pipeline."""
+    per_module = _module_costs(costs, bounds)
+    return max(per_module) / (sum(per_module) / len(per_module))
+
+
+def describe(
+    blocks: Sequence[nn.Module],
+    bounds: Sequence[int],
+    input_shape: Sequence[int],
+    batch_size: int,
+    stash_depths: Sequence[int],
+    dtype_bytes: int = 4,
+) -> str:
+    """Printable per-module table: blocks, parameters, GFLOPs per sample, activation sent downstream
+    (at ``batch_size``) and stash memory (depth x (input activation + parameter bytes)), then the balance.
+    """
+    k = len(bounds) - 1
+    if len(stash_depths) != k:
+        raise ValueError(f"describe needs {k} stash depths, got {len(stash_depths)}")
+    sample_shape = tuple(input_shape[1:])
+    shapes, flops = _probe(blocks, (1, *sample_shape))
+    batch_shapes = [torch.Size((batch_size, *s[1:])) for s in shapes]
+    mib = 2.0**20
+    rows = [
+        f"{'module':>6} {'blocks':>9} {'params':>11} {'GFLOP/sample':>12} "
+        f"{'sends (batch ' + str(batch_size) + ')':>24} {'MiB':>8} {'stash MiB':>10}"
+    ]
+    for i, (a, b) in enumerate(pairwise(bounds)):
+        params = sum(p.numel() for blk in blocks[a:b] for p in blk.parameters())
+        act_in = math.prod(batch_shapes[a]) * dtype_bytes
+        act_out = math.prod(batch_shapes[b]) * dtype_bytes
+        stash = stash_depths[i] * (act_in + params * dtype_bytes)
+        rows.append(
+            f"{i:>6} {f'[{a},{b})':>9} {params:>11,} {sum(flops[a:b]) / 1e9:>12.4f} "
+            f"{str(tuple(batch_shapes[b])):>24} {act_out / mib:>8.2f} {stash / mib:>10.2f}"
+        )
+    costs = block_costs(blocks, (1, *sample_shape))
+    rows.append(f"balance ratio (slowest / mean module FLOPs): {balance_ratio(costs, bounds):.3f}")
+    return "\n".join(rows)

@@ -1,0 +1,174 @@
+"""The training loop of one rank, top-down: build → (resume) → epochs of train, drain, eval, log, save.
+
+Everything here is per rank; the cross-rank choreography lives in ``schedule`` and ``executor``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fdg_dist import checkpoint, data, models, partition, schedule
+from fdg_dist.config import Config
+from fdg_dist.distributed import Context, allreduce_mean
+from fdg_dist.executor import Boundary, EpochResult, Executor
+from fdg_dist.metrics import RunLog
+from fdg_dist.optim import build_optimizer, build_scheduler
+from fdg_dist.stage import Stage
+from fdg_dist.transport import Transport
+
+log = logging.getLogger("fdg_dist")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_module(cfg: Config, K: int, k: int) -> tuple[nn.Module, list[int], list[torch.Size], str]:
+    """Module k of the split model, keyed like the unsplit model; also the bounds, shapes and table.
+
+    Every rank builds the whole model from the same seed and keeps its blocks, so the split is
+    deterministic and the weights equal those of the unsplit model built with that seed.
+    """
+    seed_everything(cfg.trainer.seed)
+    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
+    sample = (1, 3, cfg.data.image_size, cfg.data.image_size)
+    split = cfg.pipeline.split if K > 1 else "auto"
+    bounds = partition.split_points(partition.block_costs(blocks, sample), K, split)
+    shapes = partition.boundary_shapes(blocks, sample)
+    module = nn.Sequential(OrderedDict((str(i), blocks[i]) for i in range(bounds[k], bounds[k + 1])))
+    depths = [stash_depth(cfg.method.name, j, K) for j in range(K)]
+    table = partition.describe(blocks, bounds, sample, cfg.trainer.batch_size, depths)
+    return module, bounds, [shapes[b] for b in bounds], table
+
+
+def stash_depth(method: str, k: int, K: int) -> int:
+    """How many forwards module k holds at most: 2(K-1-k) for FDG, K-1-k for DDG/FR, 0 otherwise."""
+    return {"fdg": 2, "adl": 2, "ddg": 1, "fr": 1}.get(method, 0) * (K - 1 - k)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: Context, run_dir: Path) -> None:
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        t, m = cfg.trainer, cfg.method
+        self.k, self.K = ctx.module, ctx.K
+        module, self.bounds, shapes, table = build_module(cfg, self.K, self.k)
+        if ctx.rank == 0:
+            log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
+                     "stashed weights" if m.stash == "weights" else "recompute", table)
+        module.to(ctx.device)
+        aux = None
+        if m.name == "dgl" and self.k < self.K - 1:
+            aux = models.aux_head(shapes[1], cfg.data.num_classes, m.aux_channels).to(ctx.device)
+        params = list(module.parameters()) + (list(aux.parameters()) if aux is not None else [])
+        optimizer = build_optimizer(cfg.optim, params)
+        scheduler = build_scheduler(cfg.sched, optimizer, t.epochs)
+        sync = (lambda ps: allreduce_mean(ps, ctx.replica_group)) if ctx.R > 1 else None
+        self.stage = Stage(module, self.k, self.K, optimizer, scheduler, beta=m.beta,
+                           stash="recompute" if m.name == "fr" else m.stash, accum_steps=m.accum_steps,
+                           aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
+                           device=ctx.device, grad_sync=sync)
+        wire = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        boundary = Boundary(tuple(shapes[0][1:]), tuple(shapes[1][1:]), wire)
+        transport = Transport(ctx.pipeline_ranks, ctx.device, header_group=ctx.header_group,
+                              timeout_s=cfg.dist.timeout_s)
+        self.executor = Executor(self.stage, transport, boundary)
+        self.train_data, self.test_data = self._load_data()
+        self.is_reporter = self.k == self.K - 1 and ctx.replica == 0
+        self.log = RunLog(cfg, run_dir, module=self.k, replica=ctx.replica, reporter=self.is_reporter)
+        self.global_step = 0
+        self.start_epoch = 0
+
+    # -------------------------------------------------------------------- data
+    def _load_data(self) -> tuple[data.Batches | None, data.Batches | None]:
+        """Module 0 reads images; every rank learns the set sizes (for the schedule) by broadcast."""
+        cfg, ctx = self.cfg, self.ctx
+        sizes = torch.zeros(2, dtype=torch.int64)
+        train = test = None
+        if self.k == 0:
+            train_set, test_set = data.load(cfg.data, cfg.trainer.seed)
+            sizes = torch.tensor([len(train_set.labels), len(test_set.labels)])
+            shard = (ctx.replica, ctx.R)
+            train = data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
+                                 seed=cfg.trainer.seed, device=ctx.device, shard=shard)
+            test = data.Batches(test_set, cfg.trainer.eval_batch_size, train=False, augment=False,
+                                seed=cfg.trainer.seed, device=ctx.device)
+            if ctx.rank == 0:
+                log.info("data: train %s; test %s", data.describe(train_set), data.describe(test_set))
+        dist.broadcast(sizes, src=0, group=ctx.header_group)
+        self.n_train, self.n_test = int(sizes[0]), int(sizes[1])
+        return train, test
+
+    def _train_sizes(self) -> list[int]:
+        per_replica = self.cfg.trainer.batch_size // self.ctx.R
+        full = data.batch_sizes(self.n_train, self.cfg.trainer.batch_size)
+        return [data.shard_size(n, per_replica, self.ctx.replica, self.ctx.R) for n in full]
+
+    # -------------------------------------------------------------------- loop
+    def fit(self) -> dict | None:
+        cfg = self.cfg
+        resumed = checkpoint.restore(self) if cfg.resume != "never" else None
+        if resumed is not None:
+            log.info("resumed from %s (next epoch %d)", resumed, self.start_epoch)
+        best = self.log.best_error()
+        started = time.perf_counter()
+        for epoch in range(self.start_epoch, cfg.trainer.epochs):
+            sizes = self._train_sizes()
+            if cfg.trainer.max_steps is not None:
+                sizes = sizes[:max(cfg.trainer.max_steps - self.global_step, 0)]
+            if not sizes:
+                break
+            tic = time.perf_counter()
+            train = self.train_epoch(epoch, sizes)
+            train_time = time.perf_counter() - tic
+            self.stage.scheduler.step()
+            self.global_step += len(sizes)
+            test = self.evaluate(epoch)
+            if self.is_reporter:
+                best = min(best, test.error)
+            self.log.epoch(epoch, lr=self.stage.optimizer.param_groups[0]["lr"], train=train, test=test,
+                           seconds=train_time, samples=sum(sizes) * self.ctx.R, events=train.events)
+            self.start_epoch = epoch + 1
+            if cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
+                checkpoint.save(self, epoch)
+        self.export_final_model()
+        return self.log.finish(wall_s=time.perf_counter() - started, best_error=best)
+
+    def train_epoch(self, epoch: int, sizes: list[int]) -> EpochResult:
+        m = self.cfg.method
+        plan = schedule.plan(m.name, self.k, self.K, len(sizes), train=True, accum_steps=m.accum_steps)
+        batches = self.train_data.epoch(epoch) if self.k == 0 else None
+        return self.executor.run(plan, sizes, batches, epoch=epoch, train=True)
+
+    def evaluate(self, epoch: int) -> EpochResult:
+        if self.ctx.R > 1:  # replicas normalise alike: replica 0's BatchNorm statistics everywhere
+            for buf in self.stage.module.buffers():
+                dist.broadcast(buf, src=self.k, group=self.ctx.replica_group)
+        sizes = data.batch_sizes(self.n_test, self.cfg.trainer.eval_batch_size)
+        plan = schedule.plan(self.cfg.method.name, self.k, self.K, len(sizes), train=False)
+        batches = self.test_data.epoch(epoch) if self.k == 0 else None
+        return self.executor.run(plan, sizes, batches, epoch=epoch, train=False)
+
+    # ------------------------------------------------------------------ export
+    def export_final_model(self) -> None:
+        """``final_model.pt``: the unsplit model's state_dict (auxiliary DGL heads excluded)."""
+        state = {n: t.detach().cpu() for n, t in self.stage.module.state_dict().items()}
+        parts: list[dict] | None = [None] * self.ctx.world_size if self.ctx.rank == 0 else None
+        dist.gather_object(state, parts, dst=0, group=self.ctx.header_group)
+        if parts is not None:
+            merged: dict[str, torch.Tensor] = {}
+            for part in parts[: self.K]:  # replica 0 holds one copy of every module
+                merged.update(part)
+            checkpoint.atomic_save(merged, self.run_dir / "final_model.pt")
+            (self.run_dir / "split.json").write_text(json.dumps({"bounds": self.bounds}))

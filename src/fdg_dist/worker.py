@@ -1,0 +1,59 @@
+"""One process = one pipeline module: init distributed → train → close, whatever happens.
+
+No Hydra below this line: the worker receives the resolved configuration as a plain dict, so the
+same entry serves torchrun (each process composed its own config) and our elastic launch (the parent
+composed it once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fdg_dist import distributed
+from fdg_dist.config import Config
+from fdg_dist.trainer import Trainer
+
+log = logging.getLogger("fdg_dist")
+
+
+def setup_logging(run_dir: Path, module: int, replica: int, console: bool) -> None:
+    """train.log gets every rank's lines, tagged; the console only the lines of the ranks that report."""
+    tag = f"m{module}" + (f"r{replica}" if replica else "")
+    fmt = logging.Formatter(f"%(asctime)s [{tag}] %(levelname)s %(message)s", "%H:%M:%S")
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    file = logging.FileHandler(run_dir / "train.log")
+    file.setFormatter(fmt)
+    log.addHandler(file)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    stream.setLevel(logging.INFO if console else logging.WARNING)
+    log.addHandler(stream)
+
+
+def run(raw: dict, run_dir: str) -> dict | None:
+    """Entry of every worker process; returns the run's result on the reporting rank."""
+    cfg = Config.from_dict(raw)
+    stages, replicas = (1, cfg.world_size) if cfg.method.name == "dp" else (cfg.pipeline.k, cfg.pipeline.replicas)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    module, replica = rank % stages, rank // stages
+    setup_logging(Path(run_dir), module, replica, console=rank == 0 or (module == stages - 1 and replica == 0))
+    threads = cfg.trainer.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    torch.set_num_threads(threads)
+    ctx = distributed.init(stages, replicas, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
+    log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s)", rank, world, module, stages,
+             replica, ctx.backend, ctx.device, threads)
+    try:
+        return Trainer(cfg, ctx, Path(run_dir)).fit()
+    except Exception as e:
+        log.error("rank %d (module %d) failed: %s: %s", rank, module, type(e).__name__, e)
+        raise
+    finally:
+        distributed.close()

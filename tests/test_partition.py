@@ -1,0 +1,136 @@
+"""Partitioning: boundary shapes, FLOP costs, optimal contiguous splits and exact recomposition."""
+
+from __future__ import annotations
+
+import random
+from itertools import combinations, pairwise
+
+import pytest
+import torch
+from torch import nn
+
+from fdg_dist import models
+from fdg_dist.partition import balance_ratio, block_costs, boundary_shapes, describe, split_points
+
+# Hand-written splits of the original FDG code (github.com/ZHUANGHP/FDG, DG_models.py), translated to
+# our block indices: stem=0, layer1=1..9, layer2=10..18, layer3=19..27, head=28.
+PAPER_RESNET56_BOUNDS = {
+    2: [0, 14, 29],  # stem+layer1+layer2[:4] | rest
+    3: [0, 10, 19, 29],  # stem+layer1 | layer2 | layer3+head
+    4: [0, 7, 14, 21, 29],  # stem+layer1[:6] | layer1[6:]+layer2[:4] | layer2[4:]+layer3[:2] | rest
+}
+
+
+def _brute_force_bottleneck(costs: list[float], k: int) -> float:
+    n = len(costs)
+    return min(
+        max(sum(costs[a:b]) for a, b in pairwise((0, *cut, n))) for cut in combinations(range(1, n), k - 1)
+    )
+
+
+def test_auto_split_is_optimal_against_brute_force() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        costs = [float(rng.choice([1, 2, 3, 5, 8, 13])) for _ in range(n)]
+        for k in range(1, n + 1):
+            bounds = split_points(costs, k, "auto")
+            assert bounds[0] == 0 and bounds[-1] == n and len(bounds) == k + 1
+            assert all(a < b for a, b in pairwise(bounds))
+            bottleneck = max(sum(costs[a:b]) for a, b in pairwise(bounds))
+            assert bottleneck == _brute_force_bottleneck(costs, k)
+            assert split_points(list(costs), k, "auto") == bounds  # deterministic
+
+
+def test_auto_split_hand_made() -> None:
+    assert split_points([1.0, 1.0, 1.0, 1.0], 2, "auto") == [0, 2, 4]
+    assert split_points([5.0, 1.0, 1.0, 1.0, 1.0, 1.0], 2, "auto") == [0, 1, 6]
+    assert split_points([1.0, 2.0, 3.0], 3, "auto") == [0, 1, 2, 3]
+
+
+def test_manual_split_passthrough_and_validation() -> None:
+    assert split_points([1.0] * 10, 3, [2, 7]) == [0, 2, 7, 10]
+    for bad in ([7, 2], [0, 5], [5, 10], [3], [2, 2], [1.5, 3]):
+        with pytest.raises(ValueError, match=r"pipeline\.split"):
+            split_points([1.0] * 10, 3, bad)
+    with pytest.raises(ValueError, match=r"pipeline\.split"):
+        split_points([1.0] * 10, 3, "even")
+    with pytest.raises(ValueError, match=r"pipeline\.k"):
+        split_points([1.0] * 3, 4, "auto")
+
+
+def test_boundary_shapes_resnet20() -> None:
+    blocks = models.build_blocks("resnet20", 10)
+    shapes = boundary_shapes(blocks, (1, 3, 32, 32))
+    expected = (
+        [(1, 3, 32, 32)] + [(1, 16, 32, 32)] * 4 + [(1, 32, 16, 16)] * 3 + [(1, 64, 8, 8)] * 3 + [(1, 10)]
+    )
+    assert [tuple(s) for s in shapes] == expected
+    assert all(isinstance(s, torch.Size) for s in shapes)
+
+
+def test_probe_leaves_blocks_untouched() -> None:
+    blocks = models.build_blocks("tiny", 10)
+    before = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
+    boundary_shapes(blocks, (1, 3, 32, 32))
+    assert all(b.training for b in blocks)
+    for b, sd in zip(blocks, before, strict=True):
+        assert all(torch.equal(v, sd[k]) and v.device.type == "cpu" for k, v in b.state_dict().items())
+
+
+def test_block_costs_positive_on_meta_for_huge_model() -> None:
+    blocks = models.build_blocks("wrn28_10", 10, device="meta")
+    costs = block_costs(blocks, (1, 3, 32, 32))
+    assert len(costs) == len(blocks) and min(costs) > 0
+    assert boundary_shapes(blocks, (2, 3, 32, 32))[-1] == (2, 10)
+
+
+def test_zero_flop_block_gets_nonzero_cost() -> None:
+    costs = block_costs([nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()], (1, 3, 8, 8))
+    assert costs[0] == 2 * 4 * 3 * 9 * 64
+    assert costs[1] == 4 * 64
+
+
+@pytest.mark.parametrize("name", ["resnet20", "tiny"])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_split_composes_to_unsplit_model_exactly(name: str, k: int) -> None:
+    torch.manual_seed(k)
+    model = models.build(name, 10)
+    # Non-trivial BN statistics so eval mode actually uses them.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 32, 32))
+    model.eval()
+    bounds = split_points(block_costs(list(model), (1, 3, 32, 32)), k, "auto")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        out = x
+        for a, b in pairwise(bounds):
+            out = nn.Sequential(*model[a:b])(out)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_resnet56_balanced_split(k: int) -> None:
+    costs = block_costs(models.build_blocks("resnet56", 10, device="meta"), (1, 3, 32, 32))
+    auto = split_points(costs, k, "auto")
+    ratio = balance_ratio(costs, auto)
+    paper = balance_ratio(costs, PAPER_RESNET56_BOUNDS[k])
+    n = len(costs)
+    naive = balance_ratio(costs, [i * n // k for i in range(k + 1)])
+    print(f"resnet56 K={k}: auto {auto} ratio {ratio:.4f}; paper {paper:.4f}; equal-blocks {naive:.4f}")
+    assert ratio <= 1.10
+    assert ratio <= min(paper, naive) + 1e-12
+
+
+def test_describe_table() -> None:
+    blocks = models.build_blocks("resnet20", 10, device="meta")
+    bounds = [0, 4, 11]
+    text = describe(blocks, bounds, (1, 3, 32, 32), batch_size=128, stash_depths=[2, 0])
+    lines = text.splitlines()
+    assert len(lines) == 1 + 2 + 1
+    assert "(128, 16, 32, 32)" in lines[1] and "[0,4)" in lines[1]
+    assert lines[-1].startswith("balance ratio")
+    with pytest.raises(ValueError):
+        describe(blocks, bounds, (1, 3, 32, 32), 128, [1])
