@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from fdg_dist.schedule import Action, Kind, Message, Plan
-from fdg_dist.stage import BatchStats, NonFiniteError, Stage
+from fdg_dist.stage import BatchStats, NonFiniteError, Stage, StepInfo
 from fdg_dist.transport import Envelope, Transport
 
 
@@ -38,6 +38,7 @@ class Event:
     compute_s: float
     stash: int  # forwards held after the action
     batches: tuple[int, ...] = ()  # STEP: batches whose gradients this step applied
+    step: StepInfo | None = None  # STEP: gradient norm (and update ratio at log intervals)
 
 
 @dataclass
@@ -57,16 +58,18 @@ class EpochResult:
 
 
 class Executor:
-    def __init__(self, stage: Stage, transport: Transport, boundary: Boundary, *, record: bool = True) -> None:
+    def __init__(self, stage: Stage, transport: Transport, boundary: Boundary, *, record: bool = True,
+                 measure_every: int = 0) -> None:
         self.stage = stage
         self.transport = transport
         self.boundary = boundary
         self.k = stage.index
         self.K = stage.num_stages
         self.record = record
+        self.measure_every = measure_every  # steps between update/weight-ratio measurements (0: never)
 
     def run(self, plan: Plan, batch_sizes: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
-            *, epoch: int, train: bool) -> EpochResult:
+            *, epoch: int, train: bool, on_action: Callable[[Event], None] | None = None) -> EpochResult:
         """Execute one epoch (train) or one evaluation pass; returns the stats this module saw."""
         phase = 0 if train else 1
         actions: dict[tuple, list[Action]] = defaultdict(list)
@@ -115,13 +118,17 @@ class Executor:
                         outbox[("grad", a.batch)] = [grad_in]
                     applied.append(a.batch)
                 else:
-                    self.stage.step()
+                    measure = self.measure_every > 0 and self.stage.steps % self.measure_every == 0
+                    info = self.stage.step(measure=measure)
                 stepped = tuple(applied) if a.kind is Kind.STEP else ()
                 if stepped:
                     applied = []
+                event = Event(a, start, wait, time.perf_counter() - start - wait, len(self.stage.stash), stepped,
+                              info if a.kind is Kind.STEP else None)
                 if self.record:
-                    result.events.append(Event(a, start, wait, time.perf_counter() - start - wait,
-                                               len(self.stage.stash), stepped))
+                    result.events.append(event)
+                if on_action is not None:
+                    on_action(event)
             self.transport.exchange(
                 [(m.dst, *self._payload(m, batch_sizes, epoch, phase, outbox)) for m in sends.get(t, ())],
                 [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase)) for m in recvs.get(t, ())])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+
 class NonFiniteError(FloatingPointError):
     """A NaN/inf loss or gradient: the run stops with the step and module named."""
 
@@ -30,6 +31,14 @@ class _Stashed:
     x: torch.Tensor  # module input (requires grad when it came from another module)
     out: torch.Tensor | None  # module output with its graph (weights mode)
     params: dict[str, torch.Tensor] | None  # weights the forward used (weights mode)
+
+
+@dataclass
+class StepInfo:
+    """Device tensors about one optimizer step, read on the host only when logging."""
+
+    grad_norm: torch.Tensor
+    update_ratio: torch.Tensor | None
 
 
 @dataclass
@@ -53,7 +62,8 @@ class Stage:
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, beta: float = 1.0,
                  stash: str = "weights", accum_steps: int = 1, aux_head: nn.Module | None = None,
                  sends_grad: bool = True, precision: str = "fp32", device: torch.device | str = "cpu",
-                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+                 nan_policy: str | None = "stop") -> None:
         self.module = module
         self.index = index
         self.num_stages = num_stages
@@ -66,6 +76,7 @@ class Stage:
         self.device = torch.device(device)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
                          else nullcontext())
+        self.nan_policy = nan_policy  # stop | skip_step | None (no check: no host sync per step)
         self.grad_sync = grad_sync  # replicas: average gradients over module k of every replica
         self.is_last = index == num_stages - 1
         self.sends_grad = sends_grad and index > 0  # False for module 0 and for DGL
@@ -152,20 +163,35 @@ class Stage:
         return grads[-1] if x.requires_grad else None
 
     # --------------------------------------------------------------------- step
-    def step(self, *, check_finite: bool = True) -> bool:
-        """Apply the accumulated gradient; returns False if skipped for a non-finite gradient."""
+    def step(self, *, measure: bool = False) -> StepInfo:
+        """Apply the accumulated gradient (averaged over replicas first).
+
+        The gradient norm stays a device tensor (no host sync); ``measure`` also computes the
+        update/weight ratio, which needs a copy of the weights, so callers ask only at log intervals.
+        """
         params = [p for p in self.parameters() if p.grad is not None]
         if self.grad_sync is not None:
             self.grad_sync([p.grad for p in params])
-        if check_finite and params:
-            total = torch.stack([p.grad.detach().float().norm() for p in params]).sum()
-            if not torch.isfinite(total):
-                raise NonFiniteError(f"non-finite gradient in module {self.index} at its step {self.steps}")
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
+                                                     for p in params])) if params else torch.zeros(())
+        if self.nan_policy is not None and not torch.isfinite(norm):
+            if self.nan_policy == "stop":
+                raise NonFiniteError(f"non-finite gradient (norm {float(norm)}) in module {self.index} "
+                                     f"at its step {self.steps}; lower optim.lr or set trainer.nan_policy=skip_step")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending_backwards = 0
+            return StepInfo(norm, None)
+        before = [p.detach().clone() for p in params] if measure else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         self.pending_backwards = 0
-        return True
+        ratio = None
+        if before is not None:
+            delta = torch.stack([torch.linalg.vector_norm((p.detach() - b).float()) for p, b in zip(params, before)])
+            weight = torch.stack([torch.linalg.vector_norm(b.float()) for b in before])
+            ratio = torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(weight).clamp_min(1e-12)
+        return StepInfo(norm, ratio)
 
     def parameters(self) -> list[nn.Parameter]:
         """Everything this stage's optimizer owns (module and, for DGL, its auxiliary head)."""

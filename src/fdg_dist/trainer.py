@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from fdg_dist.executor import Boundary, EpochResult, Executor
 from fdg_dist.metrics import RunLog
 from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.stage import Stage
+from fdg_dist.trace import TraceWriter
 from fdg_dist.transport import Transport
 
 log = logging.getLogger("fdg_dist")
@@ -35,11 +37,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_module(cfg: Config, K: int, k: int) -> tuple[nn.Module, list[int], list[torch.Size], str]:
-    """Module k of the split model, keyed like the unsplit model; also the bounds, shapes and table.
+@dataclass
+class BuiltModule:
+    module: nn.Module  # blocks bounds[k]:bounds[k+1], keyed like the unsplit model
+    aux_head: nn.Module | None  # DGL's local classifier (modules k < K-1 only)
+    bounds: list[int]
+    shapes: list[torch.Size]  # input and output activation shape of module k (batch 1)
+    table: str
 
-    Every rank builds the whole model from the same seed and keeps its blocks, so the split is
-    deterministic and the weights equal those of the unsplit model built with that seed.
+
+def build_module(cfg: Config, K: int, k: int) -> BuiltModule:
+    """Module k of the split model, from the same seed on every rank.
+
+    Every rank builds the whole model and keeps its blocks, so the split is deterministic and the
+    weights equal those of the unsplit model built with that seed.
     """
     seed_everything(cfg.trainer.seed)
     blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
@@ -48,9 +59,13 @@ def build_module(cfg: Config, K: int, k: int) -> tuple[nn.Module, list[int], lis
     bounds = partition.split_points(partition.block_costs(blocks, sample), K, split)
     shapes = partition.boundary_shapes(blocks, sample)
     module = nn.Sequential(OrderedDict((str(i), blocks[i]) for i in range(bounds[k], bounds[k + 1])))
+    aux = None
+    if cfg.method.name == "dgl" and k < K - 1:
+        torch.manual_seed(cfg.trainer.seed + 1 + k)
+        aux = models.aux_head(shapes[bounds[k + 1]], cfg.data.num_classes, cfg.method.aux_channels)
     depths = [stash_depth(cfg.method.name, j, K) for j in range(K)]
     table = partition.describe(blocks, bounds, sample, cfg.trainer.batch_size, depths)
-    return module, bounds, [shapes[b] for b in bounds], table
+    return BuiltModule(module, aux, bounds, [shapes[bounds[k]], shapes[bounds[k + 1]]], table)
 
 
 def stash_depth(method: str, k: int, K: int) -> int:
@@ -63,14 +78,13 @@ class Trainer:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         t, m = cfg.trainer, cfg.method
         self.k, self.K = ctx.module, ctx.K
-        module, self.bounds, shapes, table = build_module(cfg, self.K, self.k)
+        built = build_module(cfg, self.K, self.k)
+        self.bounds, shapes = built.bounds, built.shapes
         if ctx.rank == 0:
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
-                     "stashed weights" if m.stash == "weights" else "recompute", table)
-        module.to(ctx.device)
-        aux = None
-        if m.name == "dgl" and self.k < self.K - 1:
-            aux = models.aux_head(shapes[1], cfg.data.num_classes, m.aux_channels).to(ctx.device)
+                     "stashed weights" if m.stash == "weights" else "recompute", built.table)
+        module = built.module.to(ctx.device)
+        aux = built.aux_head.to(ctx.device) if built.aux_head is not None else None
         params = list(module.parameters()) + (list(aux.parameters()) if aux is not None else [])
         optimizer = build_optimizer(cfg.optim, params)
         scheduler = build_scheduler(cfg.sched, optimizer, t.epochs)
@@ -78,17 +92,18 @@ class Trainer:
         self.stage = Stage(module, self.k, self.K, optimizer, scheduler, beta=m.beta,
                            stash="recompute" if m.name == "fr" else m.stash, accum_steps=m.accum_steps,
                            aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
-                           device=ctx.device, grad_sync=sync)
+                           device=ctx.device, grad_sync=sync, nan_policy=t.nan_policy)
         wire = torch.bfloat16 if t.precision == "bf16" else torch.float32
         boundary = Boundary(tuple(shapes[0][1:]), tuple(shapes[1][1:]), wire)
         transport = Transport(ctx.pipeline_ranks, ctx.device, header_group=ctx.header_group,
                               timeout_s=cfg.dist.timeout_s)
-        self.executor = Executor(self.stage, transport, boundary)
+        self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps)
         self.train_data, self.test_data = self._load_data()
         self.is_reporter = self.k == self.K - 1 and ctx.replica == 0
         self.log = RunLog(cfg, run_dir, module=self.k, replica=ctx.replica, reporter=self.is_reporter)
         self.global_step = 0
         self.start_epoch = 0
+        self.trace = TraceWriter(run_dir, ctx.rank, self.k, time.perf_counter()) if cfg.logging.trace else None
 
     # -------------------------------------------------------------------- data
     def _load_data(self) -> tuple[data.Batches | None, data.Batches | None]:
@@ -135,6 +150,9 @@ class Trainer:
             self.stage.scheduler.step()
             self.global_step += len(sizes)
             test = self.evaluate(epoch)
+            if self.trace is not None:
+                self.trace.add(train.events, epoch=epoch, phase="train")
+                self.trace.add(test.events, epoch=epoch, phase="eval")
             if self.is_reporter:
                 best = min(best, test.error)
             self.log.epoch(epoch, lr=self.stage.optimizer.param_groups[0]["lr"], train=train, test=test,
