@@ -1,0 +1,324 @@
+"""Datasets as in-memory uint8 tensors, and reproducible epochs of batches over them.
+
+Only pipeline module 0 reads images.  Every random choice (epoch order, crop offsets, flips, subsets) is
+drawn from a generator seeded by a stable hash of (seed, epoch, batch index), never from global RNG
+state, so batch b of epoch e is the same tensor whether the run started at epoch 0, resumed from a
+checkpoint, or is replayed by the single-process reference simulation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+PAD = 4  # the paper's augmentation: zero-pad 4 pixels, random crop back to size, random h-flip
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 (N, C, H, W), contiguous
+    labels: torch.Tensor  # int64 (N,)
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, 0..1 units
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def describe(data: ImageSet) -> str:
+    n, c, h, w = data.images.shape
+    return f"{n} images {c}x{h}x{w}, {data.num_classes} classes"
+
+
+def stable_seed(*parts: int | str) -> int:
+    """A 63-bit seed from the parts; unlike ``hash()`` it is identical across processes and Python runs."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _generator(*parts: int | str) -> torch.Generator:
+    return torch.Generator().manual_seed(stable_seed(*parts))
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(train, test) for ``cfg.name``, each cut to ``cfg.train_subset`` / ``cfg.test_subset`` if set."""
+    if cfg.name == "synthetic":
+        train, test = _synthetic(cfg, seed)
+    elif cfg.name in CIFAR_STATS:
+        train, test = _cifar(cfg)
+    elif cfg.name == "imagefolder":
+        train, test = _imagefolder(cfg, seed)
+    else:
+        raise ValueError(f"data.name: unknown dataset {cfg.name!r}")
+    for split in (train, test):
+        if split.num_classes != cfg.num_classes:
+            raise ValueError(f"data.num_classes is {cfg.num_classes} but {cfg.name} has {split.num_classes} classes")
+        if split.images.shape[-2:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"data.image_size is {cfg.image_size} but {cfg.name} images are "
+                             f"{tuple(split.images.shape[-2:])}; resize the images or set data.image_size")
+    return _subset(train, cfg.train_subset, seed, "train"), _subset(test, cfg.test_subset, seed, "test")
+
+
+def _subset(data: ImageSet, n: int | None, seed: int, split: str) -> ImageSet:
+    """The first n samples of a seeded class-interleaved shuffle, kept in dataset order.
+
+    Interleaving (every class's 1st sample, then every class's 2nd, ...) keeps a small subset of a
+    class-sorted ImageFolder balanced instead of all one class.
+    """
+    keep = _subset_indices(data.labels, n, seed, split)
+    if keep is None:
+        return data
+    return ImageSet(data.images[keep].contiguous(), data.labels[keep].clone(), data.num_classes, data.mean, data.std)
+
+
+def _subset_indices(labels: torch.Tensor, n: int | None, seed: int, split: str) -> torch.Tensor | None:
+    """Sorted indices of the subset (None: keep all); depends only on the labels, so an ImageFolder can
+    choose its subset before decoding anything."""
+    if n is None or n >= len(labels):
+        return None
+    perm = torch.randperm(len(labels), generator=_generator(seed, "subset", split))
+    shuffled = labels[perm]
+    rank = torch.empty_like(perm)
+    for c in shuffled.unique():
+        where = (shuffled == c).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    return perm[torch.argsort(rank, stable=True)[:n]].sort().values
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std in 0..1 units, in chunks so a large set never exists as float all at once."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for chunk in images.split(4096):
+        x = chunk.to(torch.float64).div_(255).transpose(0, 1).flatten(1)
+        total += x.sum(1)
+        squares += x.square().sum(1)
+    count = images.numel() // images.shape[1]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Each class is a fixed random low-frequency colour pattern; samples add a random brightness and noise.
+
+    Learnable by a small CNN in a few epochs yet not trivially (noise is comparable to the signal), and
+    the 4x4 pattern survives the crop/flip augmentation well enough.
+    """
+    s = cfg.image_size
+    patterns = torch.randn(cfg.num_classes, 3, 4, 4, generator=_generator(seed, "synthetic", "classes"))
+    patterns = F.interpolate(patterns, size=(s, s), mode="bilinear", align_corners=False)
+
+    def draw(n: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _generator(seed, "synthetic", split)
+        labels = (torch.arange(n) % cfg.num_classes)[torch.randperm(n, generator=g)]
+        brightness = torch.randn(n, 1, 1, 1, generator=g) * 15
+        noise = torch.randn(n, 3, s, s, generator=g) * 40
+        images = (128 + 40 * patterns[labels] + brightness + noise).round_().clamp_(0, 255)
+        return images.to(torch.uint8).contiguous(), labels
+
+    train_x, train_y = draw(cfg.train_size, "train")
+    test_x, test_y = draw(cfg.test_size, "test")
+    mean, std = _channel_stats(train_x)
+    return (ImageSet(train_x, train_y, cfg.num_classes, mean, std),
+            ImageSet(test_x, test_y, cfg.num_classes, mean, std))
+
+
+def _cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    """torchvision's CIFAR arrays used whole (no per-sample PIL); missing files are a FileNotFoundError."""
+    from torchvision import datasets
+
+    folder = _CIFAR_FOLDERS[cfg.name]
+    hint = (f"data.root={cfg.root!r}: {cfg.name} needs the extracted '{folder}' folder inside data.root "
+            f"(i.e. <data.root>/{folder}/), or data.download=true with internet access")
+    if cfg.root is None:
+        raise FileNotFoundError(hint)
+    if not cfg.download and not (Path(cfg.root) / folder).is_dir():
+        raise FileNotFoundError(hint)
+    cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
+    try:
+        splits = [cls(cfg.root, train=train, download=cfg.download) for train in (True, False)]
+    except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted"; offline: URLError
+        raise FileNotFoundError(f"{hint} ({e})") from e
+    mean, std = CIFAR_STATS[cfg.name]
+    return tuple(  # type: ignore[return-value]
+        ImageSet(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
+                 torch.tensor(d.targets, dtype=torch.int64), len(d.classes), mean, std)
+        for d in splits)
+
+
+def _imagefolder(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
+    """train/ and val/ (or test/) decoded once into memory; mean/std measured on the (subset) training images.
+
+    Only the subset's files are decoded (``load`` then finds nothing left to cut).  Measured statistics,
+    not CIFAR constants, because a folder may hold anything; on the CIFAR-10 folder they agree to 1e-3.
+    """
+    root = Path(cfg.root) if cfg.root else None
+    if root is None or not (root / "train").is_dir():
+        raise FileNotFoundError(f"data.root={cfg.root!r}: imagefolder needs data.root with train/ and val/ "
+                                "(or test/), one subfolder per class")
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if test_dir is None:
+        raise FileNotFoundError(f"data.root={cfg.root!r}: no val/ or test/ folder next to train/")
+    if not cfg.cache:
+        raise NotImplementedError("data.cache=false (streaming from disk) is not supported yet; use "
+                                  "data.cache=true, which needs all images in memory at one size")
+    train_x, train_y, classes = _decode_folder(root / "train", cfg.train_subset, seed, "train")
+    test_x, test_y, test_classes = _decode_folder(test_dir, cfg.test_subset, seed, "test")
+    if test_classes != classes:
+        raise ValueError(f"data.root={cfg.root!r}: {test_dir.name}/ has classes {test_classes}, "
+                         f"train/ has {classes}")
+    mean, std = _channel_stats(train_x)
+    return (ImageSet(train_x, train_y, len(classes), mean, std),
+            ImageSet(test_x, test_y, len(classes), mean, std))
+
+
+def _decode_folder(folder: Path, subset: int | None, seed: int, split: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The images of an ImageFolder tree (or their subset) as one uint8 (N, 3, H, W) tensor, labels in
+    ImageFolder order."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    classes, class_to_idx = find_classes(str(folder))
+    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
+    keep = _subset_indices(labels, subset, seed, split)
+    if keep is not None:
+        samples, labels = [samples[i] for i in keep.tolist()], labels[keep]
+    paths = [p for p, _ in samples]
+    # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency here); one
+    # warning per file would drown the log.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+        images = _decode_files(paths)
+    shapes = {tuple(img.shape) for img in images}
+    if len(shapes) != 1:
+        raise ValueError(f"data.root: images under {folder} differ in size ({sorted(shapes)[:4]}...); "
+                         "data.cache=true stacks them into one tensor, and data.cache=false (resizing on "
+                         "the fly) is not supported yet: resize the images to one size first")
+    return torch.stack(images), labels, classes
+
+
+def _decode_files(paths: list[str]) -> list[torch.Tensor]:
+    """Decode as RGB uint8 (C, H, W); JPEGs (the common case) in one batched call, anything else one by one.
+
+    Serial on purpose: on the 2-core box neither two threads nor a batched call with 2 intra-op threads
+    beat one thread (45k CIFAR JPEGs: ~1 s reading, ~1.5 s decoding).
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+
+    raw = [read_file(p) for p in paths]
+    is_jpeg = [r[:2].tolist() == [0xFF, 0xD8] for r in raw]
+    jpegs = iter(decode_jpeg([r for r, j in zip(raw, is_jpeg) if j], mode=ImageReadMode.RGB) if any(is_jpeg) else [])
+    return [next(jpegs) if j else decode_image(r, mode=ImageReadMode.RGB) for r, j in zip(raw, is_jpeg)]
+
+
+# ------------------------------------------------------------------------------------------------ batching
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """Global batch sizes of one epoch over n samples: full batches, then a partial one (no drop_last)."""
+    full, rest = divmod(n, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def shard_bounds(n: int, replica: int, replicas: int) -> tuple[int, int]:
+    """[start, stop) of replica's contiguous slice of a global batch of n.
+
+    A full batch splits exactly; a partial last batch splits as evenly as possible, the first n % R
+    replicas taking one sample more (a last batch smaller than R leaves some replicas an empty slice).
+    """
+    base, extra = divmod(n, replicas)
+    start = replica * base + min(replica, extra)
+    return start, start + base + (replica < extra)
+
+
+def shard_size(n: int, per_replica: int, replica: int, replicas: int) -> int:
+    """Size of replica's slice of a global batch of n (``per_replica`` = batch_size // R, checked)."""
+    if n > per_replica * replicas:
+        raise ValueError(f"global batch of {n} exceeds {replicas} replicas x {per_replica}")
+    start, stop = shard_bounds(n, replica, replicas)
+    return stop - start
+
+
+class Batches:
+    """One epoch at a time of (x, y) batches; order and augmentation depend only on (seed, epoch, batch)."""
+
+    def __init__(self, data: ImageSet, batch_size: int, *, train: bool, augment: bool, seed: int,
+                 device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1)) -> None:
+        replica, replicas = shard
+        if batch_size % replicas:
+            raise ValueError(f"trainer.batch_size={batch_size} must divide by the {replicas} data-parallel replicas")
+        if not 0 <= replica < replicas:
+            raise ValueError(f"shard {shard}: replica index out of range")
+        self.data, self.batch_size, self.train, self.augment, self.seed = data, batch_size, train, augment, seed
+        self.device = torch.device(device)
+        self.replica, self.replicas = replica, replicas
+        shape = (1, -1, 1, 1)
+        # x_norm = (x/255 - mean)/std = x * scale - shift, computed once on the target device
+        std = torch.tensor(data.std, dtype=torch.float32)
+        self._scale = (1 / (255 * std)).view(shape).to(self.device)
+        self._shift = (torch.tensor(data.mean, dtype=torch.float32) / std).view(shape).to(self.device)
+
+    def batch_sizes(self) -> list[int]:
+        return [shard_size(n, self.batch_size // self.replicas, self.replica, self.replicas)
+                for n in batch_sizes(len(self.data), self.batch_size)]
+
+    def num_batches(self) -> int:
+        return len(batch_sizes(len(self.data), self.batch_size))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Sample indices of the epoch: a seeded permutation when training, dataset order otherwise."""
+        n = len(self.data)
+        return torch.randperm(n, generator=_generator(self.seed, "order", epoch)) if self.train else torch.arange(n)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches start_batch.. of the epoch; batch b is the same tensor whichever batch iteration began at."""
+        order = self.order(epoch)
+        cuda = self.device.type == "cuda"
+        for b, n in enumerate(batch_sizes(len(self.data), self.batch_size)):
+            if b < start_batch:
+                continue
+            lo, hi = shard_bounds(n, self.replica, self.replicas)
+            idx = order[b * self.batch_size + lo:b * self.batch_size + hi]
+            x, y = self.data.images[idx], self.data.labels[idx]
+            if self.train and self.augment:
+                x = augment(x, *self._draw(epoch, b, n, lo, hi))
+            if cuda:
+                x, y = x.pin_memory(), y.pin_memory()
+            x = x.to(self.device, non_blocking=cuda).float().mul_(self._scale).sub_(self._shift)
+            yield x, y.to(self.device, non_blocking=cuda)
+
+    def _draw(self, epoch: int, b: int, n: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Crop offsets and flips for the whole global batch, then this shard's rows: shards agree with it."""
+        g = _generator(self.seed, "augment", epoch, b)
+        dy, dx = torch.randint(0, 2 * PAD + 1, (2, n), generator=g)
+        flip = torch.randint(0, 2, (n,), generator=g).bool()
+        return dy[lo:hi], dx[lo:hi], flip[lo:hi]
+
+
+def augment(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by PAD, crop the original size at (dy, dx), mirror where flip: one gather for the batch.
+
+    Output pixel (i, j) of sample k is padded[k, :, dy+i, dx+j], or dx+(W-1-j) when flipped.
+    """
+    B, C, H, W = x.shape
+    padded = F.pad(x, (PAD, PAD, PAD, PAD))
+    rows = dy[:, None] + torch.arange(H)
+    j = torch.arange(W)
+    cols = dx[:, None] + torch.where(flip[:, None], W - 1 - j, j)
+    flat = rows[:, :, None] * (W + 2 * PAD) + cols[:, None, :]  # (B, H, W) offsets into a padded plane
+    return padded.flatten(2).gather(2, flat.flatten(1)[:, None, :].expand(B, C, H * W)).view(B, C, H, W)
