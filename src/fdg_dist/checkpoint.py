@@ -1,32 +1,383 @@
-"""Checkpoints: atomic files; per-rank state at epoch ends (after the drain, so nothing is in flight)."""
+"""Checkpoints: per-rank files at epoch ends, a sha256 manifest as the commit marker, and resume.
+
+Layout: ``<run_dir>/<checkpoint.dir>/epoch{E:04d}/module{k}-replica{r}.pt`` plus ``manifest.json``,
+E being the 0-based epoch just finished (after the drain, so nothing is in flight).  Files are named
+by module and replica, never by RANK, which can change across elastic restarts.  Every rank writes
+its file atomically; global rank 0 writes the manifest (sha256 and size of every file) only once all
+ranks reported success.  A directory without a manifest, or whose files fail their hash, is not a
+checkpoint: a flipped byte loads silently with wrong values, so the hash is checked before loading.
+
+Every load passes ``weights_only=True``; RNG states are stored as tensors and plain types for that.
+Nothing read from a checkpoint is ever instantiated: its configuration is only compared.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import logging
 import os
+import random
+import re
+import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
+
+from fdg_dist.schedule import Kind
 
 if TYPE_CHECKING:
+    from fdg_dist.config import Config
+    from fdg_dist.executor import Event
     from fdg_dist.trainer import Trainer
 
+log = logging.getLogger("fdg_dist")
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file, fsync, rename: a crash leaves the old file or the new one, never half."""
+MANIFEST = "manifest.json"
+FORMAT = 1
+_EPOCH_DIR = re.compile(r"epoch(\d{4,})")
+# What a checkpoint's numbers depend on.  Where and how data is read (root, workers, cache) does not
+# change them, nor do the epoch count, logging or the launcher settings.
+_FINGERPRINT_SECTIONS = ("model", "data", "method", "optim", "sched", "pipeline")
+_FINGERPRINT_KEYS = ("trainer.batch_size", "trainer.seed", "trainer.precision")
+_NEUTRAL_KEYS = ("data.root", "data.download", "data.num_workers", "data.cache")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or must not be loaded; the message says which and why."""
+
+
+# ------------------------------------------------------------------------ files
+def atomic_save(obj: Any, path: Path) -> str:
+    """Write to a temporary file, fsync, rename: a crash leaves the old file or the new one, never half.
+
+    Returns the sha256 of the bytes written, for the manifest.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    _atomic_write(data, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(data: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself must reach the disk too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def save(trainer: Trainer, epoch: int) -> None:
-    """Placeholder until checkpointing lands: nothing is written."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_name(module: int, replica: int) -> str:
+    return f"module{module}-replica{replica}.pt"
+
+
+def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
+    return run_dir / cfg.checkpoint.dir
+
+
+def epoch_dirs(root: Path) -> list[Path]:
+    """Epoch directories under ``root``, newest first (complete or not)."""
+    found = [(int(m.group(1)), d) for d in root.glob("epoch*") if d.is_dir() and (m := _EPOCH_DIR.fullmatch(d.name))]
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+# ----------------------------------------------------------------- fingerprint
+def fingerprint(cfg: Config) -> dict[str, Any]:
+    """The configuration keys that change a run's numbers, flattened (``pipeline.k``) and JSON-normal."""
+    flat: dict[str, Any] = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value
+    keep = {k: v for k, v in flat.items()
+            if (k.split(".")[0] in _FINGERPRINT_SECTIONS or k in _FINGERPRINT_KEYS) and k not in _NEUTRAL_KEYS}
+    return json.loads(json.dumps(keep, sort_keys=True))
+
+
+def config_hash(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in keys)
+
+
+# ------------------------------------------------------------------------- RNG
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next],
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss_next))
+
+
+# ------------------------------------------------------------------------ save
+def _rank_state(trainer: Trainer, epoch: int, chash: str) -> dict[str, Any]:
+    stage = trainer.stage
+    return {
+        "format": FORMAT,
+        "module": trainer.k,
+        "replica": trainer.ctx.replica,
+        "epoch": epoch,
+        "next_epoch": trainer.start_epoch,
+        "global_step": trainer.global_step,
+        "stage_steps": stage.steps,
+        "config_hash": chash,
+        "model": stage.module.state_dict(),
+        "aux_head": stage.aux_head.state_dict() if stage.aux_head is not None else None,
+        "optimizer": stage.optimizer.state_dict(),
+        "scheduler": stage.scheduler.state_dict(),
+        "rng": _rng_state(trainer.ctx.device),
+    }
+
+
+def save(trainer: Trainer, epoch: int) -> Path:
+    """Write this rank's state for ``epoch``; rank 0 commits the manifest once every rank succeeded.
+
+    A failed write (disk full, read-only directory) on any rank raises ``CheckpointError`` on every
+    rank, naming the rank's error; no manifest is written, so the previous checkpoint stays the newest.
+    """
+    cfg, ctx = trainer.cfg, trainer.ctx
+    fp = fingerprint(cfg)
+    chash = config_hash(fp)
+    root = checkpoint_root(cfg, trainer.run_dir)
+    directory = root / f"epoch{epoch:04d}"
+    name = file_name(trainer.k, ctx.replica)
+    try:
+        digest = atomic_save(_rank_state(trainer, epoch, chash), directory / name)
+        report: tuple[str, str | None, int, str | None] = (name, digest, (directory / name).stat().st_size, None)
+    except OSError as e:
+        report = (name, None, 0, f"module {trainer.k} replica {ctx.replica} could not write {directory / name}: {e}")
+    reports: list[Any] | None = [None] * ctx.world_size if ctx.rank == 0 else None
+    dist.gather_object(report, reports, dst=0, group=ctx.header_group)
+    status: list[str | None] = [None]
+    if reports is not None:
+        status[0] = _commit(reports, directory, epoch, trainer, fp, chash)
+    dist.broadcast_object_list(status, src=0, group=ctx.header_group)
+    if status[0] is not None:
+        raise CheckpointError(status[0])
+    return directory
+
+
+def _commit(reports: list[Any], directory: Path, epoch: int, trainer: Trainer, fp: dict[str, Any],
+            chash: str) -> str | None:
+    """Rank 0: write the manifest if every rank wrote its file, then prune; returns an error or None."""
+    previous = next((d.name for d in epoch_dirs(directory.parent) if (d / MANIFEST).exists() and d != directory), None)
+    intact = f"; the previous checkpoint ({previous}) is intact" if previous else ""
+    failures = [r[3] for r in reports if r[3] is not None]
+    if failures:
+        return f"checkpoint of epoch {epoch} not written: {'; '.join(failures)}{intact}"
+    manifest = {
+        "format": FORMAT, "epoch": epoch, "next_epoch": trainer.start_epoch, "global_step": trainer.global_step,
+        "k": trainer.K, "replicas": trainer.ctx.R, "config_hash": chash, "config": fp,
+        "files": {name: {"sha256": digest, "bytes": size} for name, digest, size, _ in reports},
+    }
+    try:
+        _atomic_write((json.dumps(manifest, indent=1) + "\n").encode(), directory / MANIFEST)
+    except OSError as e:
+        return f"checkpoint of epoch {epoch} not committed: cannot write {directory / MANIFEST}: {e}{intact}"
+    log.info("checkpoint %s written (%d files)", directory, len(reports))
+    try:
+        prune(directory.parent, trainer.cfg.checkpoint.keep)
+    except OSError as e:
+        log.warning("could not delete old checkpoints under %s: %s", directory.parent, e)
+    return None
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop older ones and leftovers of crashed writes."""
+    dirs = epoch_dirs(root)
+    complete = [d for d in dirs if (d / MANIFEST).exists()]
+    if not complete:
+        return
+    oldest_kept = complete[:keep][-1]
+    for d in dirs[dirs.index(oldest_kept) + 1:]:
+        (d / MANIFEST).unlink(missing_ok=True)  # uncommit first: a half-deleted directory is incomplete
+        shutil.rmtree(d)
+
+
+# --------------------------------------------------------------------- restore
+def verify(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) for a complete checkpoint; (manifest or None, what is wrong) otherwise."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return None, f"{directory} is incomplete: no {MANIFEST} (not every rank finished writing)"
+    try:
+        manifest = json.loads(path.read_text())
+        files = {name: (int(meta["bytes"]), str(meta["sha256"])) for name, meta in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"{path} is corrupt: {type(e).__name__}: {e}"
+    for name, (want_bytes, want_sha) in sorted(files.items()):
+        f = directory / name
+        if not f.exists():
+            return manifest, f"{directory}: {name} is missing"
+        size = f.stat().st_size
+        if size < want_bytes:
+            return manifest, f"{f} is truncated: {size} of {want_bytes} bytes"
+        if size != want_bytes:
+            return manifest, f"{f} has {size} bytes, the manifest says {want_bytes}"
+        if _sha256(f) != want_sha:
+            return manifest, f"{f} is corrupt: its sha256 differs from the manifest's"
+    return manifest, None
+
+
+def _check_config(directory: Path, manifest: dict[str, Any], fp: dict[str, Any]) -> None:
+    if manifest.get("config_hash") != config_hash(fp):
+        raise CheckpointError(f"checkpoint {directory} was written by a different configuration "
+                              f"({_differences(manifest.get('config', {}), fp)}); resume it with that "
+                              f"configuration, or start afresh with resume=never or another run directory")
+
+
+def _newest_complete(root: Path, fp: dict[str, Any]) -> Path | None:
+    """Newest complete checkpoint under ``root``; broken ones are logged and skipped."""
+    for directory in epoch_dirs(root):
+        manifest, problem = verify(directory)
+        if problem is None:
+            _check_config(directory, manifest, fp)
+            return directory
+        log.warning("skipping checkpoint: %s", problem)
+    return None
+
+
+def choose(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint directory to resume from under ``cfg.resume`` (run on one rank), or None."""
+    fp = fingerprint(cfg)
+    if cfg.resume == "auto":
+        return _newest_complete(checkpoint_root(cfg, run_dir), fp)
+    path = Path(cfg.resume)
+    if (path / MANIFEST).exists() or _EPOCH_DIR.fullmatch(path.name):
+        manifest, problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"resume={cfg.resume}: {problem}")
+        _check_config(path, manifest, fp)
+        return path
+    root = path / cfg.checkpoint.dir if (path / cfg.checkpoint.dir).is_dir() else path
+    if not root.is_dir() or not epoch_dirs(root):
+        raise CheckpointError(f"resume={cfg.resume}: not a checkpoint (an epochNNNN/ directory with {MANIFEST}), "
+                              f"a checkpoint directory, or a run directory holding {cfg.checkpoint.dir}/")
+    found = _newest_complete(root, fp)
+    if found is None:
+        raise CheckpointError(f"resume={cfg.resume}: no complete checkpoint under {root} (see the warnings above)")
+    return found
 
 
 def restore(trainer: Trainer) -> Path | None:
-    """Placeholder until checkpointing lands: always a fresh start."""
-    return None
+    """Load the checkpoint ``cfg.resume`` designates; all ranks load the same one (chosen on rank 0).
+
+    Also cuts ``metrics.jsonl`` back to the epochs before the one the run (re)starts from, so a resumed
+    run's file equals an uninterrupted run's.
+    """
+    cfg, ctx = trainer.cfg, trainer.ctx
+    directory = None
+    if cfg.resume != "never":
+        decision: list[str | None] = [None, None]  # chosen directory, error
+        if ctx.rank == 0:
+            try:
+                found = choose(cfg, trainer.run_dir)
+                decision[0] = None if found is None else str(found)
+            except CheckpointError as e:
+                decision[1] = str(e)
+        dist.broadcast_object_list(decision, src=0, group=ctx.header_group)
+        if decision[1] is not None:
+            raise CheckpointError(decision[1])
+        if decision[0] is not None:
+            directory = Path(decision[0])
+            _load(trainer, directory)
+    if trainer.is_reporter:  # a run resumed after its last epoch still reports that epoch's numbers
+        kept = truncate_metrics(trainer.log.metrics_path, trainer.start_epoch)
+        trainer.log.last = kept[-1] if kept else None
+    return directory
+
+
+def _load(trainer: Trainer, directory: Path) -> None:
+    path = directory / file_name(trainer.k, trainer.ctx.replica)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have no common base class
+        raise CheckpointError(f"{path} cannot be loaded: {type(e).__name__}: {e}") from e
+    if state.get("config_hash") != config_hash(fingerprint(trainer.cfg)) or state.get("module") != trainer.k:
+        raise CheckpointError(f"{path} belongs to another configuration or module than module {trainer.k} of this run")
+    stage = trainer.stage
+    stage.module.load_state_dict(state["model"])
+    if stage.aux_head is not None:
+        stage.aux_head.load_state_dict(state["aux_head"])
+    stage.optimizer.load_state_dict(state["optimizer"])
+    stage.scheduler.load_state_dict(state["scheduler"])
+    stage.steps = state["stage_steps"]
+    trainer.start_epoch = state["next_epoch"]
+    trainer.global_step = state["global_step"]
+    _set_rng_state(state["rng"], trainer.ctx.device)
+
+
+def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:
+    """Drop metric lines of epochs ≥ ``start_epoch`` (they will be produced again); returns the rows kept."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < start_epoch]
+    if kept != lines:
+        _atomic_write("".join(kept).encode(), path)
+    return [json.loads(line) for line in kept]
+
+
+# ----------------------------------------------------------------- test hooks
+def kill_hook(run_dir: Path, module: int, epoch: int) -> Callable[[Event], None] | None:
+    """Fault injection for the resume tests: ``FDG_TEST_KILL="module=K,epoch=E,batch=B"``.
+
+    The worker of module K SIGKILLs itself right after its forward of training batch B in epoch E,
+    once per run directory (a marker file records it), so the restarted attempt runs through.
+    """
+    spec = os.environ.get("FDG_TEST_KILL")
+    if not spec:
+        return None
+    want = {key: int(value) for key, value in (item.split("=") for item in spec.split(","))}
+    marker = run_dir / f".fdg_test_killed-module{module}"
+    if want["module"] != module or want["epoch"] != epoch or marker.exists():
+        return None
+
+    def hook(event: Event) -> None:
+        if event.action.kind is Kind.FORWARD and event.action.batch == want["batch"]:
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook

@@ -248,5 +248,6 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
                  f"{cfg.data.root!r} is not a directory; imagefolder needs data.root with train/ and val/ (or test/)")
         _require((root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()), "data.root",
                  f"{root} must hold train/ and val/ or test/ subdirectories (one folder per class)")
-    _require(cfg.resume in ("auto", "never") or Path(cfg.resume).exists(), "resume",
-             f"{cfg.resume!r} must be auto, never, or an existing checkpoint path")
+    _require(cfg.resume in ("auto", "never") or Path(cfg.resume).is_dir(), "resume",
+             f"{cfg.resume!r} must be auto, never, or an existing checkpoint directory "
+             f"(<run dir>/{cfg.checkpoint.dir}/epochNNNN, or a run directory)")

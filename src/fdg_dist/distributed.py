@@ -56,6 +56,9 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0)
     kwargs = {"device_id": device} if backend == "nccl" else {}  # eager NCCL init (pytorch #136248)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
     header_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    if backend == "nccl":
+        # every rank takes part in the first NCCL call: batch_isend_irecv requires it (its docs)
+        dist.all_reduce(torch.zeros(1, device=device))
     replica_group = None
     if R > 1:
         for k in range(K):  # every rank must take part in creating every group
@@ -79,3 +82,17 @@ def allreduce_mean(tensors: list[torch.Tensor], group: dist.ProcessGroup | None)
     flat /= dist.get_world_size(group)
     for t, avg in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors), strict=True):
         t.copy_(avg)
+
+
+def check_agreement(value: str, what: str, group: dist.ProcessGroup | None) -> None:
+    """Fail at start, naming the ranks, if ranks disagree on ``value`` (e.g. a config hash or shapes).
+
+    Ranks launched by hand (torchrun on several nodes) can get different overrides; P2P would then
+    truncate or reinterpret buffers silently instead of failing.
+    """
+    values: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
+    if len(set(values)) > 1:
+        ranks = [r for r, v in enumerate(values) if v != values[0]]
+        raise RuntimeError(f"ranks {ranks} disagree with rank 0 on the {what}; launch every rank with the same "
+                           "configuration overrides")

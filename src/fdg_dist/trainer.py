@@ -20,7 +20,7 @@ from torch import nn
 
 from fdg_dist import checkpoint, data, models, partition, schedule
 from fdg_dist.config import Config
-from fdg_dist.distributed import Context, allreduce_mean
+from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, EpochResult, Executor
 from fdg_dist.metrics import RunLog
 from fdg_dist.optim import build_optimizer, build_scheduler
@@ -78,6 +78,7 @@ class Trainer:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         t, m = cfg.trainer, cfg.method
         self.k, self.K = ctx.module, ctx.K
+        check_agreement(json.dumps(cfg.to_dict(), sort_keys=True, default=str), "configuration", ctx.header_group)
         built = build_module(cfg, self.K, self.k)
         self.bounds, shapes = built.bounds, built.shapes
         if ctx.rank == 0:
@@ -133,7 +134,7 @@ class Trainer:
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict | None:
         cfg = self.cfg
-        resumed = checkpoint.restore(self) if cfg.resume != "never" else None
+        resumed = checkpoint.restore(self)  # also cuts metrics.jsonl back to the epochs kept
         if resumed is not None:
             log.info("resumed from %s (next epoch %d)", resumed, self.start_epoch)
         best = self.log.best_error()
@@ -167,7 +168,8 @@ class Trainer:
         m = self.cfg.method
         plan = schedule.plan(m.name, self.k, self.K, len(sizes), train=True, accum_steps=m.accum_steps)
         batches = self.train_data.epoch(epoch) if self.k == 0 else None
-        return self.executor.run(plan, sizes, batches, epoch=epoch, train=True)
+        return self.executor.run(plan, sizes, batches, epoch=epoch, train=True,
+                                 on_action=checkpoint.kill_hook(self.run_dir, self.k, epoch))
 
     def evaluate(self, epoch: int) -> EpochResult:
         if self.ctx.R > 1:  # replicas normalise alike: replica 0's BatchNorm statistics everywhere

@@ -147,11 +147,18 @@ class Transport:
             pending = self._inbox.pop((kind, batch))
         except KeyError:
             raise TransportError(f"no receive was posted for {kind} of batch {batch}: schedule bug") from None
-        for env, work, header in zip(pending.envelopes, pending.header_work, pending.headers, strict=True):
-            work.wait()
-            env.check(header, pending.peer)
-        for work in pending.payload_work:
-            work.wait()
+        try:
+            for env, work, header in zip(pending.envelopes, pending.header_work, pending.headers, strict=True):
+                work.wait()
+                env.check(header, pending.peer)
+            for work in pending.payload_work:
+                work.wait()
+        except RuntimeError as e:  # gloo: closed socket (peer died) or timeout (peer hung)
+            if isinstance(e, TransportError):
+                raise
+            module = self.ranks.index(pending.peer)
+            raise TransportError(f"lost module {module} (rank {pending.peer}) while waiting for {kind} of batch "
+                                 f"{batch}: {e}") from e
         return [t.to(self.device, non_blocking=True) for t in pending.payloads]
 
     def drain(self) -> None:

@@ -1,0 +1,249 @@
+"""Checkpoints: atomic writes, the sha256 manifest as commit marker, refusal of broken or foreign ones.
+
+In-process tests run a real one-module Trainer in a world-1 gloo group (fast, and monkeypatchable);
+the refusal tests work on the checkpoints of one real K=3 run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_pipeline, small_config
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from fdg_dist import checkpoint, distributed
+from fdg_dist.checkpoint import CheckpointError, atomic_save, choose, verify
+from fdg_dist.config import Config
+from fdg_dist.trainer import Trainer
+
+K = 3
+
+
+def _config(**kw: object) -> Config:
+    cfg = small_config(**{"trainer.epochs": 3, "checkpoint.enabled": True, "checkpoint.keep": 3, **kw})
+    cfg.resume = "auto"
+    return cfg
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "final_model.pt", weights_only=True)
+
+
+# ------------------------------------------------------------------ atomic files
+def test_atomic_save_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.pt"
+    atomic_save({"v": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save({"v": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left behind
+
+
+# ------------------------------------------------------- one rank, in this process
+@pytest.fixture
+def world1(monkeypatch: pytest.MonkeyPatch):
+    """A world-1 gloo process group, as torchrun would describe it in the environment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    torch.set_num_threads(1)
+    ctx = distributed.init(1, 1, backend="gloo", timeout_s=30)
+    yield ctx
+    distributed.close()
+
+
+def _fit(cfg: Config, ctx: distributed.Context, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)  # the worker's job in a real run
+    Trainer(cfg, ctx, run_dir).fit()
+
+
+def test_state_round_trip_restores_everything(world1, run_dir: Path) -> None:
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    _fit(cfg, world1, run_dir)
+    trainer = Trainer(cfg, world1, run_dir)
+    assert checkpoint.restore(trainer) == run_dir / "checkpoints" / "epoch0001"
+    assert (trainer.start_epoch, trainer.global_step, trainer.stage.steps) == (2, 12, 12)
+    saved = torch.load(run_dir / "checkpoints/epoch0001/module0-replica0.pt", weights_only=True)
+    for name, tensor in trainer.stage.module.state_dict().items():
+        assert torch.equal(tensor, saved["model"][name]), name
+    assert trainer.stage.optimizer.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
+    assert trainer.stage.scheduler.last_epoch == 2
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])  # not the state building reseeded
+
+
+def test_failed_write_is_a_clear_error_and_keeps_the_previous_checkpoint(
+        world1, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    real_save = torch.save
+    saves = []
+
+    def full_after_first(obj: object, f: object) -> None:
+        saves.append(1)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_after_first)
+    with pytest.raises(CheckpointError, match=r"epoch 1 not written.*No space left.*epoch0000\) is intact"):
+        _fit(cfg, world1, run_dir)
+    assert not (run_dir / "checkpoints/epoch0001/manifest.json").exists()
+    assert verify(run_dir / "checkpoints/epoch0000")[1] is None
+    assert choose(cfg, run_dir) == run_dir / "checkpoints/epoch0000"
+
+
+def test_keep_prunes_old_checkpoints(world1, run_dir: Path) -> None:
+    _fit(_config(**{"pipeline.k": 1, "checkpoint.keep": 2}), world1, run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch0001", "epoch0002"]
+
+
+def test_rerun_of_a_finished_run_resumes_past_the_end_and_reports_the_same(world1, run_dir: Path) -> None:
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    _fit(cfg, world1, run_dir)
+    first = json.loads((run_dir / "result.json").read_text())
+    _fit(cfg, world1, run_dir)
+    again = json.loads((run_dir / "result.json").read_text())
+    assert again["final_test_error"] == first["final_test_error"] is not None
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_never_starts_afresh_and_resets_metrics(world1, run_dir: Path) -> None:
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    _fit(cfg, world1, run_dir)
+    cfg.resume = "never"
+    trainer = Trainer(cfg, world1, run_dir)
+    assert checkpoint.restore(trainer) is None and trainer.start_epoch == 0
+    assert (run_dir / "metrics.jsonl").read_text() == ""
+
+
+# ------------------------------------------------------ checkpoints of a K=3 run
+@pytest.fixture(scope="module")
+def k3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("k3") / "run"
+    run_pipeline(_config(**{"pipeline.k": K}), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def copy(k3_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the K=3 run, to damage."""
+    return Path(shutil.copytree(k3_run, tmp_path / "run"))
+
+
+def _newest(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "epoch0002"
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "missing":
+        path.unlink()
+    else:  # one flipped byte in the middle: same size, still unpicklable, wrong values
+        i = len(data) // 2
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how,message", [
+    ("truncated", r"module1-replica0.pt is truncated: \d+ of \d+ bytes"),
+    ("missing", r"module1-replica0.pt is missing"),
+    ("flipped", r"module1-replica0.pt is corrupt: its sha256 differs"),
+])
+def test_broken_checkpoint_is_refused_and_auto_falls_back(copy: Path, how: str, message: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _config(**{"pipeline.k": K})
+    _damage(_newest(copy) / "module1-replica0.pt", how)
+    assert verify(_newest(copy))[1] is not None
+    with caplog.at_level(logging.WARNING, logger="fdg_dist"):
+        assert choose(cfg, copy) == copy / "checkpoints" / "epoch0001"
+    assert any(re.search(message, r.getMessage()) for r in caplog.records), caplog.text
+    cfg.resume = str(_newest(copy))  # asked for explicitly: no fallback, an error
+    with pytest.raises(CheckpointError, match=message):
+        choose(cfg, copy)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_incomplete_checkpoint_without_manifest_is_skipped(copy: Path) -> None:
+    (_newest(copy) / "manifest.json").unlink()
+    assert choose(_config(**{"pipeline.k": K}), copy) == copy / "checkpoints" / "epoch0001"
+    cfg = _config(**{"pipeline.k": K})
+    cfg.resume = str(_newest(copy))
+    with pytest.raises(CheckpointError, match="incomplete: no manifest.json"):
+        choose(cfg, copy)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("override,named", [
+    ({"pipeline.k": 2}, "pipeline.k: checkpoint 3, this run 2"),
+    ({"model.name": "resnet20"}, "model.name: checkpoint 'tiny', this run 'resnet20'"),
+    ({"optim.lr": 0.1}, "optim.lr: checkpoint 0.05, this run 0.1"),
+])
+def test_checkpoint_of_another_configuration_is_refused(copy: Path, override: dict, named: str) -> None:
+    for resume in ("auto", str(copy), str(_newest(copy))):
+        cfg = _config(**{"pipeline.k": K, **override})
+        cfg.resume = resume
+        with pytest.raises(CheckpointError, match="different configuration") as err:
+            choose(cfg, copy)
+        assert named in str(err.value)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_not_a_checkpoint_path_is_refused(copy: Path, tmp_path: Path) -> None:
+    cfg = _config(**{"pipeline.k": K})
+    cfg.resume = str(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        choose(cfg, copy)
+    cfg.resume = str(copy / "checkpoints")  # the checkpoint directory itself: newest complete one
+    assert choose(cfg, copy) == _newest(copy)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_auto_resume_skips_broken_checkpoints_and_ends_equal(k3_run: Path, copy: Path) -> None:
+    """Newest two checkpoints broken: resume from epoch 0's, retrain epochs 1-2, same bits as before."""
+    _damage(_newest(copy) / "module0-replica0.pt", "flipped")
+    (copy / "checkpoints/epoch0001/module2-replica0.pt").unlink()
+    (copy / "final_model.pt").unlink()
+    run_pipeline(_config(**{"pipeline.k": K}), copy)
+    log = (copy / "train.log").read_text()
+    assert "epoch0002/module0-replica0.pt is corrupt" in log and "epoch0001: module2-replica0.pt is missing" in log
+    assert "epoch0000 (next epoch 1)" in log
+    want, got = _final(k3_run), _final(copy)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_run_refuses_a_foreign_checkpoint_on_every_rank(copy: Path, tmp_path: Path) -> None:
+    cfg = _config(**{"pipeline.k": 2})
+    cfg.resume = str(copy)
+    with pytest.raises(ChildFailedError):
+        run_pipeline(cfg, tmp_path / "other")
+    log = (tmp_path / "other" / "train.log").read_text()
+    assert log.count("CheckpointError") == 2, log  # both ranks, same decision
+    assert "pipeline.k: checkpoint 3, this run 2" in log

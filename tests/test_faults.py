@@ -1,0 +1,186 @@
+"""Faults: a killed rank, restarted by fdg-train's launcher or torchrun, resumes bit for bit; without
+restarts, and with a hung rank, every other rank exits on its own within the timeout; NaN stops the run.
+
+Kills are exact: ``FDG_TEST_KILL="module=k,epoch=1,batch=2"`` makes module k SIGKILL itself after its
+forward of batch 2 of epoch 1 (the second of three), once per run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_pipeline
+from hydra import compose, initialize_config_dir
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from fdg_dist.cli import CONF_DIR, config_from_hydra
+from fdg_dist.config import Config
+
+pytestmark = pytest.mark.multiprocess
+
+K = 3
+TIMEOUT_S = 10
+# The same run for fdg-train's launcher (composed here) and for torchrun (composed by each worker).
+OVERRIDES = ["model=tiny", "data=synthetic", "data.train_size=96", "data.test_size=40", "trainer.batch_size=16",
+             "trainer.eval_batch_size=16", "trainer.epochs=3", "trainer.threads=1", "optim.lr=0.05",
+             "sched.milestones=[1]", f"pipeline.k={K}", f"dist.timeout_s={TIMEOUT_S}", "logging.tensorboard=false",
+             "logging.progress=never", "checkpoint.enabled=true", "resume=auto"]
+SAME_FIELDS = ("epoch", "lr", "train_loss", "train_error", "test_loss", "test_error")  # not the timings
+
+
+def cli_config(*extra: str) -> Config:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return config_from_hydra(compose("train", overrides=[*OVERRIDES, *extra]))
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "final_model.pt", weights_only=True)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in SAME_FIELDS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_pipeline(cli_config(), run_dir)
+    return run_dir
+
+
+def _assert_resumed_equal(run_dir: Path, reference: Path, module: int) -> None:
+    log = (run_dir / "train.log").read_text()
+    assert (run_dir / f".fdg_test_killed-module{module}").exists(), "the kill hook never fired"
+    assert log.count("resumed from") == K and "epoch0000 (next epoch 1)" in log, log
+    want, got = _final(reference), _final(run_dir)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert _metrics(run_dir) == _metrics(reference)
+
+
+@pytest.mark.timeout(120)
+def test_killed_rank_restarts_with_fdg_train_launcher_and_resumes_bitwise(
+        uninterrupted: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = K - 1  # torchrun's test below covers both ends of the pipeline
+    monkeypatch.setenv("FDG_TEST_KILL", f"module={module},epoch=1,batch=2")
+    run_pipeline(cli_config("dist.max_restarts=1"), run_dir)
+    _assert_resumed_equal(run_dir, uninterrupted, module)
+
+
+def _torchrun_env(**extra: str) -> dict[str, str]:
+    # stale keys in a shared rendezvous store break gloo restarts half the time (pytorch #135712)
+    return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attempt", range(3))
+@pytest.mark.parametrize("module", [0, K - 1])
+def test_killed_rank_restarts_under_torchrun_and_resumes_bitwise(
+        module: int, attempt: int, uninterrupted: Path, run_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={K}",
+           "--max-restarts=1", "--monitor-interval=0.2", "-m", "fdg_dist.train", *OVERRIDES,
+           f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, env=_torchrun_env(FDG_TEST_KILL=f"module={module},epoch=1,batch=2"), cwd=REPO,
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_resumed_equal(run_dir, uninterrupted, module)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ranks(run_dir: Path, *extra: str, **env: str) -> list[subprocess.Popen]:
+    """K workers as torchrun would start them, but with no agent to stop the survivors for us."""
+    port = _free_port()
+    procs = []
+    for rank in range(K):
+        rank_env = _torchrun_env(RANK=str(rank), WORLD_SIZE=str(K), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(K),
+                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="faults", **env)
+        procs.append(subprocess.Popen([sys.executable, "-m", "fdg_dist.train", *OVERRIDES, *extra,
+                                       f"hydra.run.dir={run_dir}"], env=rank_env, cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen], limit_s: float) -> list[tuple[int, str]]:
+    """(exit code, stderr) of every process; kills and fails if one outlives ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    out = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            out.append((p.returncode, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank was still running {limit_s:.0f} s after the fault")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_killed_rank_without_restarts_stops_every_rank(run_dir: Path) -> None:
+    module = 1  # both neighbours wait on it
+    procs = _start_ranks(run_dir, FDG_TEST_KILL=f"module={module},epoch=1,batch=2")
+    deadline = time.monotonic() + 60
+    while procs[module].poll() is None:  # the kill happens mid-run, after start-up
+        assert time.monotonic() < deadline, "the kill hook never fired"
+        time.sleep(0.05)
+    killed = time.monotonic()
+    results = _wait_all(procs, TIMEOUT_S + 10)
+    assert time.monotonic() - killed < TIMEOUT_S + 10
+    assert results[module][0] == -signal.SIGKILL
+    for rank, (code, err) in enumerate(results):
+        if rank != module:
+            assert code != 0, f"rank {rank} exited 0 after its peer died"
+            assert "Connection" in err, err[-2000:]  # gloo: "Connection closed/reset by peer"
+    log = (run_dir / "train.log").read_text()
+    assert all(f"rank {r} (module {r}) failed" in log for r in range(K) if r != module), log
+
+
+@pytest.mark.timeout(90)
+def test_hung_rank_stops_every_other_rank_within_the_timeout(run_dir: Path) -> None:
+    timeout_s = 3
+    procs = _start_ranks(run_dir, "data.train_size=1600", f"dist.timeout_s={timeout_s}")  # stopped mid-epoch
+    log = run_dir / "train.log"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "epoch   0" in log.read_text()):  # mid-run
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "run did not start"
+        time.sleep(0.05)
+    os.kill(procs[1].pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        results = _wait_all([procs[0], procs[2]], timeout_s + 10)
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert time.monotonic() - stopped < timeout_s + 10
+    for code, err in results:
+        assert code != 0 and "Timed out" in err, err[-2000:]
+
+
+@pytest.mark.timeout(90)
+def test_nan_stops_the_run_naming_module_and_step(run_dir: Path) -> None:
+    with pytest.raises(ChildFailedError):
+        run_pipeline(cli_config("pipeline.k=2", "optim.lr=1e9", "checkpoint.enabled=false"), run_dir)
+    log = (run_dir / "train.log").read_text()
+    # the loss check or the gradient check fires first, depending on where the overflow shows
+    named = r"rank 1 \(module 1\) failed: NonFiniteError: non-finite (loss|gradient) .*module 1\b.*step \d+"
+    assert re.search(named, log), log
