@@ -1,0 +1,179 @@
+"""Data: deterministic sets, reproducible (seed, epoch, batch) batches, exact augmentation, loaders' errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdg_dist import data
+from fdg_dist.config import DataConfig
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def synthetic(seed: int = 0, train_size: int = 100, test_size: int = 30) -> tuple[data.ImageSet, data.ImageSet]:
+    return data.load(DataConfig(name="synthetic", train_size=train_size, test_size=test_size), seed)
+
+
+def epoch_batches(loader: data.Batches, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(loader.epoch(epoch, start_batch=start))
+
+
+def test_synthetic_is_deterministic_and_learnable() -> None:
+    a, a_test = synthetic(0)
+    b, _ = synthetic(0)
+    c, _ = synthetic(1)
+    assert a.images.dtype == torch.uint8 and a.images.shape == (100, 3, 32, 32) and a.images.is_contiguous()
+    assert a.labels.dtype == torch.int64 and a_test.images.shape == (30, 3, 32, 32)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images)
+    assert not torch.equal(a.images[:30], a_test.images)  # test is a different stream
+    assert torch.bincount(a.labels, minlength=10).tolist() == [10] * 10
+    # learnability proxy: class means are far apart relative to their spread
+    big, _ = synthetic(0, train_size=2000)
+    means = torch.stack([big.images[big.labels == k].float().mean(0) for k in range(10)]).flatten(1)
+    between = torch.cdist(means, means)[~torch.eye(10, dtype=torch.bool)]
+    assert between.min() > 100  # in 0..255 pixel units over 3072 values
+    assert len(set(a.mean)) == 3 and all(0 < s < 1 for s in a.std)
+
+
+def test_batch_sizes_include_partial_last_batch() -> None:
+    assert data.batch_sizes(100, 32) == [32, 32, 32, 4]
+    assert data.batch_sizes(96, 32) == [32, 32, 32]
+    assert data.batch_sizes(5, 32) == [5]
+    train, _ = synthetic()
+    loader = data.Batches(train, 32, train=True, augment=True, seed=0)
+    assert loader.num_batches() == 4 and loader.batch_sizes() == [32, 32, 32, 4]
+    assert [len(y) for _, y in loader.epoch(0)] == [32, 32, 32, 4]
+    with pytest.raises(ValueError, match="batch_size"):
+        data.Batches(train, 32, train=True, augment=True, seed=0, shard=(0, 3))
+    sharded = [data.Batches(train, 30, train=True, augment=True, seed=0, shard=(r, 3)) for r in range(3)]
+    assert [s.batch_sizes() for s in sharded] == [[10, 10, 10, 4], [10, 10, 10, 3], [10, 10, 10, 3]]
+    assert [data.shard_size(10, 10, r, 3) for r in range(3)] == [4, 3, 3]
+
+
+def test_epochs_are_reproducible_resumable_and_complete() -> None:
+    train, _ = synthetic()
+    loader = data.Batches(train, 32, train=True, augment=True, seed=7)
+    first = epoch_batches(loader, 3)
+    again = epoch_batches(data.Batches(train, 32, train=True, augment=True, seed=7), 3)
+    resumed = epoch_batches(loader, 3, start=2)
+    for (x, y), (x2, y2) in zip(first, again, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert len(resumed) == 2
+    for (x, y), (x2, y2) in zip(first[2:], resumed, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    other = epoch_batches(loader, 4)
+    assert not torch.equal(first[0][0], other[0][0])
+    assert not torch.equal(first[0][0], epoch_batches(data.Batches(train, 32, train=True, augment=True, seed=8), 3)[0][0])
+    assert first[0][0].dtype == torch.float32 and first[0][0].shape == (32, 3, 32, 32)
+    # every sample exactly once: un-augmented epochs reproduce the set as a permutation
+    plain = data.Batches(train, 32, train=True, augment=False, seed=7)
+    for e in (0, 1):
+        order = plain.order(e)
+        assert sorted(order.tolist()) == list(range(len(train)))
+        y = torch.cat([y for _, y in plain.epoch(e)])
+        assert torch.equal(y, train.labels[order])
+    assert not torch.equal(plain.order(0), plain.order(1))
+    x = torch.cat([x for x, _ in plain.epoch(0)])
+    expected = (train.images[plain.order(0)].float() / 255 - torch.tensor(train.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(train.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, expected)
+
+
+def test_test_batches_are_fixed_order_without_augmentation() -> None:
+    _, test = synthetic()
+    loader = data.Batches(test, 16, train=False, augment=True, seed=0)
+    y = torch.cat([y for _, y in loader.epoch(5)])
+    assert torch.equal(y, test.labels)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(loader.epoch(0), loader.epoch(1), strict=True))
+
+
+def test_shards_concatenate_to_the_global_batch() -> None:
+    train, _ = synthetic()
+    whole = epoch_batches(data.Batches(train, 30, train=True, augment=True, seed=3), 2)
+    parts = [epoch_batches(data.Batches(train, 30, train=True, augment=True, seed=3, shard=(r, 3)), 2)
+             for r in range(3)]
+    for b, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([p[b][0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[b][1] for p in parts]), y)
+
+
+def test_augmentation_is_a_shifted_flipped_copy() -> None:
+    x = torch.randint(1, 256, (4, 3, 32, 32), dtype=torch.uint8)  # no zeros: padding is recognisable
+    dy, dx = torch.tensor([0, 4, 8, 2]), torch.tensor([8, 4, 0, 7])
+    flip = torch.tensor([False, False, True, True])
+    out = data.augment(x, dy, dx, flip)
+    for k in range(4):
+        padded = torch.zeros(3, 40, 40, dtype=torch.uint8)
+        padded[:, 4:36, 4:36] = x[k]
+        want = padded[:, dy[k]:dy[k] + 32, dx[k]:dx[k] + 32]
+        assert torch.equal(out[k], want.flip(-1) if flip[k] else want)
+    assert torch.equal(out[1], x[1])  # centre crop, no flip: the identity
+    assert (out[0, :, :4] == 0).all() and (out[0, :, :, 28:] == 0).all()  # shifted in from the padding
+    # and inside Batches: each augmented sample is such a copy of its source image
+    train, _ = synthetic()
+    loader = data.Batches(train, 32, train=True, augment=True, seed=1)
+    xb, _ = next(loader.epoch(0))
+    src = train.images[loader.order(0)[:32]]
+    std, mean = torch.tensor(train.std).view(1, 3, 1, 1), torch.tensor(train.mean).view(1, 3, 1, 1)
+    pixels = ((xb * std + mean) * 255).round().to(torch.uint8)
+    for k in range(32):
+        candidates = [data.augment(src[k:k + 1], torch.tensor([i]), torch.tensor([j]), torch.tensor([f]))[0]
+                      for i in range(9) for j in range(9) for f in (False, True)]
+        assert any(torch.equal(pixels[k], c) for c in candidates)
+
+
+def test_subset_is_class_balanced_and_seeded() -> None:
+    cfg = DataConfig(name="synthetic", train_size=200, test_size=50, train_subset=40, test_subset=20)
+    train, test = data.load(cfg, 0)
+    full, _ = synthetic(0, train_size=200, test_size=50)
+    assert len(train) == 40 and len(test) == 20
+    assert torch.bincount(train.labels, minlength=10).tolist() == [4] * 10
+    # class-sorted data (like an ImageFolder) still yields every class
+    sorted_set = data.ImageSet(full.images, full.labels.sort().values, 10, full.mean, full.std)
+    sub = data._subset(sorted_set, 30, 0, "train")
+    assert torch.bincount(sub.labels, minlength=10).tolist() == [3] * 10
+    assert torch.equal(data.load(cfg, 0)[0].images, train.images)
+    other = data._subset(sorted_set, 30, 1, "train")
+    assert not torch.equal(sub.images, other.images)
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason=f"{SHARED_CIFAR} not present")
+def test_imagefolder_subset_loads() -> None:
+    cfg = DataConfig(name="imagefolder", root=str(SHARED_CIFAR), train_subset=500, test_subset=200)
+    # only the chosen 700 files are decoded
+    train, test = data.load(cfg, 0)
+    assert train.images.shape == (500, 3, 32, 32) and test.images.shape == (200, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and train.num_classes == 10
+    assert torch.bincount(train.labels, minlength=10).tolist() == [50] * 10
+    assert torch.bincount(test.labels, minlength=10).tolist() == [20] * 10
+    x, y = next(data.Batches(train, 128, train=True, augment=True, seed=0).epoch(0))
+    assert x.shape == (128, 3, 32, 32) and y.max() < 10
+
+
+def test_missing_cifar_names_data_root(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data\.root.*cifar-10-batches-py.*data\.download=true"):
+        data.load(DataConfig(name="cifar10", root=str(tmp_path / "nowhere")), 0)
+    with pytest.raises(FileNotFoundError, match=r"data\.root"):
+        data.load(DataConfig(name="imagefolder", root=str(tmp_path)), 0)
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_imagefolder_decodes_png_and_rejects_mixed_sizes(tmp_path: Path) -> None:
+    from torchvision.io import write_png
+
+    for split, n in (("train", 3), ("val", 2)):
+        for k, cls in enumerate(("b", "a")):  # ImageFolder order: sorted names, a=0, b=1
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                write_png(torch.full((3, 8, 8), 10 * k + i, dtype=torch.uint8), str(tmp_path / split / cls / f"{i}.png"))
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), num_classes=2, image_size=8)
+    train, test = data.load(cfg, 0)
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and len(test) == 4
+    assert train.images[0].eq(10).all() and train.images[3].eq(0).all()
+    write_png(torch.zeros(3, 9, 9, dtype=torch.uint8), str(tmp_path / "train" / "a" / "odd.png"))
+    with pytest.raises(ValueError, match="differ in size"):
+        data.load(cfg, 0)
