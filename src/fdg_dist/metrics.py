@@ -1,6 +1,10 @@
-"""What a run reports: one console line and one ``metrics.jsonl`` line per epoch, ``result.json`` at the end.
+"""What a run reports: the console, ``metrics.jsonl``, ``result.json``, TensorBoard and ``timing/``.
 
-Only the reporting rank (the last module of replica 0, which sees the losses) writes these files.
+Every rank summarises its own events at the end of an epoch (where it waited, how stale its
+gradients were, how big its stash grew) into TensorBoard (``tb/module{k}``) and ``timing/``; only the
+reporting rank (the last module of replica 0, which sees the losses) writes the epoch lines,
+``metrics.jsonl``, ``result.json``, the HParams summary and the progress bar.  Nothing here runs
+between actions except the progress bar's counter: device tensors are read once per epoch.
 """
 
 from __future__ import annotations
@@ -8,23 +12,142 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
+
+import torch
 
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult, Event
+from fdg_dist.schedule import Kind
 
 log = logging.getLogger("fdg_dist")
 
+Hook = Callable[[Event], None]
+
+
+def rank_name(module: int, replica: int) -> str:
+    """``module{k}`` (``-replica{r}`` for r > 0): the name of a rank's TensorBoard run and timing file."""
+    return f"module{module}" + (f"-replica{replica}" if replica else "")
+
+
+def show_progress(mode: str, stream: TextIO = sys.stderr) -> bool:
+    """``logging.progress``: ``auto`` draws the bar only on a terminal, so CI logs stay line-oriented."""
+    if mode == "auto":
+        return stream.isatty()
+    return mode == "always"
+
+
+def chain(*hooks: Hook | None) -> Hook | None:
+    """One ``on_action`` callback out of several optional ones (None if there is none)."""
+    live = [h for h in hooks if h is not None]
+    if len(live) <= 1:
+        return live[0] if live else None
+
+    def run_all(event: Event) -> None:
+        for hook in live:
+            hook(event)
+
+    return run_all
+
+
+@dataclass
+class Timing:
+    """Where one rank's training time went (seconds), and what it did; adds up over epochs."""
+
+    train_s: float = 0.0  # wall time of the training passes
+    compute_s: float = 0.0  # forward, backward and step work
+    wait_input_s: float = 0.0  # FORWARD blocked on its input: previous module's activation (module 0: data)
+    wait_grad_s: float = 0.0  # blocked on the gradient from the next module (BACKWARD)
+    samples: int = 0
+    stash_max: int = 0
+
+    @property
+    def other_s(self) -> float:
+        """Communication and bookkeeping: posting sends/receives, draining, the Python around it."""
+        return max(self.train_s - self.compute_s - self.wait_input_s - self.wait_grad_s, 0.0)
+
+    @classmethod
+    def of(cls, events: Sequence[Event], *, train_s: float, samples: int) -> Timing:
+        t = cls(train_s=train_s, samples=samples)
+        for e in events:
+            t.compute_s += e.compute_s
+            if e.action.kind is Kind.FORWARD:
+                t.wait_input_s += e.wait_s
+            elif e.action.kind is Kind.BACKWARD:
+                t.wait_grad_s += e.wait_s
+            t.stash_max = max(t.stash_max, e.stash)
+        return t
+
+    def __iadd__(self, other: Timing) -> Timing:
+        self.train_s += other.train_s
+        self.compute_s += other.compute_s
+        self.wait_input_s += other.wait_input_s
+        self.wait_grad_s += other.wait_grad_s
+        self.samples += other.samples
+        self.stash_max = max(self.stash_max, other.stash_max)
+        return self
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "other_s": self.other_s,
+                "samples_per_s": self.samples / self.train_s if self.train_s > 0 else 0.0}
+
+
+def staleness(events: Sequence[Event]) -> list[int]:
+    """Per applied gradient: the tick of the STEP minus the tick of that batch's forward on this module."""
+    forward_tick = {e.action.batch: e.action.tick for e in events if e.action.kind is Kind.FORWARD}
+    return [e.action.tick - forward_tick[b] for e in events if e.action.kind is Kind.STEP
+            for b in e.batches if b in forward_tick]
+
+
+def step_series(events: Sequence[Event]) -> tuple[list[float], dict[int, float]]:
+    """Gradient norm of every step and update/weight ratio where measured (step index within the list).
+
+    One host transfer for the whole epoch instead of one ``.item()`` per step.
+    """
+    infos = [e.step for e in events if e.step is not None]
+    if not infos:
+        return [], {}
+    measured = [i for i, s in enumerate(infos) if s.update_ratio is not None]
+    values = torch.stack([s.grad_norm.float() for s in infos]
+                         + [infos[i].update_ratio.float() for i in measured]).tolist()
+    return values[:len(infos)], dict(zip(measured, values[len(infos):]))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank so far: CUDA allocations on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
 
 class RunLog:
-    def __init__(self, cfg: Config, run_dir: Path, *, module: int, replica: int, reporter: bool) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, *, module: int, replica: int, reporter: bool,
+                 device: torch.device | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.module = module
         self.replica = replica
         self.reporter = reporter
+        self.device = device or torch.device("cpu")
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.timing_path = run_dir / "timing" / f"{rank_name(module, replica)}.json"
         self.last: dict | None = None
+        self.totals = Timing()
+        self.writer = None
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imports TensorBoard only when used
+
+            # a big queue and no timed flush: add_scalar only enqueues; epoch() flushes
+            self.writer = SummaryWriter(str(run_dir / "tb" / rank_name(module, replica)), max_queue=10_000,
+                                        flush_secs=10**6)
+        self.bar = None
+        self.show_bar = reporter and show_progress(cfg.logging.progress)
 
     def best_error(self) -> float:
         """Best test error so far (from metrics.jsonl, so a resumed run remembers it)."""
@@ -34,8 +157,40 @@ class RunLog:
                 best = min(best, json.loads(line)["test_error"])
         return best
 
+    def progress(self, epoch: int, n_batches: int) -> Hook | None:
+        """``on_action`` callback drawing this epoch's bar (batches/s, ETA) on the reporting rank only.
+
+        The executor's events carry no per-batch loss, so the bar shows the previous epoch's train loss.
+        """
+        if not self.show_bar:
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
+                        file=sys.stderr)
+        if self.last is not None:
+            self.bar.set_postfix(prev_loss=f"{self.last['train_loss']:.4f}", refresh=False)
+        bar = self.bar
+
+        def advance(event: Event) -> None:
+            if event.action.kind is Kind.FORWARD:
+                bar.update()
+
+        return advance
+
     def epoch(self, epoch: int, *, lr: float, train: EpochResult, test: EpochResult, seconds: float,
-              samples: int, events: list[Event]) -> None:
+              samples: int, events: list[Event], steps: int) -> None:
+        """Log one epoch; ``steps`` is this module's optimizer step count at its end (TensorBoard x-axis)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        timing = Timing.of(events, train_s=seconds, samples=samples)
+        self.totals += timing
+        self.timing_path.parent.mkdir(parents=True, exist_ok=True)
+        self.timing_path.write_text(json.dumps({"module": self.module, "replica": self.replica,
+                                                **self.totals.to_dict()}, indent=2) + "\n")
+        if self.writer is not None:
+            self._tensorboard(epoch, lr, train, test, timing, events, steps)
         if not self.reporter:
             return
         row = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_error": train.error,
@@ -48,9 +203,44 @@ class RunLog:
                  epoch, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
                  row["samples_per_s"])
 
+    def _tensorboard(self, epoch: int, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
+                     events: list[Event], steps: int) -> None:
+        w = self.writer
+        if self.reporter:
+            for tag, value in (("train/loss", train.loss), ("train/error", train.error),
+                               ("test/loss", test.loss), ("test/error", test.error)):
+                w.add_scalar(tag, value, epoch)
+        norms, ratios = step_series(events)
+        first = steps - len(norms) + 1  # module step number of the epoch's first step
+        for i, norm in enumerate(norms):
+            w.add_scalar("module/grad_norm", norm, first + i)
+        for i, ratio in ratios.items():
+            w.add_scalar("module/update_ratio", ratio, first + i)
+        stale = staleness(events)
+        summary = timing.to_dict()
+        for tag, value in (
+                ("module/lr", lr),
+                ("module/staleness_ticks", sum(stale) / len(stale) if stale else 0.0),
+                ("module/stash_max", timing.stash_max),
+                ("time/compute_s", timing.compute_s),
+                ("time/wait_input_s", timing.wait_input_s),
+                ("time/wait_grad_s", timing.wait_grad_s),
+                ("time/other_s", timing.other_s),
+                ("perf/samples_per_s", summary["samples_per_s"]),
+                ("memory/peak_mb", peak_memory_mb(self.device))):
+            w.add_scalar(tag, value, epoch)
+        w.flush()
+
     def finish(self, *, wall_s: float, best_error: float) -> dict | None:
-        if not self.reporter:
-            return None
+        """Write ``result.json`` and the HParams summary (reporting rank) and close this rank's writer."""
+        result = self._result(wall_s, best_error) if self.reporter else None
+        if self.writer is not None:
+            if result is not None:
+                self._hparams(result)
+            self.writer.close()
+        return result
+
+    def _result(self, wall_s: float, best_error: float) -> dict:
         cfg = self.cfg
         result = {
             "final_test_error": self.last["test_error"] if self.last else None,
@@ -63,3 +253,20 @@ class RunLog:
         }
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+    def _hparams(self, result: dict) -> None:
+        """One row of TensorBoard's HParams table: a β × K sweep becomes one sortable table."""
+        from torch.utils.tensorboard.summary import hparams
+
+        cfg = self.cfg
+        params = {"method": cfg.method.name, "beta": cfg.method.beta, "k": cfg.pipeline.k,
+                  "replicas": cfg.pipeline.replicas, "model": cfg.model.name, "data": cfg.data.name,
+                  "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "batch_size": cfg.trainer.batch_size,
+                  "seed": cfg.trainer.seed}
+        metrics = {f"hparams/{name}": result[name] for name in ("final_test_error", "best_test_error")
+                   if result[name] is not None}
+        step = self.last["epoch"] if self.last else 0
+        for summary in hparams(params, metrics):
+            self.writer.file_writer.add_summary(summary, step)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)

@@ -22,7 +22,7 @@ from fdg_dist import checkpoint, data, models, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, EpochResult, Executor
-from fdg_dist.metrics import RunLog
+from fdg_dist.metrics import RunLog, chain
 from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.stage import Stage
 from fdg_dist.trace import TraceWriter
@@ -101,7 +101,8 @@ class Trainer:
         self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps)
         self.train_data, self.test_data = self._load_data()
         self.is_reporter = self.k == self.K - 1 and ctx.replica == 0
-        self.log = RunLog(cfg, run_dir, module=self.k, replica=ctx.replica, reporter=self.is_reporter)
+        self.log = RunLog(cfg, run_dir, module=self.k, replica=ctx.replica, reporter=self.is_reporter,
+                          device=ctx.device)
         self.global_step = 0
         self.start_epoch = 0
         self.trace = TraceWriter(run_dir, ctx.rank, self.k, time.perf_counter()) if cfg.logging.trace else None
@@ -157,7 +158,8 @@ class Trainer:
             if self.is_reporter:
                 best = min(best, test.error)
             self.log.epoch(epoch, lr=self.stage.optimizer.param_groups[0]["lr"], train=train, test=test,
-                           seconds=train_time, samples=sum(sizes) * self.ctx.R, events=train.events)
+                           seconds=train_time, samples=sum(sizes) * self.ctx.R, events=train.events,
+                           steps=self.stage.steps)
             self.start_epoch = epoch + 1
             if cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
                 checkpoint.save(self, epoch)
@@ -169,7 +171,8 @@ class Trainer:
         plan = schedule.plan(m.name, self.k, self.K, len(sizes), train=True, accum_steps=m.accum_steps)
         batches = self.train_data.epoch(epoch) if self.k == 0 else None
         return self.executor.run(plan, sizes, batches, epoch=epoch, train=True,
-                                 on_action=checkpoint.kill_hook(self.run_dir, self.k, epoch))
+                                 on_action=chain(self.log.progress(epoch, len(sizes)),
+                                                 checkpoint.kill_hook(self.run_dir, self.k, epoch)))
 
     def evaluate(self, epoch: int) -> EpochResult:
         if self.ctx.R > 1:  # replicas normalise alike: replica 0's BatchNorm statistics everywhere

@@ -1,0 +1,226 @@
+"""``fdg-report RUNS_DIR… [--out DIR]``: compare finished runs like the paper's tables, plus plots.
+
+Any directory under the arguments that holds a ``result.json`` is a run (a single run dir, a Hydra
+multirun sweep dir, or a tree of them).  Prints a markdown table per dataset (rows: model; columns:
+method/β/K; cells: test error in %, median over seeds) and writes it to ``<out>/report.md`` with four
+PNGs: test error per epoch per run, test error against β per K, the per-module time breakdown (where
+the pipeline waits: its bubbles) and samples/s against K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed (CI, clusters)
+import matplotlib.pyplot as plt  # noqa: E402
+
+BETA_METHODS = ("fdg", "adl")  # methods where β means something; for the others it is left out
+TIME_PARTS = (("compute_s", "compute"), ("wait_input_s", "waiting for input"),
+              ("wait_grad_s", "waiting for gradient"), ("other_s", "communication / other"))
+
+
+@dataclass
+class Run:
+    path: Path
+    result: dict
+    epochs: list[dict]  # metrics.jsonl rows
+    timing: list[dict]  # timing/*.json, one per rank, in (replica, module) order
+
+    @property
+    def beta(self) -> float | None:
+        return self.result["beta"] if self.result["method"] in BETA_METHODS else None
+
+    @property
+    def setting(self) -> tuple:
+        """What a table column is: the method, its β where it has one, and K."""
+        return self.result["method"], self.beta, self.result["k"]
+
+    @property
+    def samples_per_s(self) -> float | None:
+        """Median over epochs: robust to the slow first epoch."""
+        rates = [e["samples_per_s"] for e in self.epochs]
+        return statistics.median(rates) if rates else None
+
+
+def find_runs(paths: Iterable[Path]) -> list[Run]:
+    dirs = sorted({p.parent.resolve() for root in paths for p in Path(root).rglob("result.json")})
+    return [load_run(d) for d in dirs]
+
+
+def load_run(path: Path) -> Run:
+    metrics = path / "metrics.jsonl"
+    epochs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    timing = [json.loads(p.read_text()) for p in (path / "timing").glob("*.json")]
+    timing.sort(key=lambda t: (t["replica"], t["module"]))
+    return Run(path, json.loads((path / "result.json").read_text()), epochs, timing)
+
+
+def setting_label(method: str, beta: float | None, k: int) -> str:
+    return f"{method} β={beta:g} K={k}" if beta is not None else f"{method} K={k}"
+
+
+def _groups(runs: Iterable[Run], key: Callable[[Run], tuple]) -> dict[tuple, list[Run]]:
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[key(run)].append(run)
+    return dict(sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])))
+
+
+def _median_error(runs: list[Run], metric: str) -> float | None:
+    values = [r.result[metric] for r in runs if r.result.get(metric) is not None]
+    return 100 * statistics.median(values) if values else None
+
+
+def table(runs: list[Run], metric: str = "final_test_error") -> str:
+    """Markdown, one table per dataset: test error in %, median over the runs (seeds) of a cell."""
+    out = []
+    for (data,), of_data in _groups(runs, lambda r: (r.result["data"],)).items():
+        columns = sorted({r.setting for r in of_data}, key=lambda s: (s[0], s[2], s[1] or 0))
+        cells = _groups(of_data, lambda r: (r.result["model"], r.setting))
+        models = sorted({r.result["model"] for r in of_data})
+        out += [f"### {data}: {metric.replace('_', ' ')} (%), median over seeds", "",
+                "| model | " + " | ".join(setting_label(*c) for c in columns) + " |",
+                "|---|" + "---:|" * len(columns)]
+        for model in models:
+            row = []
+            for column in columns:
+                group = cells.get((model, column), [])
+                value = _median_error(group, metric)
+                text = "–" if value is None else f"{value:.2f}"
+                row.append(text + (f" (n={len(group)})" if len(group) > 1 else ""))
+            out.append(f"| {model} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _run_labels(runs: list[Run]) -> list[str]:
+    """Legend text naming only what differs between the runs (model, data, method/β/K, seed)."""
+    parts = [(lambda r: r.result["model"]), (lambda r: r.result["data"]), (lambda r: setting_label(*r.setting)),
+             (lambda r: f"seed {r.result['seed']}")]
+    varying = [p for p in parts if len({p(r) for r in runs}) > 1] or parts[2:3]
+    return [" ".join(p(r) for p in varying) for r in runs]
+
+
+def _line_axes() -> tuple[plt.Figure, plt.Axes]:
+    """A line plot whose lines differ in colour and dash, so lines lying on each other stay visible."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab10").colors
+    ax.set_prop_cycle(color=[colors[i % 10] for i in range(40)], linestyle=["-", "--", ":", "-."] * 10)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_error_vs_epoch(runs: list[Run], path: Path) -> Path:
+    fig, ax = _line_axes()
+    for run, label in zip(runs, _run_labels(runs)):
+        ax.plot([e["epoch"] + 1 for e in run.epochs], [100 * e["test_error"] for e in run.epochs],
+                marker="o" if len(run.epochs) < 20 else None, label=label)
+    ax.set(xlabel="epoch", ylabel="test error (%)", title="Test error during training, one line per run")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_error_vs_beta(runs: list[Run], path: Path, metric: str = "final_test_error") -> Path:
+    fig, ax = _line_axes()
+    with_beta = [r for r in runs if r.beta is not None]
+    lines = _groups(with_beta, lambda r: (r.result["data"], r.result["model"], r.result["method"], r.result["k"]))
+    for (data, model, method, k), group in lines.items():
+        by_beta = _groups(group, lambda r: (r.beta,))
+        betas = sorted(b for (b,) in by_beta)
+        ax.plot(betas, [_median_error(by_beta[(b,)], metric) for b in betas], marker="o",
+                label=f"{model} ({data}) {method} K={k}")
+    ax.set(xlabel="β (gradient shrinking per hop)", ylabel=f"{metric.replace('_', ' ')} (%)",
+           title="Test error against β, one line per K (median over seeds)")
+    if lines:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_time_breakdown(runs: list[Run], path: Path) -> Path:
+    """Per run, one stacked bar per module: where its training time went."""
+    runs = [r for r in runs if r.timing]
+    cols = min(max(len(runs), 1), 3)
+    rows = max(-(-len(runs) // cols), 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, run, label in zip(axes.flat, runs, _run_labels(runs)):
+        replicated = any(t["replica"] for t in run.timing)
+        names = [f"{t['module']}" + (f" r{t['replica']}" if replicated else "") for t in run.timing]
+        bottom = [0.0] * len(names)
+        for (key, text), color in zip(TIME_PARTS, colors):
+            values = [t[key] for t in run.timing]
+            ax.bar(names, values, bottom=bottom, label=text, color=color)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set(title=label, xlabel="module k" + (", replica r" if replicated else "") + " (input → output)",
+               ylabel="training time, all epochs (s)")
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(TIME_PARTS), fontsize="small")
+    fig.suptitle("Where each module's time goes (waits are the pipeline's bubbles)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_samples_vs_k(runs: list[Run], path: Path) -> Path:
+    fig, ax = _line_axes()
+    timed = [r for r in runs if r.samples_per_s is not None]
+    lines = _groups(timed, lambda r: (r.result["data"], r.result["model"], r.result["method"], r.beta))
+    for (data, model, method, beta), group in lines.items():
+        by_k = _groups(group, lambda r: (r.result["k"],))
+        ks = sorted(k for (k,) in by_k)
+        label = f"{model} ({data}) {method}" + (f" β={beta:g}" if beta is not None else "")
+        ax.plot(ks, [statistics.median(r.samples_per_s for r in by_k[(k,)]) for k in ks], marker="o", label=label)
+    ax.set(xlabel="K (pipeline modules = processes)", ylabel="training throughput (samples/s)",
+           title="Throughput against K (median over epochs and seeds)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if lines:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def report(paths: Iterable[Path], out: Path, metric: str = "final_test_error") -> str:
+    runs = find_runs(paths)
+    if not runs:
+        raise SystemExit(f"fdg-report: no run (a directory with result.json) under {' '.join(map(str, paths))}")
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(runs, metric)
+    (out / "report.md").write_text(text)
+    plot_error_vs_epoch(runs, out / "test_error_vs_epoch.png")
+    plot_error_vs_beta(runs, out / "test_error_vs_beta.png", metric)
+    plot_time_breakdown(runs, out / "time_breakdown.png")
+    plot_samples_vs_k(runs, out / "samples_per_s_vs_k.png")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fdg-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="where report.md and the PNGs go")
+    parser.add_argument("--metric", choices=("final_test_error", "best_test_error"), default="final_test_error")
+    args = parser.parse_args(argv)
+    print(report(args.runs, args.out, args.metric))
+    print(f"wrote {args.out / 'report.md'} and 4 plots", flush=True)
+
+
+if __name__ == "__main__":
+    main()

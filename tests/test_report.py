@@ -1,0 +1,57 @@
+"""``fdg-report`` on a real two-run sweep (β = 1 and β = 0.5, K = 2): the table equals result.json, PNGs exist."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_metrics import trained_run
+
+from fdg_dist.report import main
+
+PNGS = ["test_error_vs_epoch.png", "test_error_vs_beta.png", "time_breakdown.png", "samples_per_s_vs_k.png"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sweep dir like Hydra's multirun: numbered job dirs, each a run (trained once per session)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base / "sweep"
+    for job, beta in enumerate((1.0, 0.5)):
+        shutil.copytree(trained_run(base, beta), root / str(job), dirs_exist_ok=True)
+    return root
+
+
+def _table(text: str) -> dict[str, str]:
+    """Column header → cell of the one model row."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    header, _, (model, *cells) = rows
+    assert model == "tiny"
+    return dict(zip(header[1:], cells, strict=True))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_report_table_equals_results_and_plots_exist(sweep: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    main([str(sweep), "--out", str(out)])
+    printed = capsys.readouterr().out
+    text = (out / "report.md").read_text()
+    assert text in printed
+    want = {}
+    for job in sweep.iterdir():
+        result = json.loads((job / "result.json").read_text())
+        want[f"fdg β={result['beta']:g} K=2"] = f"{100 * result['final_test_error']:.2f}"
+    assert _table(text) == want and len(want) == 2
+    for name in PNGS:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+
+
+def test_no_runs_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no run"):
+        main([str(tmp_path)])
