@@ -1,0 +1,140 @@
+"""Hydra composition of ``conf/``: every group option and every experiment preset composes, converts to a
+``Config`` and validates, the defaults are the paper's setting, and each preset is the table row its name
+says.  Composition bugs (a typo in a YAML key, a preset that silently keeps the default model) would
+otherwise only show up when a long run starts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fdg_dist import models
+from fdg_dist.cli import config_from_hydra  # also registers the fdg_run_id / fdg_output_subdir resolvers
+from fdg_dist.config import Config, ConfigError, validate
+
+CONF = REPO / "conf"
+GROUPS = ("model", "data", "method", "optim", "sched")
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# Best β per row in the authors' README (github.com/ZHUANGHP/FDG); the wrn28_10 K=4 timing row reuses K=2's.
+PAPER_BETA = {
+    "cifar10_resnet20_k2": 0.2, "cifar10_resnet56_k2": 0.5, "cifar10_resnet56_k3": 0.2, "cifar10_resnet56_k4": 0.3,
+    "cifar10_resnet110_k2": 0.5, "cifar10_resnet18_k2": 0.8, "cifar10_wrn28_10_k2": 0.7, "cifar10_wrn28_10_k4": 0.7,
+    "cifar100_resnet56_k2": 0.8, "cifar100_resnet110_k2": 0.5, "cifar100_resnet18_k2": 0.5,
+    "cifar100_wrn28_10_k2": 0.6,
+}
+ROW = re.compile(r"(?P<data>cifar10|cifar100)_(?P<model>.+)_k(?P<k>\d+)")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    """An ImageFolder root that passes validation (train/ and val/); no images are read by ``validate``."""
+    for split in ("train", "val"):
+        (tmp_path / split / "cls").mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def hydra_conf() -> Iterator[None]:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+@pytest.fixture
+def composed(hydra_conf: None, image_root: Path) -> Callable[..., Config]:
+    """``compose`` → ``Config`` → ``validate``, as ``fdg-train`` does; imagefolder gets a valid root."""
+
+    def run(*overrides: str) -> Config:
+        raw = compose("train", overrides=list(overrides), return_hydra_config=False)
+        cfg = config_from_hydra(raw)
+        if cfg.data.name == "imagefolder" and not any(o.startswith("data.root=") for o in overrides):
+            cfg.data.root = str(image_root)
+        validate(cfg)
+        return cfg
+
+    return run
+
+
+def test_every_group_has_options() -> None:
+    for group in (*GROUPS, "experiment"):
+        assert options(group), f"conf/{group}/ is empty"
+    assert set(options("model")) == set(models.names()), "conf/model/ and the model zoo disagree"
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_group_option_composes_and_validates(composed: Callable[..., Config], group: str, option: str) -> None:
+    cfg = composed(f"{group}={option}")
+    assert getattr(cfg, group).name == option
+
+
+def test_imagefolder_needs_a_root(hydra_conf: None) -> None:
+    cfg = config_from_hydra(compose("train", overrides=["data=imagefolder", "data.root=/nonexistent"]))
+    with pytest.raises(ConfigError, match="data.root"):
+        validate(cfg)
+
+
+def test_defaults_are_the_papers_setting(composed: Callable[..., Config]) -> None:
+    cfg = composed()
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.1, 0.9, 5e-4)
+    assert not cfg.optim.nesterov
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs) == (128, 300)
+    assert (cfg.sched.name, cfg.sched.milestones, cfg.sched.gamma, cfg.sched.warmup_epochs) == (
+        "multistep", [150, 225, 275], 0.1, 0)
+    assert (cfg.model.name, cfg.data.name, cfg.method.name, cfg.method.beta) == ("resnet56", "cifar10", "fdg", 1.0)
+    assert (cfg.pipeline.k, cfg.pipeline.split, cfg.trainer.precision) == (2, "auto", "fp32")
+    assert cfg.experiment is None
+
+
+def test_the_papers_rows_have_presets() -> None:
+    assert set(PAPER_BETA) | {"quick_synthetic"} == set(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_BETA))
+def test_preset_is_its_table_row(composed: Callable[..., Config], name: str) -> None:
+    cfg = composed(f"experiment={name}")
+    row = ROW.fullmatch(name)
+    assert row is not None, f"preset name {name!r} is not <data>_<model>_k<K>"
+    assert cfg.experiment == name
+    assert (cfg.data.name, cfg.data.num_classes) == (row["data"], 100 if row["data"] == "cifar100" else 10)
+    assert (cfg.model.name, cfg.pipeline.k) == (row["model"], int(row["k"]))
+    assert (cfg.method.name, cfg.method.beta) == ("fdg", PAPER_BETA[name])
+    # A row changes only what defines it; the training recipe stays the paper's.
+    assert (cfg.optim.lr, cfg.trainer.batch_size, cfg.trainer.epochs, cfg.sched.milestones) == (
+        0.1, 128, 300, [150, 225, 275])
+
+
+def test_quick_synthetic_is_small(composed: Callable[..., Config]) -> None:
+    cfg = composed("experiment=quick_synthetic")
+    assert (cfg.experiment, cfg.model.name, cfg.data.name, cfg.trainer.epochs) == ("quick_synthetic", "tiny",
+                                                                                   "synthetic", 2)
+    assert not cfg.checkpoint.enabled
+
+
+def test_command_line_overrides_a_preset(composed: Callable[..., Config]) -> None:
+    cfg = composed("experiment=cifar10_resnet56_k2", "pipeline.k=3", "method.beta=1.0", "method=bp")
+    assert (cfg.pipeline.k, cfg.method.name, cfg.method.beta, cfg.model.name) == (3, "bp", 1.0, "resnet56")
+
+
+def test_run_dir_resolvers(hydra_conf: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the hydra node (as the app sees it) the custom resolvers give one timestamped run dir, and only
+    rank 0 under torchrun writes ``.hydra/``."""
+    for var in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    raw: DictConfig = compose("train", overrides=["experiment=quick_synthetic"], return_hydra_config=True)
+    HydraConfig().set_config(raw)
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", raw.hydra.run.dir)
+    assert raw.hydra.output_subdir == ".hydra"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    monkeypatch.setenv("RANK", "1")
+    assert raw.hydra.run.dir == "outputs/torchrun-abc"
+    assert raw.hydra.output_subdir is None
