@@ -48,9 +48,9 @@ OmegaConf.register_new_resolver("fdg_output_subdir", _output_subdir, replace=Tru
 
 
 def config_from_hydra(raw: DictConfig) -> Config:
-    container = OmegaConf.to_container(raw, resolve=True)
-    container.pop("hydra", None)
-    return Config.from_dict(container)
+    """Resolve everything but Hydra's own node (it only resolves inside a running Hydra job)."""
+    ours = OmegaConf.masked_copy(raw, [key for key in raw if key != "hydra"])
+    return Config.from_dict(OmegaConf.to_container(ours, resolve=True))
 
 
 def _free_port() -> int:

@@ -243,8 +243,10 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
              f"{cfg.logging.progress!r} is not one of auto, always, never")
     _require(cfg.data.num_classes >= 2, "data.num_classes", f"{cfg.data.num_classes!r} must be ≥ 2")
     if cfg.data.name == "imagefolder":
-        root = Path(cfg.data.root) if cfg.data.root else None
-        _require(root is not None and root.is_dir(), "data.root",
+        _require(cfg.data.root not in (None, "", "???"), "data.root",
+                 "is required for data=imagefolder: a folder with train/ and val/ (or test/), e.g. data.root=/data/cifar10")
+        root = Path(cfg.data.root)
+        _require(root.is_dir(), "data.root",
                  f"{cfg.data.root!r} is not a directory; imagefolder needs data.root with train/ and val/ (or test/)")
         _require((root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()), "data.root",
                  f"{root} must hold train/ and val/ or test/ subdirectories (one folder per class)")
