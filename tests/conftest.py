@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,8 +54,26 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict | None:
 
 
 def reference_state(cfg: Config) -> dict[str, torch.Tensor]:
-    """The single-process simulation of the same run: same seed, same batches, same epochs."""
+    """The single-process simulation of the same run: same seed, same batches, same epochs.
+
+    With ``pipeline.replicas`` R > 1 every replica is simulated: replica r is fed its shard of each global
+    batch (so BatchNorm normalises per shard, as on the ranks), and the R simulations run in lock step on R
+    threads that replace each module's gradients by their mean over the replicas before every step (the
+    replica group's all-reduce).  Replica 0's state is returned: the others differ only in BatchNorm running
+    statistics, which never reach a weight and which evaluation overwrites with replica 0's.
+    """
     torch.set_num_threads(1)
+    R = cfg.pipeline.replicas
+    mean = GradientMean(R) if R > 1 else None
+    runs = [_reference_run(cfg, r, mean) for r in range(R)]  # built in turn: building reseeds the global RNG
+    if R == 1:
+        return runs[0]()
+    with ThreadPoolExecutor(R) as pool:
+        return [f.result() for f in [pool.submit(run) for run in runs]][0]
+
+
+def _reference_run(cfg: Config, replica: int, mean: GradientMean | None) -> Callable[[], dict[str, torch.Tensor]]:
+    """Replica ``replica``'s simulation, built now; calling the result trains it and returns its state."""
     K = cfg.pipeline.k
     built = [build_module(cfg, K, k) for k in range(K)]
     modules, aux = [b.module for b in built], [b.aux_head for b in built]
@@ -55,25 +81,55 @@ def reference_state(cfg: Config) -> dict[str, torch.Tensor]:
                   for m, a in zip(modules, aux, strict=True)]
     schedulers = [build_scheduler(cfg.sched, o, cfg.trainer.epochs) for o in optimizers]
     sim = Simulation(modules, optimizers, method=cfg.method.name, beta=cfg.method.beta, stash=cfg.method.stash,
-                     accum_steps=cfg.method.accum_steps, aux_heads=aux)
+                     accum_steps=cfg.method.accum_steps, aux_heads=aux,
+                     grad_sync=None if mean is None else functools.partial(mean, replica))
     train_set, _ = data.load(cfg.data, cfg.trainer.seed)
     loader = data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
-                          seed=cfg.trainer.seed)
-    steps = 0
-    for epoch in range(cfg.trainer.epochs):
-        budget = loader.num_batches() if cfg.trainer.max_steps is None else min(
-            loader.num_batches(), cfg.trainer.max_steps - steps)
-        if budget <= 0:
-            break
-        batches = [b for _, b in zip(range(budget), loader.epoch(epoch))]
-        sim.epoch(batches)
-        steps += budget
-        for s in schedulers:
-            s.step()
-    state: dict[str, torch.Tensor] = {}
-    for m in modules:
-        state.update(copy.deepcopy(m.state_dict()))
-    return state
+                          seed=cfg.trainer.seed, shard=(replica, cfg.pipeline.replicas))
+
+    def train() -> dict[str, torch.Tensor]:
+        steps = 0
+        for epoch in range(cfg.trainer.epochs):
+            budget = loader.num_batches() if cfg.trainer.max_steps is None else min(
+                loader.num_batches(), cfg.trainer.max_steps - steps)
+            if budget <= 0:
+                break
+            batches = [b for _, b in zip(range(budget), loader.epoch(epoch))]
+            sim.epoch(batches)
+            steps += budget
+            for s in schedulers:
+                s.step()
+        state: dict[str, torch.Tensor] = {}
+        for m in modules:
+            state.update(copy.deepcopy(m.state_dict()))
+        return state
+
+    return train
+
+
+class GradientMean:
+    """Lock-step gradient averaging of R replica simulations on R threads.
+
+    Each replica's step of module k waits for every replica's step of module k; then every replica takes
+    (g_0 + g_1 + ... + g_{R-1}) / R.  For R = 2 that is bitwise what ``allreduce_mean`` gets from gloo (a
+    sum of two does not depend on the order; for R > 2 the all-reduce may add in another order).
+    """
+
+    def __init__(self, replicas: int) -> None:
+        self.R = replicas
+        self.barrier = threading.Barrier(replicas, timeout=120)
+        self.posted: dict[int, tuple[int, list[torch.Tensor]]] = {}
+
+    def __call__(self, replica: int, module: int, grads: list[torch.Tensor]) -> None:
+        self.posted[replica] = (module, grads)
+        self.barrier.wait()  # every replica has posted
+        modules = {m for m, _ in self.posted.values()}
+        assert modules == {module}, f"replicas step different modules {modules}: their schedules diverged"
+        columns = zip(*(self.posted[r][1] for r in range(self.R)), strict=True)
+        mean = [functools.reduce(torch.add, column) / self.R for column in columns]
+        self.barrier.wait()  # nobody reads the posted gradients any more
+        for g, m in zip(grads, mean, strict=True):
+            g.copy_(m)
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, exact: bool = True) -> None:
@@ -88,3 +144,29 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The run's exported unsplit model (``final_model.pt``)."""
+    return torch.load(run_dir / "final_model.pt", weights_only=True)
+
+
+def train_spans(run_dir: Path, rank: int) -> list[dict]:
+    """Rank's forward/backward/step spans of training (``logging.trace=true``), in execution order."""
+    spans = json.loads((run_dir / "trace" / f"rank{rank}.json").read_text())["traceEvents"]
+    return [s for s in spans if s.get("cat") in ("forward", "backward", "step") and s["args"]["phase"] == "train"]
+
+
+TINY_RUN = ["model=tiny", "data=synthetic", "data.train_size=64", "data.test_size=32", "trainer.batch_size=16",
+            "trainer.epochs=1", "checkpoint.enabled=false", "logging.tensorboard=false", "logging.progress=never",
+            "dist.timeout_s=60", "trainer.threads=1"]
+
+
+def run_cli(cwd: Path, *overrides: str, multirun: bool = False, timeout: float = 220) -> subprocess.CompletedProcess:
+    """``python -m fdg_dist.train [-m] TINY_RUN OVERRIDES`` (later overrides win) in a subprocess; fails on a
+    non-zero exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    cmd = [sys.executable, "-m", "fdg_dist.train", *(["-m"] if multirun else []), *TINY_RUN, *overrides]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

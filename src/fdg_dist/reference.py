@@ -8,7 +8,7 @@ taken at forward time, and messages are dictionary entries that become visible a
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ class Simulation:
 
     def __init__(self, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer], *,
                  method: str = "fdg", beta: float = 1.0, stash: str = "weights", accum_steps: int = 1,
-                 aux_heads: Sequence[nn.Module | None] | None = None) -> None:
+                 aux_heads: Sequence[nn.Module | None] | None = None,
+                 grad_sync: Callable[[int, list[torch.Tensor]], None] | None = None) -> None:
         self.modules = list(modules)
         self.optimizers = list(optimizers)
         self.K = len(self.modules)
@@ -30,6 +31,7 @@ class Simulation:
         self.stash_mode = "recompute" if method == "fr" else stash
         self.M = accum_steps
         self.aux_heads = list(aux_heads) if aux_heads is not None else [None] * self.K
+        self.grad_sync = grad_sync  # replicas: (module, its gradients) -> average them in place, as Stage.step
         self.loss = nn.CrossEntropyLoss()
         self.backwards = [0] * self.K
         self.step_log: list[tuple[int, int, int]] = []  # (module, tick, last batch applied)
@@ -79,6 +81,9 @@ class Simulation:
     def _maybe_step(self, k: int, tick: int, batch: int, n_batches: int) -> None:
         self.backwards[k] += 1
         if self.backwards[k] % self.M == 0 or batch == n_batches - 1:
+            if self.grad_sync is not None:
+                self.grad_sync(k, [p.grad for g in self.optimizers[k].param_groups for p in g["params"]
+                                   if p.grad is not None])
             self.optimizers[k].step()
             self.optimizers[k].zero_grad(set_to_none=True)
             self.step_log.append((k, tick, batch))

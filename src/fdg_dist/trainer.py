@@ -130,6 +130,8 @@ class Trainer:
     def _train_sizes(self) -> list[int]:
         per_replica = self.cfg.trainer.batch_size // self.ctx.R
         full = data.batch_sizes(self.n_train, self.cfg.trainer.batch_size)
+        if full and full[-1] < self.ctx.R:  # a last batch smaller than R leaves a replica no sample (NaN loss): drop it
+            full = full[:-1]
         return [data.shard_size(n, per_replica, self.ctx.replica, self.ctx.R) for n in full]
 
     # -------------------------------------------------------------------- loop

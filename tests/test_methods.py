@@ -1,0 +1,206 @@
+"""The paper's comparison in one engine (issue 4): bp, ddg, fr, dgl, adl and dp beside fdg.
+
+test_engine already shows every pipelined method equal to its reference simulation; here each method
+is pinned to what it claims to be: bp and dp to plain single-process training of the unsplit model,
+ddg/fr/adl/dgl to their delays and update rhythm read from the per-rank trace, dgl to locality.
+Multi-process runs use the tiny model and synthetic data (6 batches an epoch), one thread per process,
+so every comparison below is bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    assert_same_weights,
+    final_state,
+    reference_state,
+    run_cli,
+    run_pipeline,
+    small_config,
+    train_spans,
+)
+
+from fdg_dist import data, models
+from fdg_dist.config import Config
+from fdg_dist.optim import build_optimizer, build_scheduler
+from fdg_dist.trainer import build_module, seed_everything
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
+
+
+def _traced(**overrides: object) -> Config:
+    """3 epochs capped at 16 steps (the last epoch is cut short and drains), traced."""
+    return small_config(**{"trainer.epochs": 3, "trainer.max_steps": 16, "logging.trace": True, **overrides})
+
+
+def _epoch_batches(cfg: Config) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each epoch's global batches as the run draws them, honouring trainer.max_steps."""
+    train_set, _ = data.load(cfg.data, cfg.trainer.seed)
+    loader = data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
+                          seed=cfg.trainer.seed)
+    steps = 0
+    for epoch in range(cfg.trainer.epochs):
+        budget = loader.num_batches() if cfg.trainer.max_steps is None else cfg.trainer.max_steps - steps
+        batches = [b for _, b in zip(range(budget), loader.epoch(epoch))]
+        steps += len(batches)
+        yield batches
+
+
+def data_parallel_reference(cfg: Config, replicas: int) -> dict[str, torch.Tensor]:
+    """Single-process training of the unsplit model with DDP's semantics; ``replicas=1`` is plain BP.
+
+    Each global batch is cut into ``replicas`` contiguous shards (``data.shard_bounds``); each shard
+    runs forward/backward on the same weights with its own BatchNorm batch statistics, the gradients
+    are summed (autograd accumulation, shard 0 first) and divided by R — bitwise the all-reduce mean
+    for R = 2 — and one step is taken.  BatchNorm running statistics: every replica keeps its own while
+    training and ``Trainer.evaluate`` broadcasts replica 0's before evaluating; the exported model is
+    replica 0's, so the reference keeps shard 0's statistics and discards those of the other shards
+    (running statistics never influence a training-mode forward, hence no weight).
+    """
+    torch.set_num_threads(1)
+    seed_everything(cfg.trainer.seed)
+    model = models.build(cfg.model.name, cfg.data.num_classes)
+    opt = build_optimizer(cfg.optim, model.parameters())
+    sched = build_scheduler(cfg.sched, opt, cfg.trainer.epochs)
+    model.train()
+    for batches in _epoch_batches(cfg):
+        for x, y in batches:
+            if len(y) < replicas:
+                continue  # the Trainer drops a last batch that would leave a replica without samples
+            for r in range(replicas):
+                lo, hi = data.shard_bounds(len(y), r, replicas)
+                F.cross_entropy(model(x[lo:hi]), y[lo:hi]).backward()
+                if r == 0:
+                    replica0 = [b.clone() for b in model.buffers()]
+            for b, kept in zip(model.buffers(), replica0, strict=True):
+                b.copy_(kept)
+            if replicas > 1:
+                for p in model.parameters():
+                    p.grad /= replicas
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sched.step()
+    return model.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------ bp
+@pytest.mark.parametrize("K", [2, 3])
+def test_bp_equals_single_process_backpropagation(K: int, run_dir: Path) -> None:
+    """Synchronous model parallel is back-propagation: one optimizer over the whole model and K per-module
+    optimizers give the same elementwise SGD update, so 12 steps over 2 epochs (LR drop between) agree bitwise."""
+    cfg = small_config(**{"method.name": "bp", "pipeline.k": K})
+    run_pipeline(cfg, run_dir)
+    assert_same_weights(final_state(run_dir), data_parallel_reference(cfg, replicas=1))
+
+
+# ------------------------------------------------------------------------------------------ ddg / fr
+def _ticks(run_dir: Path, rank: int, kind: str) -> dict[tuple[int, int], int]:
+    """(epoch, batch) -> tick of rank's spans of ``kind``; a STEP's batch is the last gradient it applied."""
+    return {(s["args"]["epoch"], s["args"]["batch"]): s["args"]["tick"] for s in train_spans(run_dir, rank)
+            if s["cat"] == kind}
+
+
+def test_ddg_and_fr_delay_is_k_minus_1_minus_k_and_fr_replays_with_current_weights(tmp_path: Path) -> None:
+    """Module k steps on batch b at tick b + K-1-k (forward locked at tick b), for ddg and fr alike.  fr is
+    exactly ddg with each stashed forward replaced by a replay with the current weights: the fr run equals
+    the oracle of ddg with method.stash=recompute, and differs from the ddg run."""
+    K = 3
+    finals = {}
+    for method in ("ddg", "fr"):
+        cfg = _traced(**{"method.name": method, "pipeline.k": K})
+        run_pipeline(cfg, tmp_path / method)
+        finals[method] = final_state(tmp_path / method)
+        for k in range(K):
+            forwards, steps = _ticks(tmp_path / method, k, "forward"), _ticks(tmp_path / method, k, "step")
+            assert len(steps) == 16 and steps.keys() == forwards.keys()
+            assert {steps[b] - forwards[b] for b in steps} == {K - 1 - k}, f"{method} module {k}"
+            assert all(f == b for (_, b), f in forwards.items()), "forward is locked: batch b at tick b"
+    assert_same_weights(finals["fr"], reference_state(_traced(**{"method.name": "ddg", "method.stash": "recompute",
+                                                                 "pipeline.k": K})))
+    assert any(not torch.equal(finals["fr"][n], finals["ddg"][n]) for n in finals["ddg"]), "fr == ddg"
+
+
+# ----------------------------------------------------------------------------------------------- dgl
+def test_dgl_is_local_and_exports_no_auxiliary_head(run_dir: Path) -> None:
+    """No backward span anywhere and every step right after its own forward (the loss is local); module
+    0 equals module 0 trained alone with its auxiliary head — any gradient leaking from module 1 would
+    change it; final_model.pt has exactly the unsplit model's keys."""
+    K = 3
+    cfg = _traced(**{"method.name": "dgl", "pipeline.k": K})
+    run_pipeline(cfg, run_dir)
+    for k in range(K):
+        assert not _ticks(run_dir, k, "backward"), f"module {k} back-propagated a received gradient"
+        assert _ticks(run_dir, k, "step") == _ticks(run_dir, k, "forward")
+
+    torch.set_num_threads(1)
+    alone = build_module(cfg, K, 0)
+    opt = build_optimizer(cfg.optim, [*alone.module.parameters(), *alone.aux_head.parameters()])
+    sched = build_scheduler(cfg.sched, opt, cfg.trainer.epochs)
+    for batches in _epoch_batches(cfg):
+        for x, y in batches:
+            F.cross_entropy(alone.aux_head(alone.module(x)), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sched.step()
+    final = final_state(run_dir)
+    assert_same_weights({n: final[n] for n in alone.module.state_dict()}, alone.module.state_dict())
+    assert list(final) == list(models.build(cfg.model.name, cfg.data.num_classes).state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ dp
+def test_dp_equals_full_batch_training_with_per_replica_batchnorm(run_dir: Path) -> None:
+    """method=dp pipeline.k=2: two replicas of the whole model, 8 of every 16 samples each, mean gradient.
+    Bitwise equal to data_parallel_reference (stated there: BN batch statistics per half batch, replica
+    0's running statistics), 12 steps.  97 samples: each epoch's 1-sample tail would leave replica 1
+    empty (NaN loss) and is dropped."""
+    cfg = small_config(**{"method.name": "dp", "pipeline.k": 2, "data.train_size": 97})
+    result = run_pipeline(cfg, run_dir)
+    assert result is not None and result["method"] == "dp"
+    assert_same_weights(final_state(run_dir), data_parallel_reference(cfg, replicas=2))
+
+
+# ----------------------------------------------------------------------------------------------- adl
+def test_adl_with_one_accumulation_step_is_fdg(run_dir: Path) -> None:
+    """Compared with fdg's oracle, which test_engine shows equal to the fdg run bit for bit."""
+    run_pipeline(_traced(**{"method.name": "adl", "method.accum_steps": 1, "pipeline.k": 3}), run_dir)
+    assert_same_weights(final_state(run_dir), reference_state(_traced(**{"method.name": "fdg", "pipeline.k": 3})))
+
+
+def test_adl_steps_once_every_m_ticks(run_dir: Path) -> None:
+    """M = 3, K = 2, epochs of 6, 6 and 4 batches: module k's steps apply batches [0,1,2] and [3,4,5]
+    three ticks apart, at the tick of the last one's backward (b + 2(K-1) - k); the cut epoch drains
+    with a short step [3] one tick after [0,1,2]; the run equals its reference simulation."""
+    K, M = 2, 3
+    cfg = _traced(**{"method.name": "adl", "method.accum_steps": M, "pipeline.k": K})
+    run_pipeline(cfg, run_dir)
+    want_batches = [[0, 1, 2], [3, 4, 5]] * 2 + [[0, 1, 2], [3]]
+    for k in range(K):
+        steps = [s["args"] for s in train_spans(run_dir, k) if s["cat"] == "step"]
+        assert [a["applied_batches"] for a in steps] == want_batches
+        assert [a["tick"] for a in steps] == [a["batch"] + 2 * (K - 1) - k for a in steps]
+        ticks: dict[int, list[int]] = {}
+        for a in steps:
+            ticks.setdefault(a["epoch"], []).append(a["tick"])
+        assert [t[1] - t[0] for t in ticks.values()] == [M, M, 1]
+    assert_same_weights(final_state(run_dir), reference_state(cfg))
+
+
+# ---------------------------------------------------------------------------------------- multirun
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_hydra_multirun_over_every_pipelined_method(tmp_path: Path) -> None:
+    """One fdg-train -m sweep, six jobs, each with its own K=2 worker processes and run directory."""
+    methods = ["bp", "fdg", "ddg", "fr", "dgl", "adl"]
+    sweep = tmp_path / "sweep"
+    run_cli(tmp_path, f"method={','.join(methods)}", "pipeline.k=2", f"hydra.sweep.dir={sweep}", multirun=True)
+    for job, method in enumerate(methods):
+        result = json.loads((sweep / str(job) / "result.json").read_text())
+        assert (result["method"], result["k"]) == (method, 2)
+        log = (sweep / str(job) / "train.log").read_text()
+        assert "rank 0/2: module 0 of 2" in log and "rank 1/2: module 1 of 2" in log
