@@ -7,25 +7,22 @@ bit for bit: with one thread per process the arithmetic is the same as in the re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_weights, reference_state, run_pipeline, small_config
+from conftest import (
+    assert_same_weights,
+    final_state,
+    reference_state,
+    run_pipeline,
+    small_config,
+    train_spans,
+)
 
 from fdg_dist.models import build
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
-
-
-def _final(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "final_model.pt", weights_only=True)
-
-
-def _trace(run_dir: Path, rank: int) -> list[dict]:
-    spans = json.loads((run_dir / "trace" / f"rank{rank}.json").read_text())["traceEvents"]
-    return [s for s in spans if s.get("cat") in ("forward", "backward", "step") and s["args"]["phase"] == "train"]
 
 
 def _config(**kw: object):
@@ -37,11 +34,11 @@ def _config(**kw: object):
 def test_fdg_pipeline_equals_reference_bitwise(K: int, run_dir: Path) -> None:
     cfg = _config(**{"pipeline.k": K, "method.beta": 0.7 if K == 3 else 1.0})
     result = run_pipeline(cfg, run_dir)
-    assert_same_weights(_final(run_dir), reference_state(cfg))
+    assert_same_weights(final_state(run_dir), reference_state(cfg))
     assert result is not None and result["k"] == K
     # instrumentation: module k applies batch b's gradient at tick b + 2(K-1) - k and holds ≤ 2(K-1-k)
     for k in range(K):
-        spans = _trace(run_dir, k)
+        spans = train_spans(run_dir, k)
         steps = [s["args"] for s in spans if s["cat"] == "step"]
         assert [(a["batch"], a["tick"]) for a in steps if a["epoch"] == 0] == [(b, b + 2 * (K - 1) - k) for b in range(6)]
         assert all(a["applied_batches"] == [a["batch"]] for a in steps)
@@ -73,7 +70,7 @@ def test_k1_is_plain_backpropagation_bit_for_bit(run_dir: Path) -> None:
             opt.zero_grad(set_to_none=True)
             steps += 1
         sched.step()
-    assert_same_weights(_final(run_dir), model.state_dict())
+    assert_same_weights(final_state(run_dir), model.state_dict())
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -86,7 +83,7 @@ def test_other_methods_equal_their_reference(method: str, extra: dict, run_dir: 
     """(fdg with recompute is covered by the stash test below.)"""
     cfg = _config(**{"pipeline.k": 3, "method.name": method, **extra})
     run_pipeline(cfg, run_dir)
-    assert_same_weights(_final(run_dir), reference_state(cfg))
+    assert_same_weights(final_state(run_dir), reference_state(cfg))
 
 
 def test_shrink_is_exact_on_the_first_applied_step(tmp_path: Path) -> None:
@@ -101,7 +98,7 @@ def test_shrink_is_exact_on_the_first_applied_step(tmp_path: Path) -> None:
 
     for k in range(K):
         init.update(build_module(small_config(**base), K, k).module.state_dict())
-    full, shrunk = _final(tmp_path / "1.0"), _final(tmp_path / str(beta))
+    full, shrunk = final_state(tmp_path / "1.0"), final_state(tmp_path / str(beta))
     bounds = build_module(small_config(**base), K, 0).bounds
     for name, w0 in init.items():
         if not w0.is_floating_point() or "running" in name:
@@ -116,6 +113,6 @@ def test_stash_uses_forward_time_weights_and_recompute_uses_current(tmp_path: Pa
     for mode in ("weights", "recompute"):
         cfg = _config(**{"pipeline.k": 2, "method.stash": mode})
         run_pipeline(cfg, tmp_path / mode)
-        results[mode] = _final(tmp_path / mode)
+        results[mode] = final_state(tmp_path / mode)
         assert_same_weights(results[mode], reference_state(cfg))
     assert any(not torch.equal(results["weights"][n], results["recompute"][n]) for n in results["weights"])
