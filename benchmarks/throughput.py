@@ -3,10 +3,13 @@
     python benchmarks/throughput.py --model resnet20 --k 2 --batch-size 128 --json PATH
 
 Variants (``--methods``): ``bp_single_1thread`` / ``bp_single_allthreads`` (plain back-propagation of the
-unsplit model in one process with 1 or K intra-op threads), ``fdg``, ``ddg``, ``bp`` (synchronous model
+unsplit model in one process with 1 or K intra-op threads), ``fdg``, ``fdg_recompute`` (FDG with
+``method.stash=recompute``: its peak memory beside ``fdg``'s), ``ddg``, ``bp`` (synchronous model
 parallel), ``dp`` (K data-parallel replicas) on our engine with one thread per rank, and ``gpipe`` /
-``1f1b`` (``torch.distributed.pipelining`` on the same K-way split, one thread per rank, the best of
-``--micro-batches``).  Every variant runs in its own fresh process (and process group) under a
+``1f1b`` (``torch.distributed.pipelining``, one thread per rank, the best of ``--micro-batches``).
+Every pipelined variant uses the same K-way split, chosen once up front by ``--split``: ``time``
+balances per-block forward + backward times measured here with one thread (``pipeline.cost=time``),
+``flops`` balances counted FLOPs (the engine's default).  Every variant runs in its own fresh process (and process group) under a
 timeout, so thread settings and failures never leak from one variant into the next.
 
 samples/s is the median over the epochs after ``--warmup`` (each epoch one timed window of the same
@@ -34,11 +37,11 @@ from typing import Any
 import _workers
 import torch
 
-from fdg_dist import models
+from fdg_dist import models, partition
 from fdg_dist.config import Config, ConfigError, validate
 
 SINGLE = ("bp_single_1thread", "bp_single_allthreads")
-ENGINE = ("fdg", "ddg", "bp", "dp")
+ENGINE = ("fdg", "fdg_recompute", "ddg", "bp", "dp")
 PIPELINING = ("gpipe", "1f1b")
 VARIANTS = SINGLE + ENGINE + PIPELINING
 BASELINE = "bp_single_1thread"
@@ -58,8 +61,11 @@ def engine_config(spec: Spec) -> Config:
     cfg = Config()
     cfg.model.name = spec["model"]
     cfg.data = _workers.data_config(spec)
-    cfg.method.name = spec["method"]
+    cfg.method.name, _, recompute = spec["method"].partition("_")
+    cfg.method.stash = recompute or "weights"
     cfg.pipeline.k = spec["k"]
+    if cfg.method.name != "dp":
+        cfg.pipeline.split = spec["bounds"][1:-1]
     t = cfg.trainer
     t.epochs, t.batch_size, t.eval_batch_size, t.threads, t.seed = (
         spec["epochs"], spec["batch_size"], spec["batch_size"], 1, spec["seed"])
@@ -210,12 +216,26 @@ def table(results: dict[str, Spec], config: Spec, machine: Spec) -> str:
     start, end = config["loadavg_start"], config["loadavg_end"]
     rows += ["", f"{config['model']}, batch {config['batch_size']}, K={k}, {config['train_size']} synthetic images "
              f"({config['train_size'] // config['batch_size']} batches) per epoch, {config['epochs']} epochs of which "
-             f"{config['warmup']} warm-up; samples/s = median over the other epochs. busy: engine = compute spans / "
+             f"{config['warmup']} warm-up; samples/s = median over the other epochs. Split {config['bounds']} "
+             f"balancing {'measured time' if config['split'] == 'time' else 'FLOPs'} (slowest / mean module "
+             f"{config['balance_ratio']:.3f}). busy: engine = compute spans / "
              "train time (trace), torch pipelining = CPU time / wall time.",
              f"Load average (1/5/15 min): {start[0]:.2f} / {start[1]:.2f} / {start[2]:.2f} at start, "
              f"{end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f} at end, on {machine['cpu_count']} cores ({machine['cpu']}), "
              f"torch {machine['torch']}."]
     return "\n".join(rows)
+
+
+def choose_bounds(common: Spec, cost: str) -> tuple[list[int], list[float]]:
+    """The split every pipelined variant uses, and the per-block costs it balances."""
+    blocks = models.build_blocks(common["model"], common["num_classes"])
+    torch.set_num_threads(1)
+    if cost == "time":
+        shape = (common["batch_size"], 3, common["image_size"], common["image_size"])
+        costs = partition.measured_block_costs(blocks, shape, torch.device("cpu"))
+    else:
+        costs = partition.block_costs(blocks, (1, 3, common["image_size"], common["image_size"]))
+    return partition.split_points(costs, common["k"], "auto"), costs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -230,6 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"variants to run (default all: {' '.join(VARIANTS)})")
     p.add_argument("--micro-batches", nargs="+", type=int, default=[2, 4, 8],
                    help="micro-batch counts tried for gpipe/1f1b; the best is reported (default 2 4 8)")
+    p.add_argument("--split", choices=("time", "flops"), default="time",
+                   help="what the K-way split balances: measured block times (default) or counted FLOPs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per variant run (default 900)")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -258,18 +280,21 @@ def main(argv: list[str] | None = None) -> None:
     common = {"model": args.model, "k": args.k, "batch_size": args.batch_size, "epochs": args.epochs,
               "warmup": args.warmup, "train_size": args.train_size, "image_size": IMAGE_SIZE,
               "num_classes": NUM_CLASSES, "seed": args.seed, "timeout_s": min(args.timeout, 300.0)}
+    common["bounds"], costs = choose_bounds(common, args.split)
     try:
         validate(engine_config({**common, "method": "fdg"}))
     except ConfigError as e:
         sys.exit(f"throughput.py: invalid setting: {e}")
     methods = [v for v in VARIANTS if v in args.methods]
-    config = {**common, "methods": methods, "micro_batches": args.micro_batches, "timeout_per_run_s": args.timeout,
+    config = {**common, "split": args.split, "block_costs": costs, "balance_ratio": partition.balance_ratio(costs, common["bounds"]),
+              "methods": methods, "micro_batches": args.micro_batches, "timeout_per_run_s": args.timeout,
               "optimizer": "sgd lr=0.1 momentum=0.9 weight_decay=5e-4", "data": "synthetic, augmented",
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "loadavg_start": list(os.getloadavg()),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     machine = machine_info()
     print(f"throughput: {args.model}, batch {args.batch_size}, K={args.k}, {args.epochs} epochs × "
-          f"{args.train_size // args.batch_size} batches; load average {config['loadavg_start'][0]:.2f}",
+          f"{args.train_size // args.batch_size} batches; split {common['bounds']} by {args.split} "
+          f"(balance {config['balance_ratio']:.3f}); load average {config['loadavg_start'][0]:.2f}",
           file=sys.stderr, flush=True)
     results: dict[str, Spec] = {}
     with tempfile.TemporaryDirectory(prefix="fdg_throughput_") as tmp:

@@ -247,3 +247,25 @@ def test_run_refuses_a_foreign_checkpoint_on_every_rank(copy: Path, tmp_path: Pa
     log = (tmp_path / "other" / "train.log").read_text()
     assert log.count("CheckpointError") == 2, log  # both ranks, same decision
     assert "pipeline.k: checkpoint 3, this run 2" in log
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_resume_compares_the_split_itself_not_how_it_was_chosen(k3_run: Path, copy: Path, tmp_path: Path) -> None:
+    """The same bounds written by hand resume the automatic run bit for bit; other bounds are refused
+    on every rank with the split to use."""
+    bounds = json.loads((copy / "split.json").read_text())["bounds"]
+    cfg = _config(**{"pipeline.k": K, "pipeline.split": bounds[1:-1]})
+    cfg.resume = str(copy / "checkpoints" / "epoch0001")
+    run_pipeline(cfg, tmp_path / "hand")
+    want, got = _final(k3_run), _final(tmp_path / "hand")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+    moved = [bounds[1] + 1, bounds[2] + 1]
+    cfg = _config(**{"pipeline.k": K, "pipeline.split": moved})
+    cfg.resume = str(copy)
+    with pytest.raises(ChildFailedError):
+        run_pipeline(cfg, tmp_path / "moved")
+    log = (tmp_path / "moved" / "train.log").read_text()
+    assert log.count(f"holds the model split at blocks {bounds}, this run splits at {[0, *moved, 7]}") == K, log
+    assert f"resume with pipeline.split={bounds[1:-1]}" in log

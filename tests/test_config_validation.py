@@ -46,6 +46,7 @@ BAD = [
     ("split-zero", _set(**{"pipeline.k": 2, "pipeline.split": [0]}), None, "pipeline.split"),
     ("split-length", _set(**{"pipeline.k": 3, "pipeline.split": [2]}), None, "pipeline.split"),
     ("split-not-a-list", _set(**{"pipeline.k": 2, "pipeline.split": "half"}), None, "pipeline.split"),
+    ("cost-unknown", _set(**{"pipeline.cost": "params"}), None, "pipeline.cost"),
     ("imagefolder-root", _set(**{"data.name": "imagefolder", "data.root": "/nonexistent/imagenet"}), None, "data.root"),
     ("batch=0", _set(**{"trainer.batch_size": 0}), None, "trainer.batch_size"),
     ("batch%replicas", _set(**{"pipeline.replicas": 3}), 6, "trainer.batch_size"),  # 16 over 3 replicas

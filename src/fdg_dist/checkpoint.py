@@ -43,10 +43,11 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 _EPOCH_DIR = re.compile(r"epoch(\d{4,})")
 # What a checkpoint's numbers depend on.  Where and how data is read (root, workers, cache) does not
-# change them, nor do the epoch count, logging or the launcher settings.
+# change them, nor do the epoch count, logging or the launcher settings.  How the split was chosen
+# does not matter either: every rank checkpoint records its block bounds, which are compared exactly.
 _FINGERPRINT_SECTIONS = ("model", "data", "method", "optim", "sched", "pipeline")
 _FINGERPRINT_KEYS = ("trainer.batch_size", "trainer.seed", "trainer.precision")
-_NEUTRAL_KEYS = ("data.root", "data.download", "data.num_workers", "data.cache")
+_NEUTRAL_KEYS = ("data.root", "data.download", "data.num_workers", "data.cache", "pipeline.split", "pipeline.cost")
 
 
 class CheckpointError(RuntimeError):
@@ -62,11 +63,12 @@ def atomic_save(obj: Any, path: Path) -> str:
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
-    _atomic_write(data, path)
+    atomic_write(data, path)
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(data: bytes, path: Path) -> None:
+def atomic_write(data: bytes, path: Path) -> None:
+    """Temporary file, fsync, rename, fsync the directory: the old content or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -162,6 +164,7 @@ def _rank_state(trainer: Trainer, epoch: int, chash: str) -> dict[str, Any]:
         "next_epoch": trainer.start_epoch,
         "global_step": trainer.global_step,
         "stage_steps": stage.steps,
+        "bounds": trainer.bounds,
         "config_hash": chash,
         "model": stage.module.state_dict(),
         "aux_head": stage.aux_head.state_dict() if stage.aux_head is not None else None,
@@ -213,7 +216,7 @@ def _commit(reports: list[Any], directory: Path, epoch: int, trainer: Trainer, f
         "files": {name: {"sha256": digest, "bytes": size} for name, digest, size, _ in reports},
     }
     try:
-        _atomic_write((json.dumps(manifest, indent=1) + "\n").encode(), directory / MANIFEST)
+        atomic_write((json.dumps(manifest, indent=1) + "\n").encode(), directory / MANIFEST)
     except OSError as e:
         return f"checkpoint of epoch {epoch} not committed: cannot write {directory / MANIFEST}: {e}{intact}"
     log.info("checkpoint %s written (%d files)", directory, len(reports))
@@ -337,6 +340,9 @@ def _load(trainer: Trainer, directory: Path) -> None:
         raise CheckpointError(f"{path} cannot be loaded: {type(e).__name__}: {e}") from e
     if state.get("config_hash") != config_hash(fingerprint(trainer.cfg)) or state.get("module") != trainer.k:
         raise CheckpointError(f"{path} belongs to another configuration or module than module {trainer.k} of this run")
+    if state["bounds"] != trainer.bounds:
+        raise CheckpointError(f"{path} holds the model split at blocks {state['bounds']}, this run splits at "
+                              f"{trainer.bounds}; resume with pipeline.split={state['bounds'][1:-1]}")
     stage = trainer.stage
     stage.module.load_state_dict(state["model"])
     if stage.aux_head is not None:
@@ -356,7 +362,7 @@ def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < start_epoch]
     if kept != lines:
-        _atomic_write("".join(kept).encode(), path)
+        atomic_write("".join(kept).encode(), path)
     return [json.loads(line) for line in kept]
 
 

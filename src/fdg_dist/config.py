@@ -74,6 +74,7 @@ class SchedConfig:
 class PipelineConfig:
     k: int = 2
     split: Any = "auto"  # "auto" or a list of K-1 block indices where modules 1..K-1 start
+    cost: str = "flops"  # what "auto" balances: counted FLOPs (reproducible) or measured "time" (faster)
     replicas: int = 1
 
 
@@ -205,6 +206,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     stages = 1 if m.name == "dp" else p.k
     _require(stages <= num_blocks, "pipeline.k",
              f"K={p.k} modules but model {cfg.model.name!r} has only {num_blocks} blocks; use pipeline.k ≤ {num_blocks}")
+    _require(p.cost in ("flops", "time"), "pipeline.cost",
+             f"{p.cost!r} is not one of flops (counted, the same on every machine), time (measured at start)")
     if p.split != "auto":
         split = list(p.split) if isinstance(p.split, (list, tuple)) else None
         _require(split is not None and all(isinstance(i, int) for i in split), "pipeline.split",

@@ -6,9 +6,12 @@ Shapes and FLOPs are computed on the meta device so even wrn28_10 costs no real 
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import pairwise
 
 import torch
@@ -65,6 +68,46 @@ def block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> list
     return [
         float(f) if f > 0 else float(max(math.prod(s), 1)) for f, s in zip(flops, shapes[1:], strict=True)
     ]
+
+
+def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
+                         *, precision: str = "fp32", repeats: int = 5, warmup: int = 2) -> list[float]:
+    """Per-block seconds of one training forward + backward at ``input_shape``: median of ``repeats``
+    whole-model rounds after ``warmup`` rounds.
+
+    Counted FLOPs miss what makes real stages unequal (memory-bound BatchNorm/ReLU on large early
+    activations, kernel efficiency per layer shape), so this times the real thing.  Every round runs
+    all blocks forward then backward, as training does, so no block pays more than its share of
+    warm-up or cache misses.  It works on a copy: the model's weights, statistics and gradients stay
+    untouched.
+    """
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    probes = [copy.deepcopy(b).to(device).train() for b in blocks]
+    rounds: list[list[float]] = []
+    for _ in range(warmup + repeats):
+        x, inputs, outputs, seconds = torch.randn(tuple(input_shape), device=device), [], [], []
+        for i, probe in enumerate(probes):
+            x = x.detach().requires_grad_(i > 0)
+            sync()
+            tic = time.perf_counter()
+            with autocast:
+                out = probe(x)
+            sync()
+            seconds.append(time.perf_counter() - tic)
+            inputs.append(x)
+            outputs.append(out)
+            x = out
+        grad = torch.ones_like(outputs[-1])
+        for i in reversed(range(len(probes))):
+            sync()
+            tic = time.perf_counter()
+            outputs[i].backward(grad)
+            sync()
+            seconds[i] += time.perf_counter() - tic
+            grad = inputs[i].grad
+        rounds.append(seconds)
+    return [statistics.median(r[i] for r in rounds[warmup:]) for i in range(len(probes))]
 
 
 def _module_costs(costs: Sequence[float], bounds: Sequence[int]) -> list[float]:
@@ -137,9 +180,11 @@ def describe(
     batch_size: int,
     stash_depths: Sequence[int],
     dtype_bytes: int = 4,
+    seconds: Sequence[float] | None = None,
 ) -> str:
     """Printable per-module table: blocks, parameters, GFLOPs per sample, activation sent downstream
-    (at ``batch_size``) and stash memory (depth x (input activation + parameter bytes)), then the balance.
+    (at ``batch_size``), stash memory (depth x (input activation + parameter bytes)) and, given measured
+    per-block ``seconds``, the module's forward + backward time; then the balance of what split it.
     """
     k = len(bounds) - 1
     if len(stash_depths) != k:
@@ -151,6 +196,7 @@ def describe(
     rows = [
         f"{'module':>6} {'blocks':>9} {'params':>11} {'GFLOP/sample':>12} "
         f"{'sends (batch ' + str(batch_size) + ')':>24} {'MiB':>8} {'stash MiB':>10}"
+        + (f" {'fwd+bwd ms':>10}" if seconds is not None else "")
     ]
     for i, (a, b) in enumerate(pairwise(bounds)):
         params = sum(p.numel() for blk in blocks[a:b] for p in blk.parameters())
@@ -160,7 +206,11 @@ def describe(
         rows.append(
             f"{i:>6} {f'[{a},{b})':>9} {params:>11,} {sum(flops[a:b]) / 1e9:>12.4f} "
             f"{str(tuple(batch_shapes[b])):>24} {act_out / mib:>8.2f} {stash / mib:>10.2f}"
+            + (f" {sum(seconds[a:b]) * 1e3:>10.1f}" if seconds is not None else "")
         )
-    costs = block_costs(blocks, (1, *sample_shape))
-    rows.append(f"balance ratio (slowest / mean module FLOPs): {balance_ratio(costs, bounds):.3f}")
+    if seconds is None:
+        rows.append(f"balance ratio (slowest / mean module FLOPs): "
+                    f"{balance_ratio(block_costs(blocks, (1, *sample_shape)), bounds):.3f}")
+    else:
+        rows.append(f"balance ratio (slowest / mean module measured time): {balance_ratio(seconds, bounds):.3f}")
     return "\n".join(rows)

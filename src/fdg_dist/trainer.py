@@ -46,17 +46,19 @@ class BuiltModule:
     table: str
 
 
-def build_module(cfg: Config, K: int, k: int) -> BuiltModule:
+def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None) -> BuiltModule:
     """Module k of the split model, from the same seed on every rank.
 
     Every rank builds the whole model and keeps its blocks, so the split is deterministic and the
-    weights equal those of the unsplit model built with that seed.
+    weights equal those of the unsplit model built with that seed.  ``seconds`` (measured per-block
+    times, identical on every rank) replace counted FLOPs as the cost an automatic split balances.
     """
     seed_everything(cfg.trainer.seed)
     blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
     sample = (1, 3, cfg.data.image_size, cfg.data.image_size)
     split = cfg.pipeline.split if K > 1 else "auto"
-    bounds = partition.split_points(partition.block_costs(blocks, sample), K, split)
+    costs = seconds if seconds is not None else partition.block_costs(blocks, sample)
+    bounds = partition.split_points(costs, K, split)
     shapes = partition.boundary_shapes(blocks, sample)
     module = nn.Sequential(OrderedDict((str(i), blocks[i]) for i in range(bounds[k], bounds[k + 1])))
     aux = None
@@ -64,7 +66,7 @@ def build_module(cfg: Config, K: int, k: int) -> BuiltModule:
         torch.manual_seed(cfg.trainer.seed + 1 + k)
         aux = models.aux_head(shapes[bounds[k + 1]], cfg.data.num_classes, cfg.method.aux_channels)
     depths = [stash_depth(cfg.method.name, j, K) for j in range(K)]
-    table = partition.describe(blocks, bounds, sample, cfg.trainer.batch_size, depths)
+    table = partition.describe(blocks, bounds, sample, cfg.trainer.batch_size, depths, seconds=seconds)
     return BuiltModule(module, aux, bounds, [shapes[bounds[k]], shapes[bounds[k + 1]]], table)
 
 
@@ -79,7 +81,9 @@ class Trainer:
         t, m = cfg.trainer, cfg.method
         self.k, self.K = ctx.module, ctx.K
         check_agreement(json.dumps(cfg.to_dict(), sort_keys=True, default=str), "configuration", ctx.header_group)
-        built = build_module(cfg, self.K, self.k)
+        timed = cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1
+        seconds = self._measured_block_seconds() if timed else None
+        built = build_module(cfg, self.K, self.k, seconds)
         self.bounds, shapes = built.bounds, built.shapes
         if ctx.rank == 0:
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
@@ -106,6 +110,29 @@ class Trainer:
         self.global_step = 0
         self.start_epoch = 0
         self.trace = TraceWriter(run_dir, ctx.rank, self.k, time.perf_counter()) if cfg.logging.trace else None
+
+    def _measured_block_seconds(self) -> list[float]:
+        """Per-block training time, measured once by rank 0 and broadcast so every rank splits alike.
+
+        Kept in ``block_costs.json``: a restarted run reuses the split it started with (its checkpoints
+        hold that split's modules) instead of a new measurement that might move a boundary.
+        """
+        cfg, ctx = self.cfg, self.ctx
+        n = len(models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta"))
+        seconds = torch.zeros(n, dtype=torch.float64)
+        if ctx.rank == 0:
+            path = self.run_dir / "block_costs.json"
+            if path.exists():
+                seconds = torch.tensor(json.loads(path.read_text())["seconds"], dtype=torch.float64)
+            else:
+                blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
+                shape = (cfg.trainer.batch_size // ctx.R, 3, cfg.data.image_size, cfg.data.image_size)
+                seconds = torch.tensor(partition.measured_block_costs(blocks, shape, ctx.device,
+                                                                      precision=cfg.trainer.precision),
+                                       dtype=torch.float64)
+                checkpoint.atomic_write(json.dumps({"shape": shape, "seconds": seconds.tolist()}).encode(), path)
+        dist.broadcast(seconds, src=0, group=ctx.header_group)
+        return seconds.tolist()
 
     # -------------------------------------------------------------------- data
     def _load_data(self) -> tuple[data.Batches | None, data.Batches | None]:
