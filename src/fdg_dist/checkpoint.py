@@ -42,12 +42,12 @@ log = logging.getLogger("fdg_dist")
 MANIFEST = "manifest.json"
 FORMAT = 1
 _EPOCH_DIR = re.compile(r"epoch(\d{4,})")
-# What a checkpoint's numbers depend on.  Where and how data is read (root, workers, cache) does not
+# What a checkpoint's numbers depend on.  Where and how data is read (root, download, cache) does not
 # change them, nor do the epoch count, logging or the launcher settings.  How the split was chosen
 # does not matter either: every rank checkpoint records its block bounds, which are compared exactly.
 _FINGERPRINT_SECTIONS = ("model", "data", "method", "optim", "sched", "pipeline")
 _FINGERPRINT_KEYS = ("trainer.batch_size", "trainer.seed", "trainer.precision")
-_NEUTRAL_KEYS = ("data.root", "data.download", "data.num_workers", "data.cache", "pipeline.split", "pipeline.cost")
+_NEUTRAL_KEYS = ("data.root", "data.download", "data.cache", "pipeline.split", "pipeline.cost")
 
 
 class CheckpointError(RuntimeError):

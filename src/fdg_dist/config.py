@@ -39,7 +39,6 @@ class DataConfig:
     train_subset: int | None = None  # first N training samples (quick runs, CI)
     test_subset: int | None = None
     augment: bool = True
-    num_workers: int = 0
     cache: bool = True  # decode small ImageFolder images once, keep them in memory
 
 
