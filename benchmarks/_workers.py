@@ -42,6 +42,10 @@ def data_config(spec: Spec) -> DataConfig:
                       train_size=spec["train_size"], test_size=spec["batch_size"])
 
 
+def memory_format(spec: Spec) -> torch.memory_format:
+    return torch.channels_last if spec["channels_last"] else torch.contiguous_format
+
+
 def train_batches(spec: Spec) -> data.Batches:
     train_set, _ = data.load(data_config(spec), spec["seed"])
     return data.Batches(train_set, spec["batch_size"], train=True, augment=True, seed=spec["seed"])
@@ -69,7 +73,8 @@ def single_process(spec: Spec) -> Spec:
     """Plain back-propagation of the unsplit model in this process with ``spec["threads"]`` threads."""
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    model = models.build(spec["model"], spec["num_classes"])
+    fmt = memory_format(spec)
+    model = models.build(spec["model"], spec["num_classes"]).to(memory_format=fmt)
     optimizer = build_optimizer(OptimConfig(), model.parameters())
     batches = train_batches(spec)
     windows = []
@@ -77,7 +82,7 @@ def single_process(spec: Spec) -> Spec:
         samples, tic = 0, time.perf_counter()
         for x, y in batches.epoch(epoch):
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(model(x.contiguous(memory_format=fmt)), y).backward()
             optimizer.step()
             samples += len(y)
         windows.append(samples / (time.perf_counter() - tic))
@@ -116,7 +121,7 @@ def pipelining_rank(spec: Spec) -> Spec:
         blocks = models.build_blocks(spec["model"], spec["num_classes"])
         sample = (1, 3, spec["image_size"], spec["image_size"])
         bounds = spec["bounds"]
-        module = nn.Sequential(*blocks[bounds[rank]:bounds[rank + 1]])
+        module = nn.Sequential(*blocks[bounds[rank]:bounds[rank + 1]]).to(memory_format=memory_format(spec))
         # static shapes: with runtime shape inference, torch 2.14 over gloo hangs in the first step (stage 0
         # blocked in its activation send, the last stage in sending its backward metadata)
         micro = spec["batch_size"] // spec["micro_batches"]

@@ -49,6 +49,7 @@ PIPELINING_P2P_TIMEOUT_S = 120.0  # a healthy step exchanges within seconds; tor
 IMAGE_SIZE, NUM_CLASSES = 32, 10
 
 Spec = dict[str, Any]
+_SPLIT_NAMES = {"time": "balancing measured time", "flops": "balancing counted FLOPs"}
 
 
 class VariantError(RuntimeError):
@@ -69,6 +70,7 @@ def engine_config(spec: Spec) -> Config:
     t = cfg.trainer
     t.epochs, t.batch_size, t.eval_batch_size, t.threads, t.seed = (
         spec["epochs"], spec["batch_size"], spec["batch_size"], 1, spec["seed"])
+    t.channels_last = spec["channels_last"]
     cfg.sched.name = "constant"
     cfg.dist.timeout_s = spec["timeout_s"]
     cfg.checkpoint.enabled = False
@@ -214,10 +216,10 @@ def table(results: dict[str, Spec], config: Spec, machine: Spec) -> str:
         rows.append(f"| {name} | {r['samples_per_s']:.1f} | {'—' if speedup is None else f'{speedup:.2f}×'} | {eff} "
                     f"| {_fmt_list(r['busy'], '.2f')} | {_fmt_list(r['peak_mem_mb'], '.0f')} | {notes} |")
     start, end = config["loadavg_start"], config["loadavg_end"]
-    rows += ["", f"{config['model']}, batch {config['batch_size']}, K={k}, {config['train_size']} synthetic images "
+    rows += ["", f"{config['model']}{' (channels_last)' * config['channels_last']}, batch {config['batch_size']}, K={k}, {config['train_size']} synthetic images "
              f"({config['train_size'] // config['batch_size']} batches) per epoch, {config['epochs']} epochs of which "
              f"{config['warmup']} warm-up; samples/s = median over the other epochs. Split {config['bounds']} "
-             f"balancing {'measured time' if config['split'] == 'time' else 'FLOPs'} (slowest / mean module "
+             f"({_SPLIT_NAMES.get(config['split'], 'by hand')}; slowest / mean module measured time "
              f"{config['balance_ratio']:.3f}). busy: engine = compute spans / "
              "train time (trace), torch pipelining = CPU time / wall time.",
              f"Load average (1/5/15 min): {start[0]:.2f} / {start[1]:.2f} / {start[2]:.2f} at start, "
@@ -226,16 +228,21 @@ def table(results: dict[str, Spec], config: Spec, machine: Spec) -> str:
     return "\n".join(rows)
 
 
-def choose_bounds(common: Spec, cost: str) -> tuple[list[int], list[float]]:
-    """The split every pipelined variant uses, and the per-block costs it balances."""
+def choose_bounds(common: Spec, split: str) -> tuple[list[int], list[float]]:
+    """The split every pipelined variant uses, and the measured per-block times it is judged by.
+
+    ``split``: ``time`` balances those times, ``flops`` counted FLOPs, ``i,j,…`` is given by hand.
+    """
     blocks = models.build_blocks(common["model"], common["num_classes"])
     torch.set_num_threads(1)
-    if cost == "time":
-        shape = (common["batch_size"], 3, common["image_size"], common["image_size"])
-        costs = partition.measured_block_costs(blocks, shape, torch.device("cpu"))
-    else:
-        costs = partition.block_costs(blocks, (1, 3, common["image_size"], common["image_size"]))
-    return partition.split_points(costs, common["k"], "auto"), costs
+    shape = (common["batch_size"], 3, common["image_size"], common["image_size"])
+    seconds = partition.measured_block_costs(blocks, shape, torch.device("cpu"), channels_last=common["channels_last"])
+    if split == "time":
+        return partition.split_points(seconds, common["k"], "auto"), seconds
+    if split == "flops":
+        flops = partition.block_costs(blocks, (1, *shape[1:]))
+        return partition.split_points(flops, common["k"], "auto"), seconds
+    return partition.split_points(seconds, common["k"], [int(i) for i in split.split(",")]), seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -250,8 +257,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"variants to run (default all: {' '.join(VARIANTS)})")
     p.add_argument("--micro-batches", nargs="+", type=int, default=[2, 4, 8],
                    help="micro-batch counts tried for gpipe/1f1b; the best is reported (default 2 4 8)")
-    p.add_argument("--split", choices=("time", "flops"), default="time",
-                   help="what the K-way split balances: measured block times (default) or counted FLOPs")
+    p.add_argument("--split", default="time",
+                   help="time (balance measured block times, default), flops (balance counted FLOPs) or the "
+                        "K-1 block indices where modules 1..K-1 start, e.g. 11")
+    p.add_argument("--channels-last", action="store_true",
+                   help="every variant in NHWC memory format (trainer.channels_last=true for the engine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per variant run (default 900)")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -266,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "whole micro-batches)"),
             (args.batch_size % args.k != 0, f"--batch-size {args.batch_size} must divide over K={args.k} dp replicas"),
             (any(m < 1 for m in args.micro_batches), "--micro-batches must be ≥ 1"),
+            (args.split not in ("time", "flops") and not all(i.isdigit() for i in args.split.split(",")),
+             f"--split {args.split!r} must be time, flops or comma-separated block indices"),
         ) if bad]
         if problems:
             p.error("; ".join(problems))
@@ -279,8 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     common = {"model": args.model, "k": args.k, "batch_size": args.batch_size, "epochs": args.epochs,
               "warmup": args.warmup, "train_size": args.train_size, "image_size": IMAGE_SIZE,
-              "num_classes": NUM_CLASSES, "seed": args.seed, "timeout_s": min(args.timeout, 300.0)}
-    common["bounds"], costs = choose_bounds(common, args.split)
+              "num_classes": NUM_CLASSES, "seed": args.seed, "timeout_s": min(args.timeout, 300.0),
+              "channels_last": args.channels_last}
+    try:
+        common["bounds"], costs = choose_bounds(common, args.split)
+    except ValueError as e:
+        sys.exit(f"throughput.py: --split {args.split}: {e}")
     try:
         validate(engine_config({**common, "method": "fdg"}))
     except ConfigError as e:

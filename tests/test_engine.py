@@ -116,3 +116,16 @@ def test_stash_uses_forward_time_weights_and_recompute_uses_current(tmp_path: Pa
         results[mode] = final_state(tmp_path / mode)
         assert_same_weights(results[mode], reference_state(cfg))
     assert any(not torch.equal(results["weights"][n], results["recompute"][n]) for n in results["weights"])
+
+
+def test_channels_last_is_the_same_training_in_nhwc(run_dir: Path) -> None:
+    """NHWC convolutions through the whole pipeline (data, received activations, weights, stash) train
+    the same model as the NCHW reference up to float rounding, and really run in NHWC."""
+    cfg = _config(**{"pipeline.k": 3, "trainer.channels_last": True})
+    run_pipeline(cfg, run_dir)
+    got, want = final_state(run_dir), reference_state(_config(**{"pipeline.k": 3}))
+    assert sorted(got) == sorted(want)
+    for name in want:  # 16 steps of differently ordered float sums: ~1e-6 apart, a layout bug is O(1)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=2e-5, msg=name)
+    convs = [t for t in got.values() if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1]
+    assert convs and all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in convs)

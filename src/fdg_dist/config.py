@@ -85,6 +85,7 @@ class TrainerConfig:
     max_steps: int | None = None
     seed: int = 0
     precision: str = "fp32"
+    channels_last: bool = False  # NHWC activations and conv weights: faster convolutions on CPUs and GPUs
     threads: int | None = None  # intra-op threads per process (CPU)
     nan_policy: str = "stop"
     eval_every_epochs: int = 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -71,43 +70,42 @@ def block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> list
 
 
 def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
-                         *, precision: str = "fp32", repeats: int = 5, warmup: int = 2) -> list[float]:
-    """Per-block seconds of one training forward + backward at ``input_shape``: median of ``repeats``
-    whole-model rounds after ``warmup`` rounds.
+                         *, precision: str = "fp32", channels_last: bool = False, repeats: int = 5,
+                         warmup: int = 2) -> list[float]:
+    """Per-block seconds of one training forward + backward at ``input_shape``: the fastest of ``repeats``
+    rounds after ``warmup`` rounds.
 
     Counted FLOPs miss what makes real stages unequal (memory-bound BatchNorm/ReLU on large early
-    activations, kernel efficiency per layer shape), so this times the real thing.  Every round runs
-    all blocks forward then backward, as training does, so no block pays more than its share of
-    warm-up or cache misses.  It works on a copy: the model's weights, statistics and gradients stay
-    untouched.
+    activations, kernel efficiency per layer shape), so this times the real thing.  Each block runs
+    alone on its own input (computed once), a round visits every block, and the minimum over rounds
+    is kept: timing the whole model's forward then backward instead let allocator effects of the
+    growing graph inflate some blocks by 50 %, and a median kept more of that noise.  It works on a
+    copy: the model's weights, statistics and gradients stay untouched.
     """
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    probes = [copy.deepcopy(b).to(device).train() for b in blocks]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    probes = [copy.deepcopy(b).to(device, memory_format=fmt).train() for b in blocks]
+    inputs, x = [], torch.randn(tuple(input_shape), device=device)
+    with torch.no_grad(), autocast:
+        for probe in probes:
+            inputs.append(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
+            x = probe(inputs[-1])
     rounds: list[list[float]] = []
     for _ in range(warmup + repeats):
-        x, inputs, outputs, seconds = torch.randn(tuple(input_shape), device=device), [], [], []
+        seconds = []
         for i, probe in enumerate(probes):
-            x = x.detach().requires_grad_(i > 0)
+            inp = inputs[i].detach().requires_grad_(i > 0)
             sync()
             tic = time.perf_counter()
             with autocast:
-                out = probe(x)
+                out = probe(inp)
+            out.backward(torch.ones_like(out))
             sync()
             seconds.append(time.perf_counter() - tic)
-            inputs.append(x)
-            outputs.append(out)
-            x = out
-        grad = torch.ones_like(outputs[-1])
-        for i in reversed(range(len(probes))):
-            sync()
-            tic = time.perf_counter()
-            outputs[i].backward(grad)
-            sync()
-            seconds[i] += time.perf_counter() - tic
-            grad = inputs[i].grad
+            del inp, out  # free before the next block allocates, as a pipeline stage would
         rounds.append(seconds)
-    return [statistics.median(r[i] for r in rounds[warmup:]) for i in range(len(probes))]
+    return [min(r[i] for r in rounds[warmup:]) for i in range(len(probes))]
 
 
 def _module_costs(costs: Sequence[float], bounds: Sequence[int]) -> list[float]:

@@ -63,7 +63,8 @@ class Stage:
                  stash: str = "weights", accum_steps: int = 1, aux_head: nn.Module | None = None,
                  sends_grad: bool = True, precision: str = "fp32", device: torch.device | str = "cpu",
                  grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
-                 nan_policy: str | None = "stop") -> None:
+                 nan_policy: str | None = "stop",
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.module = module
         self.index = index
         self.num_stages = num_stages
@@ -77,6 +78,7 @@ class Stage:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
                          else nullcontext())
         self.nan_policy = nan_policy  # stop | skip_step | None (no check: no host sync per step)
+        self.memory_format = memory_format  # of 4-D inputs; the module's weights are converted by the caller
         self.grad_sync = grad_sync  # replicas: average gradients over module k of every replica
         self.is_last = index == num_stages - 1
         self.sends_grad = sends_grad and index > 0  # False for module 0 and for DGL
@@ -96,6 +98,8 @@ class Stage:
         ``keep_for_backward`` stashes the forward for a later gradient from the next module.
         """
         self.module.train(train)
+        if x.dim() == 4:  # received activations arrive contiguous (NCHW); data too
+            x = x.contiguous(memory_format=self.memory_format)
         if not train:
             with torch.no_grad(), self.autocast:
                 out = self.module(x)

@@ -88,8 +88,9 @@ class Trainer:
         if ctx.rank == 0:
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
                      "stashed weights" if m.stash == "weights" else "recompute", built.table)
-        module = built.module.to(ctx.device)
-        aux = built.aux_head.to(ctx.device) if built.aux_head is not None else None
+        fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+        module = built.module.to(ctx.device, memory_format=fmt)
+        aux = built.aux_head.to(ctx.device, memory_format=fmt) if built.aux_head is not None else None
         params = list(module.parameters()) + (list(aux.parameters()) if aux is not None else [])
         optimizer = build_optimizer(cfg.optim, params)
         scheduler = build_scheduler(cfg.sched, optimizer, t.epochs)
@@ -97,7 +98,7 @@ class Trainer:
         self.stage = Stage(module, self.k, self.K, optimizer, scheduler, beta=m.beta,
                            stash="recompute" if m.name == "fr" else m.stash, accum_steps=m.accum_steps,
                            aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
-                           device=ctx.device, grad_sync=sync, nan_policy=t.nan_policy)
+                           device=ctx.device, grad_sync=sync, nan_policy=t.nan_policy, memory_format=fmt)
         wire = torch.bfloat16 if t.precision == "bf16" else torch.float32
         boundary = Boundary(tuple(shapes[0][1:]), tuple(shapes[1][1:]), wire)
         transport = Transport(ctx.pipeline_ranks, ctx.device, header_group=ctx.header_group,
@@ -127,9 +128,9 @@ class Trainer:
             else:
                 blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
                 shape = (cfg.trainer.batch_size // ctx.R, 3, cfg.data.image_size, cfg.data.image_size)
-                seconds = torch.tensor(partition.measured_block_costs(blocks, shape, ctx.device,
-                                                                      precision=cfg.trainer.precision),
-                                       dtype=torch.float64)
+                seconds = torch.tensor(partition.measured_block_costs(
+                    blocks, shape, ctx.device, precision=cfg.trainer.precision,
+                    channels_last=cfg.trainer.channels_last), dtype=torch.float64)
                 checkpoint.atomic_write(json.dumps({"shape": shape, "seconds": seconds.tolist()}).encode(), path)
         dist.broadcast(seconds, src=0, group=ctx.header_group)
         return seconds.tolist()
