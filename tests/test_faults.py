@@ -172,8 +172,11 @@ def test_hung_rank_stops_every_other_rank_within_the_timeout(run_dir: Path) -> N
         procs[1].kill()
         procs[1].wait()
     assert time.monotonic() - stopped < timeout_s + 10
-    for code, err in results:
-        assert code != 0 and "Timed out" in err, err[-2000:]
+    # the first survivor to notice times out; the other may instead see that survivor leave first
+    timed_out = ["Timed out" in err for _, err in results]
+    assert any(timed_out), [err[-2000:] for _, err in results]
+    for (code, err), timed in zip(results, timed_out, strict=True):
+        assert code != 0 and (timed or "Connection closed by peer" in err), err[-2000:]
 
 
 @pytest.mark.timeout(90)
