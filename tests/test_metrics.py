@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,7 @@ def test_every_tag_has_one_point_per_epoch_or_step(run: Path, module: int) -> No
     wanted = EPOCH_TAGS + (REPORTER_TAGS if module == 1 else [])
     assert set(wanted) <= tags
     for tag in wanted:
-        assert [step for step, _ in _points(ea, tag)] == list(range(EPOCHS)), tag
+        assert [step for step, _ in _points(ea, tag)] == [(e + 1) * BATCHES for e in range(EPOCHS)], tag
     steps = EPOCHS * BATCHES
     assert [s for s, _ in _points(ea, "module/grad_norm")] == list(range(1, steps + 1))
     # the ratio is measured when the stage's step count (before the step) is a multiple of LOG_EVERY
@@ -82,7 +84,7 @@ def test_hparams_row_holds_config_and_final_error(run: Path) -> None:
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {m.name.tag for m in experiment.metric_infos} == {"hparams/final_test_error", "hparams/best_test_error"}
     result = json.loads((run / "result.json").read_text())
-    assert _points(ea, "hparams/final_test_error") == [(EPOCHS - 1, pytest.approx(result["final_test_error"]))]
+    assert _points(ea, "hparams/final_test_error") == [(EPOCHS * BATCHES, pytest.approx(result["final_test_error"]))]
     assert "hparams/final_test_error" not in _events(run, "module0").Tags()["scalars"]
 
 
@@ -93,6 +95,28 @@ def test_timing_files_add_up(run: Path) -> None:
         t = json.loads((run / "timing" / f"module{module}.json").read_text())
         parts = t["compute_s"] + t["wait_input_s"] + t["wait_grad_s"] + t["other_s"]
         assert parts == pytest.approx(t["train_s"]) and t["samples"] == EPOCHS * 96
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_resumed_run_hides_what_the_crashed_attempt_logged_past_its_checkpoint(tmp_path: Path) -> None:
+    """A crash after epoch 2 was logged but before its checkpoint: the restart redoes epoch 2, and
+    TensorBoard shows every step once, with the values of the attempt that finished."""
+    cfg = small_config(**{"pipeline.k": 2, "trainer.epochs": 3, "logging.tensorboard": True,
+                          "checkpoint.enabled": True, "checkpoint.keep": 3})
+    cfg.resume = "auto"
+    run_dir = tmp_path / "run"
+    run_pipeline(cfg, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "epoch0002")  # as if the crash came before this checkpoint
+    time.sleep(1.1)  # event file names carry whole seconds
+    run_pipeline(cfg, run_dir)
+    ea = _events(run_dir, "module1")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert [s for s, _ in _points(ea, "test/error")] == [6, 12, 18]
+    assert [v for _, v in _points(ea, "test/error")] == pytest.approx([m["test_error"] for m in metrics])
+    assert [s for s, _ in _points(ea, "module/grad_norm")] == list(range(1, 19))
+    assert len(list((run_dir / "tb" / "module1").glob("events.*"))) == 2  # both attempts wrote
 
 
 class _Stream(io.StringIO):

@@ -139,15 +139,24 @@ class RunLog:
         self.timing_path = run_dir / "timing" / f"{rank_name(module, replica)}.json"
         self.last: dict | None = None
         self.totals = Timing()
-        self.writer = None
-        if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imports TensorBoard only when used
-
-            # a big queue and no timed flush: add_scalar only enqueues; epoch() flushes
-            self.writer = SummaryWriter(str(run_dir / "tb" / rank_name(module, replica)), max_queue=10_000,
-                                        flush_secs=10**6)
+        self.tb_dir = run_dir / "tb" / rank_name(module, replica) if cfg.logging.tensorboard else None
+        self.writer = None  # opened at the first write, once the trainer knows where it (re)starts
+        self.first_step = 1  # x of this attempt's first optimizer step; a resume moves it
+        self.last_step = 0  # x of the last epoch logged (where the HParams row goes)
         self.bar = None
         self.show_bar = reporter and show_progress(cfg.logging.progress)
+
+    def tensorboard(self):  # -> SummaryWriter; TensorBoard is imported only when used
+        """This rank's writer, opened with ``purge_step`` at this attempt's first step: TensorBoard then
+        hides what a crashed attempt logged past the checkpoint this one resumed from, so a redone epoch
+        is not shown twice."""
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a big queue and no timed flush: add_scalar only enqueues; epoch() flushes
+            self.writer = SummaryWriter(str(self.tb_dir), max_queue=10_000, flush_secs=10**6,
+                                        purge_step=self.first_step)
+        return self.writer
 
     def best_error(self) -> float:
         """Best test error so far (from metrics.jsonl, so a resumed run remembers it)."""
@@ -180,7 +189,9 @@ class RunLog:
 
     def epoch(self, epoch: int, *, lr: float, train: EpochResult, test: EpochResult, seconds: float,
               samples: int, events: list[Event], steps: int) -> None:
-        """Log one epoch; ``steps`` is this module's optimizer step count at its end (TensorBoard x-axis)."""
+        """Log one epoch; ``steps`` is this module's optimizer step count at its end: TensorBoard's x-axis for
+        every tag (per-step tags at their step, per-epoch tags at the epoch's last step), one axis that a
+        resume can purge past."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -189,8 +200,8 @@ class RunLog:
         self.timing_path.parent.mkdir(parents=True, exist_ok=True)
         self.timing_path.write_text(json.dumps({"module": self.module, "replica": self.replica,
                                                 **self.totals.to_dict()}, indent=2) + "\n")
-        if self.writer is not None:
-            self._tensorboard(epoch, lr, train, test, timing, events, steps)
+        if self.tb_dir is not None:
+            self._tensorboard(lr, train, test, timing, events, steps)
         if not self.reporter:
             return
         row = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_error": train.error,
@@ -203,13 +214,13 @@ class RunLog:
                  epoch, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
                  row["samples_per_s"])
 
-    def _tensorboard(self, epoch: int, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
+    def _tensorboard(self, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
                      events: list[Event], steps: int) -> None:
-        w = self.writer
+        w = self.tensorboard()
         if self.reporter:
             for tag, value in (("train/loss", train.loss), ("train/error", train.error),
                                ("test/loss", test.loss), ("test/error", test.error)):
-                w.add_scalar(tag, value, epoch)
+                w.add_scalar(tag, value, steps)
         norms, ratios = step_series(events)
         first = steps - len(norms) + 1  # module step number of the epoch's first step
         for i, norm in enumerate(norms):
@@ -228,15 +239,16 @@ class RunLog:
                 ("time/other_s", timing.other_s),
                 ("perf/samples_per_s", summary["samples_per_s"]),
                 ("memory/peak_mb", peak_memory_mb(self.device))):
-            w.add_scalar(tag, value, epoch)
+            w.add_scalar(tag, value, steps)
         w.flush()
+        self.last_step = steps
 
     def finish(self, *, wall_s: float, best_error: float) -> dict | None:
         """Write ``result.json`` and the HParams summary (reporting rank) and close this rank's writer."""
         result = self._result(wall_s, best_error) if self.reporter else None
+        if self.tb_dir is not None and result is not None:
+            self._hparams(result)
         if self.writer is not None:
-            if result is not None:
-                self._hparams(result)
             self.writer.close()
         return result
 
@@ -265,8 +277,8 @@ class RunLog:
                   "seed": cfg.trainer.seed}
         metrics = {f"hparams/{name}": result[name] for name in ("final_test_error", "best_test_error")
                    if result[name] is not None}
-        step = self.last["epoch"] if self.last else 0
+        w = self.tensorboard()
         for summary in hparams(params, metrics):
-            self.writer.file_writer.add_summary(summary, step)
+            w.file_writer.add_summary(summary, self.last_step)
         for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
+            w.add_scalar(tag, value, self.last_step)

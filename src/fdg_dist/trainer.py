@@ -166,6 +166,7 @@ class Trainer:
     def fit(self) -> dict | None:
         cfg = self.cfg
         resumed = checkpoint.restore(self)  # also cuts metrics.jsonl back to the epochs kept
+        self.log.first_step = self.stage.steps + 1
         if resumed is not None:
             log.info("resumed from %s (next epoch %d)", resumed, self.start_epoch)
         best = self.log.best_error()
