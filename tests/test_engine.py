@@ -1,7 +1,7 @@
 """Multi-process runs over gloo equal the single-process reference, weight for weight (SPEC §1).
 
 Every run goes through the real launcher (torch's elastic agent, one process per module), crosses
-epoch boundaries with their drain (6 batches an epoch, 3 epochs, capped at 16 steps) and is compared
+epoch boundaries with their drain (6 batches an epoch, 4 epochs, capped at 21 steps) and is compared
 bit for bit: with one thread per process the arithmetic is the same as in the reference process.
 """
 
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
 
 
 def _config(**kw: object):
-    base = {"trainer.epochs": 3, "trainer.max_steps": 16, "logging.trace": True}
+    base = {"trainer.epochs": 4, "trainer.max_steps": 21, "logging.trace": True}  # 6+6+6+3 steps, 3 drains
     return small_config(**{**base, **kw})
 
 
