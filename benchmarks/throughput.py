@@ -9,7 +9,8 @@ parallel), ``dp`` (K data-parallel replicas) on our engine with one thread per r
 ``1f1b`` (``torch.distributed.pipelining``, one thread per rank, the best of ``--micro-batches``).
 Every pipelined variant uses the same K-way split, chosen once up front by ``--split``: ``time``
 balances per-block forward + backward times measured here with one thread (``pipeline.cost=time``),
-``flops`` balances counted FLOPs (the engine's default).  Every variant runs in its own fresh process (and process group) under a
+``flops`` balances counted FLOPs (the engine's default), ``i,j,…`` gives it by hand; ``--channels-last``
+runs every variant in NHWC.  Every variant runs in its own fresh process (and process group) under a
 timeout, so thread settings and failures never leak from one variant into the next.
 
 samples/s is the median over the epochs after ``--warmup`` (each epoch one timed window of the same
