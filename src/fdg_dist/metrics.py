@@ -142,7 +142,6 @@ class RunLog:
         self.tb_dir = run_dir / "tb" / rank_name(module, replica) if cfg.logging.tensorboard else None
         self.writer = None  # opened at the first write, once the trainer knows where it (re)starts
         self.first_step = 1  # x of this attempt's first optimizer step; a resume moves it
-        self.last_step = 0  # x of the last epoch logged (where the HParams row goes)
         self.bar = None
         self.show_bar = reporter and show_progress(cfg.logging.progress)
 
@@ -241,13 +240,13 @@ class RunLog:
                 ("memory/peak_mb", peak_memory_mb(self.device))):
             w.add_scalar(tag, value, steps)
         w.flush()
-        self.last_step = steps
 
-    def finish(self, *, wall_s: float, best_error: float) -> dict | None:
-        """Write ``result.json`` and the HParams summary (reporting rank) and close this rank's writer."""
+    def finish(self, *, wall_s: float, best_error: float, steps: int) -> dict | None:
+        """Write ``result.json`` and the HParams summary (reporting rank, at the module's final step
+        ``steps``) and close this rank's writer."""
         result = self._result(wall_s, best_error) if self.reporter else None
         if self.tb_dir is not None and result is not None:
-            self._hparams(result)
+            self._hparams(result, steps)
         if self.writer is not None:
             self.writer.close()
         return result
@@ -266,7 +265,7 @@ class RunLog:
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
 
-    def _hparams(self, result: dict) -> None:
+    def _hparams(self, result: dict, steps: int) -> None:
         """One row of TensorBoard's HParams table: a β × K sweep becomes one sortable table."""
         from torch.utils.tensorboard.summary import hparams
 
@@ -279,6 +278,6 @@ class RunLog:
                    if result[name] is not None}
         w = self.tensorboard()
         for summary in hparams(params, metrics):
-            w.file_writer.add_summary(summary, self.last_step)
+            w.file_writer.add_summary(summary, steps)
         for tag, value in metrics.items():
-            w.add_scalar(tag, value, self.last_step)
+            w.add_scalar(tag, value, steps)

@@ -195,7 +195,7 @@ class Trainer:
             if cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
                 checkpoint.save(self, epoch)
         self.export_final_model()
-        return self.log.finish(wall_s=time.perf_counter() - started, best_error=best)
+        return self.log.finish(wall_s=time.perf_counter() - started, best_error=best, steps=self.stage.steps)
 
     def train_epoch(self, epoch: int, sizes: list[int]) -> EpochResult:
         m = self.cfg.method
