@@ -105,6 +105,17 @@ def engine_busy(run_dir: Path, rank: int, first_epoch: int, train_s: float) -> f
 
 
 # ------------------------------------------------------------------------------------ torch pipelining
+class _Layout(nn.Module):
+    """Puts a 4-D activation in one memory layout (its backward returns the gradient in the input's)."""
+
+    def __init__(self, fmt: torch.memory_format) -> None:
+        super().__init__()
+        self.fmt = fmt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.fmt) if x.dim() == 4 else x
+
+
 def pipelining_rank(spec: Spec) -> Spec:
     """One stage of ``torch.distributed.pipelining`` (GPipe or 1F1B) over our split of the model.
 
@@ -121,9 +132,11 @@ def pipelining_rank(spec: Spec) -> Spec:
         blocks = models.build_blocks(spec["model"], spec["num_classes"])
         sample = (1, 3, spec["image_size"], spec["image_size"])
         bounds = spec["bounds"]
-        module = nn.Sequential(*blocks[bounds[rank]:bounds[rank + 1]]).to(memory_format=memory_format(spec))
-        # static shapes: with runtime shape inference, torch 2.14 over gloo hangs in the first step (stage 0
-        # blocked in its activation send, the last stage in sending its backward metadata)
+        # like our engine: compute in the configured layout, send contiguous (NCHW) tensors, which gloo requires
+        fmt = memory_format(spec)
+        module = nn.Sequential(_Layout(fmt), *blocks[bounds[rank]:bounds[rank + 1]],
+                               _Layout(torch.contiguous_format)).to(memory_format=fmt)
+        # static shapes: the stages then exchange no metadata at all
         micro = spec["batch_size"] // spec["micro_batches"]
         shapes = partition.boundary_shapes(blocks, sample)
         example_in, example_out = (torch.empty(micro, *shapes[i][1:]) for i in (bounds[rank], bounds[rank + 1]))
@@ -132,11 +145,14 @@ def pipelining_rank(spec: Spec) -> Spec:
         stage = PipelineStage(module, rank, world, torch.device("cpu"), input_args=example_in, output_args=example_out)
         schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[spec["schedule"]]
         last = rank == world - 1
-        schedule = schedule_cls(stage, spec["micro_batches"], loss_fn=nn.CrossEntropyLoss() if last else None)
+        # every stage needs the loss_fn: without one a schedule runs forward only on that stage, so stage 0
+        # would post no gradient receives and the last stage's gradient sends would wait forever
+        schedule = schedule_cls(stage, spec["micro_batches"], loss_fn=nn.CrossEntropyLoss())
         optimizer = build_optimizer(OptimConfig(), module.parameters())
         bs = spec["batch_size"]
         batches = train_batches(spec) if rank == 0 or last else None
         sizes = data.batch_sizes(spec["train_size"], bs)
+        initial = [p.detach().clone() for p in module.parameters()]
         windows, cpu = [], []
         for epoch in range(spec["epochs"]):
             inputs = batches.epoch(epoch) if rank == 0 else None
@@ -154,6 +170,8 @@ def pipelining_rank(spec: Spec) -> Spec:
                 optimizer.step()
             windows.append(time.perf_counter() - tic)
             cpu.append(time.process_time() - cpu_tic)
+        if all(torch.equal(a, b) for a, b in zip(initial, module.parameters(), strict=True)):
+            raise RuntimeError(f"stage {rank} of {spec['schedule']} did not train: its weights never changed")
         first = spec["warmup"]
         return {"rank": rank, "window_s": windows[first:], "busy": sum(cpu[first:]) / sum(windows[first:]),
                 "peak_mem_mb": peak_rss_mb(), "bounds": bounds}

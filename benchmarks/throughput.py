@@ -46,7 +46,7 @@ ENGINE = ("fdg", "fdg_recompute", "ddg", "bp", "dp")
 PIPELINING = ("gpipe", "1f1b")
 VARIANTS = SINGLE + ENGINE + PIPELINING
 BASELINE = "bp_single_1thread"
-PIPELINING_P2P_TIMEOUT_S = 120.0  # a healthy step exchanges within seconds; torch pipelining over gloo can hang
+PIPELINING_P2P_TIMEOUT_S = 120.0  # a healthy step exchanges within seconds; a stuck pipeline fails fast
 IMAGE_SIZE, NUM_CLASSES = 32, 10
 
 Spec = dict[str, Any]

@@ -1,0 +1,50 @@
+"""The throughput benchmark runs every variant end to end and writes the JSON interface scripts read.
+
+Not a speed test (numbers on a shared CI box mean nothing): it checks that each variant trains and is
+measured. A torch-pipelining stage that never trains (for example one built without a loss function,
+which then posts no gradient receives) hangs or fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+K = 2
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--model", "tiny", "--k", str(K),
+           "--batch-size", "16", "--train-size", "64", "--epochs", "2", "--warmup", "1", "--micro-batches", "2",
+           "--channels-last", "--timeout", "240", "--json", str(out),
+           "--methods", "bp_single_1thread", "bp_single_allthreads", "fdg", "ddg", "bp", "dp", "gpipe", "1f1b"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_every_variant_is_measured_with_the_documented_keys(results: dict) -> None:
+    rows = results["results"]
+    assert set(rows) == {"bp_single_1thread", "bp_single_allthreads", "fdg", "ddg", "bp", "dp", "gpipe", "1f1b"}
+    for name, row in rows.items():
+        assert row["samples_per_s"] > 0, name
+        ranks = 1 if name.startswith("bp_single") else K
+        assert len(row["peak_mem_mb"]) == ranks and all(m > 0 for m in row["peak_mem_mb"]), name
+        assert row["speedup_vs_bp_1thread"] == pytest.approx(
+            row["samples_per_s"] / rows["bp_single_1thread"]["samples_per_s"]), name
+    assert rows["bp_single_allthreads"]["threads_per_rank"] == K
+
+
+def test_pipelining_rows_name_their_micro_batches_and_share_the_split(results: dict) -> None:
+    bounds = results["config"]["bounds"]
+    for name in ("gpipe", "1f1b"):
+        row = results["results"][name]
+        assert row["micro_batches"] == 2 and row["by_micro_batches"] == {"2": row["samples_per_s"]}
+        assert row["bounds"] == bounds and len(row["busy"]) == K
