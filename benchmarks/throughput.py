@@ -14,7 +14,8 @@ runs every variant in NHWC.  Every variant runs in its own fresh process (and pr
 timeout, so thread settings and failures never leak from one variant into the next.
 
 samples/s is the median over the epochs after ``--warmup`` (each epoch one timed window of the same
-synthetic, augmented batches).  Prints a markdown table and, with ``--json``, writes
+synthetic, augmented batches); with ``--repeats R`` every variant runs R times, the rounds interleaved
+(so a slow spell on the machine hits all variants alike), and the run with the median samples/s is reported.  Prints a markdown table and, with ``--json``, writes
 ``{"results": {NAME: {"samples_per_s", "speedup_vs_bp_1thread", "peak_mem_mb": [per rank], ...}},
 "config": ..., "machine": ...}``.  CPU-only numbers are only as good as the machine is quiet: the load
 average is recorded next to every result.
@@ -178,6 +179,17 @@ def measure_variant(name: str, common: Spec, args: argparse.Namespace, work: Pat
             "by_micro_batches": {m: r["samples_per_s"] for m, r in by_m.items()}}
 
 
+def median_run(variant_runs: list[Spec]) -> Spec:
+    """The run with the median samples/s (the lower one of an even count), so its memory and busy figures
+    belong to it; a variant that failed in any round is reported failed."""
+    failed = [r for r in variant_runs if r["samples_per_s"] is None]
+    if failed:
+        return failed[0]
+    ranked = sorted(variant_runs, key=lambda r: r["samples_per_s"])
+    chosen = ranked[(len(ranked) - 1) // 2]
+    return {**chosen, "repeats_samples_per_s": [r["samples_per_s"] for r in variant_runs]}
+
+
 def _progress(label: str, r: Spec) -> None:
     if r["samples_per_s"] is None:
         print(f"  {label:>22}: FAILED ({r.get('error', r.get('skipped'))})", file=sys.stderr, flush=True)
@@ -217,9 +229,10 @@ def table(results: dict[str, Spec], config: Spec, machine: Spec) -> str:
         rows.append(f"| {name} | {r['samples_per_s']:.1f} | {'—' if speedup is None else f'{speedup:.2f}×'} | {eff} "
                     f"| {_fmt_list(r['busy'], '.2f')} | {_fmt_list(r['peak_mem_mb'], '.0f')} | {notes} |")
     start, end = config["loadavg_start"], config["loadavg_end"]
+    repeats = f" (the median of {config['repeats']} interleaved runs)" if config["repeats"] > 1 else ""
     rows += ["", f"{config['model']}{' (channels_last)' * config['channels_last']}, batch {config['batch_size']}, K={k}, {config['train_size']} synthetic images "
              f"({config['train_size'] // config['batch_size']} batches) per epoch, {config['epochs']} epochs of which "
-             f"{config['warmup']} warm-up; samples/s = median over the other epochs. Split {config['bounds']} "
+             f"{config['warmup']} warm-up; samples/s = median over the other epochs{repeats}. Split {config['bounds']} "
              f"({_SPLIT_NAMES.get(config['split'], 'by hand')}; slowest / mean module measured time "
              f"{config['balance_ratio']:.3f}). busy: engine = compute spans / "
              "train time (trace), torch pipelining = CPU time / wall time.",
@@ -263,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "K-1 block indices where modules 1..K-1 start, e.g. 11")
     p.add_argument("--channels-last", action="store_true",
                    help="every variant in NHWC memory format (trainer.channels_last=true for the engine)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every variant this many times, rounds interleaved; report the median run (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per variant run (default 900)")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -277,6 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "whole micro-batches)"),
             (args.batch_size % args.k != 0, f"--batch-size {args.batch_size} must divide over K={args.k} dp replicas"),
             (any(m < 1 for m in args.micro_batches), "--micro-batches must be ≥ 1"),
+            (args.repeats < 1, f"--repeats {args.repeats} must be ≥ 1"),
             (args.split not in ("time", "flops") and not all(i.isdigit() for i in args.split.split(",")),
              f"--split {args.split!r} must be time, flops or comma-separated block indices"),
         ) if bad]
@@ -304,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"throughput.py: invalid setting: {e}")
     methods = [v for v in VARIANTS if v in args.methods]
     config = {**common, "split": args.split, "block_costs": costs, "balance_ratio": partition.balance_ratio(costs, common["bounds"]),
-              "methods": methods, "micro_batches": args.micro_batches, "timeout_per_run_s": args.timeout,
+              "methods": methods, "micro_batches": args.micro_batches, "repeats": args.repeats, "timeout_per_run_s": args.timeout,
               "optimizer": "sgd lr=0.1 momentum=0.9 weight_decay=5e-4", "data": "synthetic, augmented",
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "loadavg_start": list(os.getloadavg()),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -313,11 +329,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.train_size // args.batch_size} batches; split {common['bounds']} by {args.split} "
           f"(balance {config['balance_ratio']:.3f}); load average {config['loadavg_start'][0]:.2f}",
           file=sys.stderr, flush=True)
-    results: dict[str, Spec] = {}
+    runs: dict[str, list[Spec]] = {name: [] for name in methods}
     with tempfile.TemporaryDirectory(prefix="fdg_throughput_") as tmp:
-        for name in methods:
-            results[name] = measure_variant(name, common, args, Path(tmp))
-            _progress(name, results[name])
+        for round_ in range(args.repeats):
+            for name in methods:
+                runs[name].append(measure_variant(name, common, args, Path(tmp)))
+                _progress(name if args.repeats == 1 else f"{name} ({round_ + 1}/{args.repeats})", runs[name][-1])
+    results = {name: median_run(variant_runs) for name, variant_runs in runs.items()}
     base = results.get(BASELINE, {}).get("samples_per_s")
     for r in results.values():
         sps = r["samples_per_s"]

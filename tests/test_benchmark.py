@@ -22,7 +22,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "out.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--model", "tiny", "--k", str(K),
            "--batch-size", "16", "--train-size", "64", "--epochs", "2", "--warmup", "1", "--micro-batches", "2",
-           "--channels-last", "--timeout", "240", "--json", str(out),
+           "--channels-last", "--repeats", "2", "--timeout", "240", "--json", str(out),
            "--methods", "bp_single_1thread", "bp_single_allthreads", "fdg", "ddg", "bp", "dp", "gpipe", "1f1b"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -34,6 +34,7 @@ def test_every_variant_is_measured_with_the_documented_keys(results: dict) -> No
     assert set(rows) == {"bp_single_1thread", "bp_single_allthreads", "fdg", "ddg", "bp", "dp", "gpipe", "1f1b"}
     for name, row in rows.items():
         assert row["samples_per_s"] > 0, name
+        assert row["samples_per_s"] == min(row["repeats_samples_per_s"]) and len(row["repeats_samples_per_s"]) == 2
         ranks = 1 if name.startswith("bp_single") else K
         assert len(row["peak_mem_mb"]) == ranks and all(m > 0 for m in row["peak_mem_mb"]), name
         assert row["speedup_vs_bp_1thread"] == pytest.approx(
