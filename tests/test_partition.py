@@ -141,7 +141,8 @@ def test_describe_table() -> None:
     lines = text.splitlines()
     assert len(lines) == 1 + 2 + 1
     assert "(128, 16, 32, 32)" in lines[1] and "[0,4)" in lines[1]
-    assert lines[-1].startswith("balance ratio")
+    flops = block_costs(blocks, (1, 3, 32, 32))
+    assert lines[-1] == f"balance ratio (slowest / mean module FLOPs): {balance_ratio(flops, bounds):.3f}"
     with pytest.raises(ValueError):
         describe(blocks, bounds, (1, 3, 32, 32), 128, [1])
 

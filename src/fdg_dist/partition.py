@@ -63,7 +63,10 @@ def block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> list
     Blocks without counted FLOPs (only element-wise ops) are charged their output element count so
     no block is free and the partitioner still spreads them.
     """
-    shapes, flops = _probe(blocks, input_shape)
+    return _charged(*_probe(blocks, input_shape))
+
+
+def _charged(shapes: Sequence[torch.Size], flops: Sequence[int]) -> list[float]:
     return [
         float(f) if f > 0 else float(max(math.prod(s), 1)) for f, s in zip(flops, shapes[1:], strict=True)
     ]
@@ -208,7 +211,7 @@ def describe(
         )
     if seconds is None:
         rows.append(f"balance ratio (slowest / mean module FLOPs): "
-                    f"{balance_ratio(block_costs(blocks, (1, *sample_shape)), bounds):.3f}")
+                    f"{balance_ratio(_charged(shapes, flops), bounds):.3f}")
     else:
         rows.append(f"balance ratio (slowest / mean module measured time): {balance_ratio(seconds, bounds):.3f}")
     return "\n".join(rows)
