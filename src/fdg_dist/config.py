@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("multistep", "cosine", "constant")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 PRECISIONS = ("fp32", "bf16")
+NAN_POLICIES = ("stop", "skip_step", "off")
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -87,7 +88,7 @@ class TrainerConfig:
     precision: str = "fp32"
     channels_last: bool = False  # NHWC activations and conv weights: faster convolutions on CPUs and GPUs
     threads: int | None = None  # intra-op threads per process (CPU)
-    nan_policy: str = "stop"
+    nan_policy: str = "stop"  # stop | skip_step | off (no finiteness checks: no host sync per step on a GPU)
     eval_every_epochs: int = 1
 
 
@@ -230,7 +231,7 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(t.max_steps is None or (isinstance(t.max_steps, int) and t.max_steps >= 1), "trainer.max_steps",
              f"{t.max_steps!r} must be null or an integer ≥ 1")
     _require(t.precision in PRECISIONS, "trainer.precision", f"{t.precision!r} is not one of {', '.join(PRECISIONS)}")
-    _require(t.nan_policy in ("stop", "skip_step"), "trainer.nan_policy", f"{t.nan_policy!r} is not one of stop, skip_step")
+    _require(t.nan_policy in NAN_POLICIES, "trainer.nan_policy", f"{t.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
     _require(cfg.optim.name in OPTIMIZERS, "optim.name", f"unknown optimizer {cfg.optim.name!r}; valid: {', '.join(OPTIMIZERS)}")
     _require(cfg.optim.lr > 0, "optim.lr", f"{cfg.optim.lr!r} must be > 0")
     _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", f"{cfg.optim.weight_decay!r} must be ≥ 0")

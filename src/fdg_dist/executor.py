@@ -104,7 +104,8 @@ class Executor:
                     if grad_in is not None:
                         outbox[("grad", a.batch)] = [grad_in]
                     if stats is not None:
-                        self._check_loss(stats, a, epoch)
+                        if self.stage.nan_policy == "stop":  # skip_step: the gradient check drops the step
+                            self._check_loss(stats, a, epoch)
                         loss_sum += stats.loss_sum
                         errors += stats.errors
                         result.samples += stats.samples

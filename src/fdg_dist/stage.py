@@ -63,7 +63,7 @@ class Stage:
                  stash: str = "weights", accum_steps: int = 1, aux_head: nn.Module | None = None,
                  sends_grad: bool = True, precision: str = "fp32", device: torch.device | str = "cpu",
                  grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
-                 nan_policy: str | None = "stop",
+                 nan_policy: str = "stop",
                  memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.module = module
         self.index = index
@@ -77,7 +77,7 @@ class Stage:
         self.device = torch.device(device)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
                          else nullcontext())
-        self.nan_policy = nan_policy  # stop | skip_step | None (no check: no host sync per step)
+        self.nan_policy = nan_policy  # stop | skip_step | off (no check: no host sync per step)
         self.memory_format = memory_format  # of 4-D inputs; the module's weights are converted by the caller
         self.grad_sync = grad_sync  # replicas: average gradients over module k of every replica
         self.is_last = index == num_stages - 1
@@ -178,7 +178,7 @@ class Stage:
             self.grad_sync([p.grad for p in params])
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
                                                      for p in params])) if params else torch.zeros(())
-        if self.nan_policy is not None and not torch.isfinite(norm):
+        if self.nan_policy != "off" and not torch.isfinite(norm):
             if self.nan_policy == "stop":
                 raise NonFiniteError(f"non-finite gradient (norm {float(norm)}) in module {self.index} "
                                      f"at its step {self.steps}; lower optim.lr or set trainer.nan_policy=skip_step")
