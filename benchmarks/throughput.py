@@ -16,7 +16,8 @@ timeout, so thread settings and failures never leak from one variant into the ne
 samples/s is the median over the epochs after ``--warmup`` (each epoch one timed window of the same
 synthetic, augmented batches); with ``--repeats R`` every variant runs R times, the rounds interleaved
 (so a slow spell on the machine hits all variants alike), and the run with the median samples/s is
-reported.  Prints a markdown table and, with ``--json``, writes ``{"results": {NAME: {"samples_per_s", "speedup_vs_bp_1thread", "peak_mem_mb": [per rank], ...}},
+reported.  Prints a markdown table and, with ``--json``, writes
+``{"results": {NAME: {"samples_per_s", "speedup_vs_bp_1thread", "peak_mem_mb": [per rank], ...}},
 "config": ..., "machine": ...}``.  CPU-only numbers are only as good as the machine is quiet: the load
 average is recorded next to every result.
 """
