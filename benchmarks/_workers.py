@@ -42,10 +42,6 @@ def data_config(spec: Spec) -> DataConfig:
                       train_size=spec["train_size"], test_size=spec["batch_size"])
 
 
-def memory_format(spec: Spec) -> torch.memory_format:
-    return torch.channels_last if spec["channels_last"] else torch.contiguous_format
-
-
 def train_batches(spec: Spec) -> data.Batches:
     train_set, _ = data.load(data_config(spec), spec["seed"])
     return data.Batches(train_set, spec["batch_size"], train=True, augment=True, seed=spec["seed"])
@@ -73,7 +69,7 @@ def single_process(spec: Spec) -> Spec:
     """Plain back-propagation of the unsplit model in this process with ``spec["threads"]`` threads."""
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    fmt = memory_format(spec)
+    fmt = models.memory_format(spec["channels_last"])
     model = models.build(spec["model"], spec["num_classes"]).to(memory_format=fmt)
     optimizer = build_optimizer(OptimConfig(), model.parameters())
     batches = train_batches(spec)
@@ -82,7 +78,7 @@ def single_process(spec: Spec) -> Spec:
         samples, tic = 0, time.perf_counter()
         for x, y in batches.epoch(epoch):
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x.contiguous(memory_format=fmt)), y).backward()
+            F.cross_entropy(model(models.to_layout(x, fmt)), y).backward()
             optimizer.step()
             samples += len(y)
         windows.append(samples / (time.perf_counter() - tic))
@@ -113,7 +109,7 @@ class _Layout(nn.Module):
         self.fmt = fmt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=self.fmt) if x.dim() == 4 else x
+        return models.to_layout(x, self.fmt)
 
 
 def pipelining_rank(spec: Spec) -> Spec:
@@ -133,7 +129,7 @@ def pipelining_rank(spec: Spec) -> Spec:
         sample = (1, 3, spec["image_size"], spec["image_size"])
         bounds = spec["bounds"]
         # like our engine: compute in the configured layout, send contiguous (NCHW) tensors, which gloo requires
-        fmt = memory_format(spec)
+        fmt = models.memory_format(spec["channels_last"])
         module = nn.Sequential(_Layout(fmt), *blocks[bounds[rank]:bounds[rank + 1]],
                                _Layout(torch.contiguous_format)).to(memory_format=fmt)
         # static shapes: the stages then exchange no metadata at all

@@ -18,6 +18,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+from fdg_dist import models
+
 _META = torch.device("meta")
 
 
@@ -87,12 +89,12 @@ def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]
     """
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = models.memory_format(channels_last)
     probes = [copy.deepcopy(b).to(device, memory_format=fmt).train() for b in blocks]
     inputs, x = [], torch.randn(tuple(input_shape), device=device)
     with torch.no_grad(), autocast:
         for probe in probes:
-            inputs.append(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
+            inputs.append(models.to_layout(x, fmt))
             x = probe(inputs[-1])
     rounds: list[list[float]] = []
     for _ in range(warmup + repeats):

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from fdg_dist import models
+
 
 class NonFiniteError(FloatingPointError):
     """A NaN/inf loss or gradient: the run stops with the step and module named."""
@@ -98,8 +100,7 @@ class Stage:
         ``keep_for_backward`` stashes the forward for a later gradient from the next module.
         """
         self.module.train(train)
-        if x.dim() == 4:  # received activations arrive contiguous (NCHW); data too
-            x = x.contiguous(memory_format=self.memory_format)
+        x = models.to_layout(x, self.memory_format)  # received activations arrive contiguous (NCHW); data too
         if not train:
             with torch.no_grad(), self.autocast:
                 out = self.module(x)

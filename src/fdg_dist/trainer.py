@@ -88,7 +88,7 @@ class Trainer:
         if ctx.rank == 0:
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
                      "stashed weights" if m.stash == "weights" else "recompute", built.table)
-        fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+        fmt = models.memory_format(t.channels_last)
         module = built.module.to(ctx.device, memory_format=fmt)
         aux = built.aux_head.to(ctx.device, memory_format=fmt) if built.aux_head is not None else None
         params = list(module.parameters()) + (list(aux.parameters()) if aux is not None else [])

@@ -18,7 +18,7 @@ from fdg_dist.models.resnet_cifar import DEPTHS, resnet_cifar_blocks
 from fdg_dist.models.tiny import tiny_blocks
 from fdg_dist.models.wrn import wrn_blocks
 
-__all__ = ["aux_head", "build", "build_blocks", "names"]
+__all__ = ["aux_head", "build", "build_blocks", "memory_format", "names", "to_layout"]
 
 _FACTORIES: dict[str, Callable[[int], list[nn.Module]]] = {
     **{name: (lambda nc, name=name: resnet_cifar_blocks(name, nc)) for name in DEPTHS},
@@ -26,6 +26,16 @@ _FACTORIES: dict[str, Callable[[int], list[nn.Module]]] = {
     "wrn28_10": lambda nc: wrn_blocks(28, 10, nc),
     "tiny": tiny_blocks,
 }
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout a run computes in (``trainer.channels_last``): NHWC convolutions are faster on CPUs and GPUs."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def to_layout(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``x`` in layout ``fmt`` if it is an image batch (4-D); other tensors (logits, labels) as they are."""
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
 
 
 def names() -> list[str]:
