@@ -119,21 +119,19 @@ class Trainer:
         hold that split's modules) instead of a new measurement that might move a boundary.
         """
         cfg, ctx = self.cfg, self.ctx
-        n = len(models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta"))
-        seconds = torch.zeros(n, dtype=torch.float64)
+        seconds: list[list[float] | None] = [None]
         if ctx.rank == 0:
             path = self.run_dir / "block_costs.json"
             if path.exists():
-                seconds = torch.tensor(json.loads(path.read_text())["seconds"], dtype=torch.float64)
+                seconds[0] = json.loads(path.read_text())["seconds"]
             else:
                 blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
                 shape = (cfg.trainer.batch_size // ctx.R, 3, cfg.data.image_size, cfg.data.image_size)
-                seconds = torch.tensor(partition.measured_block_costs(
-                    blocks, shape, ctx.device, precision=cfg.trainer.precision,
-                    channels_last=cfg.trainer.channels_last), dtype=torch.float64)
-                checkpoint.atomic_write(json.dumps({"shape": shape, "seconds": seconds.tolist()}).encode(), path)
-        dist.broadcast(seconds, src=0, group=ctx.header_group)
-        return seconds.tolist()
+                seconds[0] = partition.measured_block_costs(blocks, shape, ctx.device, precision=cfg.trainer.precision,
+                                                            channels_last=cfg.trainer.channels_last)
+                checkpoint.atomic_write(json.dumps({"shape": shape, "seconds": seconds[0]}).encode(), path)
+        dist.broadcast_object_list(seconds, src=0, group=ctx.header_group)
+        return seconds[0]
 
     # -------------------------------------------------------------------- data
     def _load_data(self) -> tuple[data.Batches | None, data.Batches | None]:
