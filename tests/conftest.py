@@ -9,19 +9,20 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fdg_dist import data
+from fdg_dist import data, models
 from fdg_dist.cli import launch_local
 from fdg_dist.config import Config
 from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.reference import Simulation
-from fdg_dist.trainer import build_module
+from fdg_dist.trainer import build_module, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10"
@@ -105,6 +106,56 @@ def _reference_run(cfg: Config, replica: int, mean: GradientMean | None) -> Call
         return state
 
     return train
+
+
+def epoch_batches(cfg: Config) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each epoch's global batches as the run draws them, honouring trainer.max_steps."""
+    train_set, _ = data.load(cfg.data, cfg.trainer.seed)
+    loader = data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
+                          seed=cfg.trainer.seed)
+    steps = 0
+    for epoch in range(cfg.trainer.epochs):
+        budget = loader.num_batches() if cfg.trainer.max_steps is None else cfg.trainer.max_steps - steps
+        batches = [b for _, b in zip(range(budget), loader.epoch(epoch))]
+        steps += len(batches)
+        yield batches
+
+
+def data_parallel_reference(cfg: Config, replicas: int) -> dict[str, torch.Tensor]:
+    """Single-process training of the unsplit model with DDP's semantics; ``replicas=1`` is plain BP.
+
+    Each global batch is cut into ``replicas`` contiguous shards (``data.shard_bounds``); each shard
+    runs forward/backward on the same weights with its own BatchNorm batch statistics, the gradients
+    are summed (autograd accumulation, shard 0 first) and divided by R — bitwise the all-reduce mean
+    for R = 2 — and one step is taken.  BatchNorm running statistics: every replica keeps its own while
+    training and ``Trainer.evaluate`` broadcasts replica 0's before evaluating; the exported model is
+    replica 0's, so the reference keeps shard 0's statistics and discards those of the other shards
+    (running statistics never influence a training-mode forward, hence no weight).
+    """
+    torch.set_num_threads(1)
+    seed_everything(cfg.trainer.seed)
+    model = models.build(cfg.model.name, cfg.data.num_classes)
+    opt = build_optimizer(cfg.optim, model.parameters())
+    sched = build_scheduler(cfg.sched, opt, cfg.trainer.epochs)
+    model.train()
+    for batches in epoch_batches(cfg):
+        for x, y in batches:
+            if len(y) < replicas:
+                continue  # the Trainer drops a last batch that would leave a replica without samples
+            for r in range(replicas):
+                lo, hi = data.shard_bounds(len(y), r, replicas)
+                F.cross_entropy(model(x[lo:hi]), y[lo:hi]).backward()
+                if r == 0:
+                    replica0 = [b.clone() for b in model.buffers()]
+            for b, kept in zip(model.buffers(), replica0, strict=True):
+                b.copy_(kept)
+            if replicas > 1:
+                for p in model.parameters():
+                    p.grad /= replicas
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sched.step()
+    return model.state_dict()
 
 
 class GradientMean:

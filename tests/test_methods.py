@@ -10,7 +10,6 @@ so every comparison below is bitwise.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     assert_same_weights,
+    data_parallel_reference,
+    epoch_batches,
     final_state,
     reference_state,
     run_cli,
@@ -26,10 +27,10 @@ from conftest import (
     train_spans,
 )
 
-from fdg_dist import data, models
+from fdg_dist import models
 from fdg_dist.config import Config
 from fdg_dist.optim import build_optimizer, build_scheduler
-from fdg_dist.trainer import build_module, seed_everything
+from fdg_dist.trainer import build_module
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 
@@ -37,56 +38,6 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 def _traced(**overrides: object) -> Config:
     """3 epochs capped at 16 steps (the last epoch is cut short and drains), traced."""
     return small_config(**{"trainer.epochs": 3, "trainer.max_steps": 16, "logging.trace": True, **overrides})
-
-
-def _epoch_batches(cfg: Config) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Each epoch's global batches as the run draws them, honouring trainer.max_steps."""
-    train_set, _ = data.load(cfg.data, cfg.trainer.seed)
-    loader = data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
-                          seed=cfg.trainer.seed)
-    steps = 0
-    for epoch in range(cfg.trainer.epochs):
-        budget = loader.num_batches() if cfg.trainer.max_steps is None else cfg.trainer.max_steps - steps
-        batches = [b for _, b in zip(range(budget), loader.epoch(epoch))]
-        steps += len(batches)
-        yield batches
-
-
-def data_parallel_reference(cfg: Config, replicas: int) -> dict[str, torch.Tensor]:
-    """Single-process training of the unsplit model with DDP's semantics; ``replicas=1`` is plain BP.
-
-    Each global batch is cut into ``replicas`` contiguous shards (``data.shard_bounds``); each shard
-    runs forward/backward on the same weights with its own BatchNorm batch statistics, the gradients
-    are summed (autograd accumulation, shard 0 first) and divided by R — bitwise the all-reduce mean
-    for R = 2 — and one step is taken.  BatchNorm running statistics: every replica keeps its own while
-    training and ``Trainer.evaluate`` broadcasts replica 0's before evaluating; the exported model is
-    replica 0's, so the reference keeps shard 0's statistics and discards those of the other shards
-    (running statistics never influence a training-mode forward, hence no weight).
-    """
-    torch.set_num_threads(1)
-    seed_everything(cfg.trainer.seed)
-    model = models.build(cfg.model.name, cfg.data.num_classes)
-    opt = build_optimizer(cfg.optim, model.parameters())
-    sched = build_scheduler(cfg.sched, opt, cfg.trainer.epochs)
-    model.train()
-    for batches in _epoch_batches(cfg):
-        for x, y in batches:
-            if len(y) < replicas:
-                continue  # the Trainer drops a last batch that would leave a replica without samples
-            for r in range(replicas):
-                lo, hi = data.shard_bounds(len(y), r, replicas)
-                F.cross_entropy(model(x[lo:hi]), y[lo:hi]).backward()
-                if r == 0:
-                    replica0 = [b.clone() for b in model.buffers()]
-            for b, kept in zip(model.buffers(), replica0, strict=True):
-                b.copy_(kept)
-            if replicas > 1:
-                for p in model.parameters():
-                    p.grad /= replicas
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sched.step()
-    return model.state_dict()
 
 
 # ------------------------------------------------------------------------------------------------ bp
@@ -142,7 +93,7 @@ def test_dgl_is_local_and_exports_no_auxiliary_head(run_dir: Path) -> None:
     alone = build_module(cfg, K, 0)
     opt = build_optimizer(cfg.optim, [*alone.module.parameters(), *alone.aux_head.parameters()])
     sched = build_scheduler(cfg.sched, opt, cfg.trainer.epochs)
-    for batches in _epoch_batches(cfg):
+    for batches in epoch_batches(cfg):
         for x, y in batches:
             F.cross_entropy(alone.aux_head(alone.module(x)), y).backward()
             opt.step()

@@ -9,7 +9,8 @@ import torch
 from conftest import run_pipeline, small_config
 from torch import nn
 
-from fdg_dist.stage import NonFiniteError, Stage
+from fdg_dist.finite import NonFiniteError
+from fdg_dist.stage import Stage
 
 
 def _last_stage(policy: str) -> tuple[Stage, nn.Linear]:
@@ -25,11 +26,21 @@ def _nan_batch(stage: Stage) -> None:
     stage.forward(0, x, torch.zeros(8, dtype=torch.long), train=True, keep_for_backward=False)
 
 
-def test_stop_raises_naming_module_and_step() -> None:
+def test_stop_raises_one_step_late_naming_module_and_the_step_where_it_happened() -> None:
     stage, _ = _last_stage("stop")
     _nan_batch(stage)
-    with pytest.raises(NonFiniteError, match=r"module 0 at its step 0"):
+    stage.step()  # no host read here: the flag travels to the host while the next step runs
+    _nan_batch(stage)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient in module 0 at its step 0\b"):
         stage.step()
+
+
+def test_stop_reads_the_last_step_at_the_epoch_end() -> None:
+    stage, _ = _last_stage("stop")
+    _nan_batch(stage)
+    stage.step()
+    with pytest.raises(NonFiniteError, match=r"module 0 at its step 0\b"):
+        stage.finite.flush()
 
 
 def test_skip_step_leaves_weights_and_step_count_and_clears_the_gradient() -> None:

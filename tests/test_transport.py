@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fdg_dist.transport import Envelope, Transport, TransportError
+from fdg_dist.transport import Envelope, Link, TorchWire, Transport, TransportError
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 
@@ -31,14 +31,16 @@ def _pair(rank: int, port: int, sent: Envelope, expected: Envelope, queue: mp.Qu
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        transport = Transport([0, 1], torch.device("cpu"))
+        links = {Link("act", 0, 1): dist.new_group([0, 1]), Link("grad", 1, 0): dist.new_group([0, 1])}
+        wire = TorchWire([0, 1], links, None, torch.device("cpu"), "gloo")
+        transport = Transport(wire, rank, torch.device("cpu"))
         if rank == 0:
-            transport.exchange([(1, [sent], [torch.ones(sent.shape, dtype=sent.dtype)])], [])
+            transport.post([(1, [sent], [torch.ones(sent.shape, dtype=sent.dtype)])], [])
             transport.drain()
             queue.put((0, "sent", 0.0))
         else:
             start = time.perf_counter()
-            transport.exchange([], [(0, [expected])])
+            transport.post([], [(0, [expected])])
             try:
                 (got,) = transport.take(expected.kind, expected.batch)
                 queue.put((1, f"ok {got.sum().item()}", time.perf_counter() - start))
@@ -74,7 +76,7 @@ def test_a_matching_message_arrives_intact() -> None:
 
 
 def test_a_misrouted_batch_is_an_error_naming_batch_expected_and_actual_within_a_second() -> None:
-    expected = Envelope("grad", 0, 1, 5, torch.float32, (2, 3))
-    sent = Envelope("grad", 0, 1, 4, torch.float32, (2, 3))
+    expected = Envelope("act", 0, 1, 5, torch.float32, (2, 3))
+    sent = Envelope("act", 0, 1, 4, torch.float32, (2, 3))
     msg = _exchange(sent, expected)
-    assert "header field 'batch' expected 5, got 4" in msg and "from rank 0" in msg
+    assert "header field 'batch' expected 5, got 4" in msg and "from module 0 (rank 0)" in msg

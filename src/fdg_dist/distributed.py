@@ -1,7 +1,12 @@
 """Process-group set-up: backend and device choice, timeouts, the pipeline and replica groups.
 
 Layout of a run with K modules and R replicas (world size K·R): global rank ``r·K + k`` holds module
-k of replica r.  Module k of every replica forms one "replica group" that averages gradients.
+k of replica r.  Module k of every replica forms one "replica group" that averages gradients.  Every
+direction of every pipeline hop, for each kind of traffic, is a two-rank group of its own (a *link*):
+under NCCL its own communicator and stream, so activations never queue behind gradients (``transport``).
+
+On an error the groups are *aborted*, not destroyed: destroying an NCCL group waits for its pending
+kernels, which never finish when the peer they wait for is dead.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from fdg_dist.transport import Link
 
 
 @dataclass
@@ -27,6 +34,7 @@ class Context:
     backend: str
     header_group: dist.ProcessGroup | None  # gloo group for message headers (None: the default group)
     replica_group: dist.ProcessGroup | None  # module k of all replicas (None when R == 1)
+    links: dict[Link, dist.ProcessGroup]  # this rank's links (keyed by module indices within its replica)
 
     @property
     def pipeline_ranks(self) -> list[int]:
@@ -40,18 +48,45 @@ def choose_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0) -> Context:
+class DeviceError(RuntimeError):
+    """This machine cannot run the configuration (no GPU for NCCL, a rank without a GPU, no bf16)."""
+
+
+def check_device(backend: str, local_rank: int, precision: str) -> torch.device:
+    """The device this rank computes on, or one line saying why this machine cannot run it.
+
+    Caught here, at start, instead of as a CUDA error deep in the first NCCL call or the first bf16
+    message.
+    """
+    if backend != "nccl":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError("dist.backend=nccl needs CUDA GPUs and this machine has none; use dist.backend=gloo "
+                          "(or auto) to train on the CPU")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DeviceError(f"local rank {local_rank} needs GPU cuda:{local_rank} but only {count} GPU(s) are "
+                          f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                          f"start at most {count} processes per node (--nproc_per_node)")
+    device = torch.device("cuda", local_rank)
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 "
+                          "support; use trainer.precision=fp32")
+    return device
+
+
+def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
+         precision: str = "fp32") -> Context:
     """Join the process group torchrun (or our elastic launch) described in the environment."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if world != K * R:
         raise RuntimeError(f"world size {world} != pipeline.k {K} × pipeline.replicas {R}")
     backend = choose_backend(backend)
-    if backend == "nccl":
-        device = torch.device("cuda", local_rank)
+    device = check_device(backend, local_rank, precision)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
     timeout = timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}  # eager NCCL init (pytorch #136248)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
@@ -65,12 +100,37 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0)
             g = dist.new_group([r * K + k for r in range(R)], timeout=timeout)
             if k == rank % K:
                 replica_group = g
-    return Context(rank, world, local_rank, rank % K, rank // K, K, R, device, backend, header_group, replica_group)
+    links = _link_groups(rank, K, R, timeout)
+    return Context(rank, world, local_rank, rank % K, rank // K, K, R, device, backend, header_group, replica_group,
+                   links)
+
+
+def _link_groups(rank: int, K: int, R: int, timeout: timedelta) -> dict[Link, dist.ProcessGroup]:
+    """One two-rank group per direction of every hop of every replica; this rank keeps its own four (or fewer)."""
+    mine: dict[Link, dist.ProcessGroup] = {}
+    for r in range(R):
+        for k in range(K - 1):
+            for link in (Link("act", k, k + 1), Link("grad", k + 1, k)):
+                group = dist.new_group([r * K + k, r * K + k + 1], timeout=timeout)  # collective: every rank calls it
+                if rank in (r * K + k, r * K + k + 1):
+                    mine[link] = group
+    return mine
 
 
 def close() -> None:
+    """Leave cleanly after a successful run: every operation has completed, so destroying cannot block."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abort() -> None:
+    """Leave after an error: abort every group instead of destroying it.
+
+    With NCCL, destroying waits for pending kernels — a receive from a dead neighbour never finishes —
+    so the rank would sit until the watchdog; aborting returns at once.
+    """
+    if dist.is_initialized():
+        dist.distributed_c10d._abort_process_group()
 
 
 def allreduce_mean(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:

@@ -1,21 +1,26 @@
-"""Runs one rank's share of a schedule: take inputs, call the stage, post the time's P2P group.
+"""Runs one rank's share of a schedule: take inputs, call the stage, post the time's messages.
 
 This is the only place where the schedule (what), the stage (compute) and the transport (wires)
-meet.  Every rank walks the times of its plan in order; after its actions at a time it posts that
-time's sends and receives as one group (see ``schedule`` for why that is deadlock-free).
+meet.  Every rank walks its ``schedule.program`` — per schedule time, its actions and then the
+messages that time posts — the same order ``fabric.replay`` proves deadlock-free under NCCL's rules.
+
+Nothing here reads a device value between actions: losses and error counts accumulate on the device
+and are read once, at the epoch end; finiteness is checked a step late (``finite``); times come from
+a ``Clock`` that on a GPU records CUDA events and converts them only at the epoch end.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
+from fdg_dist import schedule
 from fdg_dist.schedule import Action, Kind, Message, Plan
-from fdg_dist.stage import BatchStats, NonFiniteError, Stage, StepInfo
+from fdg_dist.stage import Stage, StepInfo
 from fdg_dist.transport import Envelope, Transport
 
 
@@ -30,36 +35,93 @@ class Boundary:
 
 @dataclass
 class Event:
-    """One executed action, for instrumentation, TensorBoard and the trace."""
+    """One executed action, for instrumentation, TensorBoard and the trace (times in seconds)."""
 
     action: Action
-    start: float
-    wait_s: float  # time blocked on an incoming message
+    start: float  # on the host clock (time.perf_counter), also for device-timed events
+    wait_s: float  # time blocked on an incoming message (module 0 forward: on its data)
     compute_s: float
     stash: int  # forwards held after the action
     batches: tuple[int, ...] = ()  # STEP: batches whose gradients this step applied
     step: StepInfo | None = None  # STEP: gradient norm (and update ratio at log intervals)
+    marks: tuple[Any, Any, Any] | None = None  # clock marks until the epoch end resolves them
 
 
 @dataclass
 class EpochResult:
-    loss_sum: float = 0.0
-    errors: int = 0
+    """What a module saw in one pass; loss and errors may be device tensors until first read."""
+
+    loss_sum: float | torch.Tensor = 0.0
+    errors: int | torch.Tensor = 0
     samples: int = 0
     events: list[Event] = field(default_factory=list)
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.samples, 1)
+        return float(self.loss_sum) / max(self.samples, 1)
 
     @property
     def error(self) -> float:
-        return self.errors / max(self.samples, 1)
+        return int(self.errors) / max(self.samples, 1)
+
+
+class Clock(Protocol):
+    """Marks taken around every action, turned into seconds only at the epoch end."""
+
+    def begin(self) -> None: ...
+
+    def mark(self) -> Any: ...
+
+    def resolve(self, marks: tuple[Any, Any, Any]) -> tuple[float, float, float]:
+        """(start on the host clock, wait seconds, compute seconds)."""
+        ...
+
+
+class HostClock:
+    """``time.perf_counter``: on the CPU an op returns when its work is done, so this is what it took."""
+
+    def begin(self) -> None:
+        return None
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def resolve(self, marks: tuple[float, float, float]) -> tuple[float, float, float]:
+        start, ready, end = marks
+        return start, ready - start, end - ready
+
+
+class DeviceClock:
+    """CUDA events on the compute stream: when the device ran an action, not when the host queued it.
+
+    The wait mark comes after the stream was told to wait for the incoming message, so (start → ready)
+    is the device idling for a neighbour and (ready → end) its compute.  ``event`` makes the events
+    (``torch.cuda.Event(enable_timing=True)``; tests pass a fake).
+    """
+
+    def __init__(self, event: Callable[[], Any] | None = None) -> None:
+        self.event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self.origin: tuple[float, Any] | None = None
+
+    def begin(self) -> None:
+        self.origin = (time.perf_counter(), self.mark())
+
+    def mark(self) -> Any:
+        e = self.event()
+        e.record()
+        return e
+
+    def resolve(self, marks: tuple[Any, Any, Any]) -> tuple[float, float, float]:
+        start, ready, end = marks
+        end.synchronize()
+        host0, event0 = self.origin
+        return (host0 + event0.elapsed_time(start) / 1e3, start.elapsed_time(ready) / 1e3,
+                ready.elapsed_time(end) / 1e3)
 
 
 class Executor:
     def __init__(self, stage: Stage, transport: Transport, boundary: Boundary, *, record: bool = True,
-                 measure_every: int = 0) -> None:
+                 measure_every: int = 0, clock: Clock | None = None) -> None:
         self.stage = stage
         self.transport = transport
         self.boundary = boundary
@@ -67,36 +129,23 @@ class Executor:
         self.K = stage.num_stages
         self.record = record
         self.measure_every = measure_every  # steps between update/weight-ratio measurements (0: never)
+        self.clock = clock or HostClock()
 
     def run(self, plan: Plan, batch_sizes: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
             *, epoch: int, train: bool, on_action: Callable[[Event], None] | None = None) -> EpochResult:
         """Execute one epoch (train) or one evaluation pass; returns the stats this module saw."""
         phase = 0 if train else 1
-        actions: dict[tuple, list[Action]] = defaultdict(list)
-        for a in plan.actions:
-            actions[a.time].append(a)
-        sends: dict[tuple, list[Message]] = defaultdict(list)
-        for m in plan.sends:
-            sends[m.time].append(m)
-        recvs: dict[tuple, list[Message]] = defaultdict(list)
-        for m in plan.recvs:
-            recvs[m.time].append(m)
-
-        result = EpochResult()
-        loss_sum = torch.zeros((), device=self.stage.device)
-        errors = torch.zeros((), dtype=torch.int64, device=self.stage.device)
+        result = EpochResult(loss_sum=torch.zeros((), device=self.stage.device),
+                             errors=torch.zeros((), dtype=torch.int64, device=self.stage.device))
         outbox: dict[tuple[str, int], list[torch.Tensor]] = {}
         applied: list[int] = []  # batches whose gradients are accumulated but not yet stepped
-        for t in plan.times():
-            for a in actions.get(t, ()):
-                start = time.perf_counter()
-                wait = 0.0
+        self.clock.begin()
+        for step in schedule.program(plan, self.K):
+            for a, needs in step.actions:
+                start = self.clock.mark()
                 if a.kind is Kind.FORWARD:
-                    if self.k == 0:
-                        x, y = next(batches)
-                    else:
-                        x, y = self.transport.take("act", a.batch)
-                    wait = time.perf_counter() - start
+                    x, y = next(batches) if needs is None else self.transport.take(*needs)
+                    ready = self.clock.mark()
                     out, stats, grad_in = self.stage.forward(
                         a.batch, x, y, train=train, keep_for_backward=train and not self._has_loss)
                     if self.k < self.K - 1:
@@ -104,48 +153,49 @@ class Executor:
                     if grad_in is not None:
                         outbox[("grad", a.batch)] = [grad_in]
                     if stats is not None:
-                        if self.stage.nan_policy == "stop":  # skip_step: the gradient check drops the step
-                            self._check_loss(stats, a, epoch)
-                        loss_sum += stats.loss_sum
-                        errors += stats.errors
+                        self.stage.finite.watch(stats.loss_sum, f"non-finite loss at module {self.k}, epoch {epoch}, "
+                                                                f"batch {a.batch} (module step {self.stage.steps})")
+                        result.loss_sum += stats.loss_sum
+                        result.errors += stats.errors
                         result.samples += stats.samples
                     if train and self._has_loss:
                         applied.append(a.batch)
                 elif a.kind is Kind.BACKWARD:
-                    (grad,) = self.transport.take("grad", a.batch)
-                    wait = time.perf_counter() - start
+                    (grad,) = self.transport.take(*needs)
+                    ready = self.clock.mark()
                     grad_in = self.stage.backward(a.batch, grad)
                     if grad_in is not None:
                         outbox[("grad", a.batch)] = [grad_in]
                     applied.append(a.batch)
                 else:
+                    ready = start
                     measure = self.measure_every > 0 and self.stage.steps % self.measure_every == 0
                     info = self.stage.step(measure=measure)
                 stepped = tuple(applied) if a.kind is Kind.STEP else ()
                 if stepped:
                     applied = []
-                event = Event(a, start, wait, time.perf_counter() - start - wait, len(self.stage.stash), stepped,
-                              info if a.kind is Kind.STEP else None)
+                event = Event(a, 0.0, 0.0, 0.0, len(self.stage.stash), stepped, info if a.kind is Kind.STEP else None,
+                              (start, ready, self.clock.mark()))
                 if self.record:
                     result.events.append(event)
                 if on_action is not None:
                     on_action(event)
-            self.transport.exchange(
-                [(m.dst, *self._payload(m, batch_sizes, epoch, phase, outbox)) for m in sends.get(t, ())],
-                [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase)) for m in recvs.get(t, ())])
+            self.transport.post(
+                [(m.dst, self._envelopes(m, batch_sizes[m.batch], epoch, phase), outbox.pop((m.kind, m.batch)))
+                 for m in step.sends],
+                [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase)) for m in step.recvs])
             self.transport.reap()
         self.transport.drain()
-        result.loss_sum = float(loss_sum)
-        result.errors = int(errors)
+        if train:
+            self.stage.finite.flush()
+        for e in result.events:
+            e.start, e.wait_s, e.compute_s = self.clock.resolve(e.marks)
+            e.marks = None
         return result
 
     @property
     def _has_loss(self) -> bool:
         return self.stage.is_last or self.stage.aux_head is not None
-
-    def _payload(self, m: Message, batch_sizes: list[int], epoch: int, phase: int,
-                 outbox: dict[tuple[str, int], list[torch.Tensor]]) -> tuple[list[Envelope], list[torch.Tensor]]:
-        return self._envelopes(m, batch_sizes[m.batch], epoch, phase), outbox.pop((m.kind, m.batch))
 
     def _envelopes(self, m: Message, n: int, epoch: int, phase: int) -> list[Envelope]:
         """What message m must contain; both ends derive it from the schedule and the boundary shapes."""
@@ -157,8 +207,3 @@ class Executor:
         if downstream:
             return [main, Envelope("labels", phase, epoch, m.batch, torch.int64, (n,))]
         return [main]
-
-    def _check_loss(self, stats: BatchStats, a: Action, epoch: int) -> None:
-        if not torch.isfinite(stats.loss_sum):
-            raise NonFiniteError(f"non-finite loss {float(stats.loss_sum):g} at module {self.k}, "
-                                 f"epoch {epoch}, batch {a.batch} (module step {self.stage.steps})")

@@ -164,6 +164,49 @@ def plan(method: str, k: int, K: int, n_batches: int, *, train: bool, accum_step
     return Plan(mine, messages(mine, K, sends_grad=sends_grad), sorted(recvs))
 
 
+def consumes(action: Action, K: int) -> tuple[str, int] | None:
+    """The message (kind, batch) an action must take before it runs; None if it needs none.
+
+    Module 0 reads its forward's input from the data, not from a neighbour; a step uses what the
+    module accumulated itself.
+    """
+    if action.kind is Kind.FORWARD and action.module > 0:
+        return ("act", action.batch)
+    if action.kind is Kind.BACKWARD:
+        return ("grad", action.batch)
+    return None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One schedule time of one rank: its actions (each with the message it takes), then the messages it
+    posts (sends it produced at this time, receives of what its neighbours produce at this time)."""
+
+    time: Time
+    actions: list[tuple[Action, tuple[str, int] | None]]
+    sends: list[Message]
+    recvs: list[Message]
+
+
+def program(p: Plan, K: int) -> list[Step]:
+    """The order in which a rank acts, takes and posts: what the executor walks and the fabric replays.
+
+    Both go through this one function, so a replay that proves an order deadlock-free under NCCL's
+    rules proves the order the executor really uses.
+    """
+    actions: dict[Time, list[Action]] = {}
+    for a in p.actions:
+        actions.setdefault(a.time, []).append(a)
+    sends: dict[Time, list[Message]] = {}
+    for m in p.sends:
+        sends.setdefault(m.time, []).append(m)
+    recvs: dict[Time, list[Message]] = {}
+    for m in p.recvs:
+        recvs.setdefault(m.time, []).append(m)
+    return [Step(t, [(a, consumes(a, K)) for a in actions.get(t, ())], sends.get(t, []), recvs.get(t, []))
+            for t in p.times()]
+
+
 def grid(method: str, K: int, n_batches: int, accum_steps: int = 1) -> str:
     """A tick × module table (F3 = forward batch 3, B1 = backward batch 1, S = step) for docs and debugging."""
     cells: dict[tuple[int, int], list[str]] = {}

@@ -22,10 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fdg_dist import models
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN/inf loss or gradient: the run stops with the step and module named."""
+from fdg_dist.finite import FiniteWatch
 
 
 @dataclass
@@ -79,7 +76,8 @@ class Stage:
         self.device = torch.device(device)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
                          else nullcontext())
-        self.nan_policy = nan_policy  # stop | skip_step | off (no check: no host sync per step)
+        self.nan_policy = nan_policy  # stop (read a step late) | skip_step (read at once) | off
+        self.finite = FiniteWatch(self.device, enabled=nan_policy == "stop")
         self.memory_format = memory_format  # of 4-D inputs; the module's weights are converted by the caller
         self.grad_sync = grad_sync  # replicas: average gradients over module k of every replica
         self.is_last = index == num_stages - 1
@@ -109,8 +107,7 @@ class Stage:
         if keep_for_backward:
             x = x.detach().requires_grad_(self.sends_grad)
             if self.stash_mode == "weights":
-                params = {n: p.detach().clone().requires_grad_(p.requires_grad)
-                          for n, p in self.module.named_parameters()}
+                params = self._snapshot()
                 with self.autocast:
                     out = functional_call(self.module, params, (x,))
                 self.stash[batch] = _Stashed(x, out, params)
@@ -127,6 +124,21 @@ class Stage:
             loss = self.loss_fn(logits.float(), labels)
         self._accumulate_scaled(loss)
         return out.detach(), self._stats(logits.detach(), labels, loss.detach()), x.grad
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """The weights a stashed forward runs on: one buffer per dtype filled by one fused copy, with every
+        parameter's own strides (an NHWC weight stays NHWC), instead of one clone per parameter."""
+        named = list(self.module.named_parameters())
+        views: dict[str, torch.Tensor] = {}
+        for dtype in dict.fromkeys(p.dtype for _, p in named):
+            group = [(n, p) for n, p in named if p.dtype == dtype]
+            flat = torch.empty(sum(p.numel() for _, p in group), dtype=dtype, device=self.device)
+            offset = 0
+            for n, p in group:
+                views[n] = flat.as_strided(p.shape, p.stride(), offset)
+                offset += p.numel()
+            torch._foreach_copy_([views[n] for n, _ in group], [p.detach() for _, p in group])
+        return {n: views[n].requires_grad_(p.requires_grad) for n, p in named}
 
     def _stats(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None = None) -> BatchStats:
         if loss is None:
@@ -178,14 +190,13 @@ class Stage:
         if self.grad_sync is not None:
             self.grad_sync([p.grad for p in params])
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
-                                                     for p in params])) if params else torch.zeros(())
-        if self.nan_policy != "off" and not torch.isfinite(norm):
-            if self.nan_policy == "stop":
-                raise NonFiniteError(f"non-finite gradient (norm {float(norm)}) in module {self.index} "
-                                     f"at its step {self.steps}; lower optim.lr or set trainer.nan_policy=skip_step")
+                                                     for p in params])) if params else torch.zeros((), device=self.device)
+        if self.nan_policy == "skip_step" and not torch.isfinite(norm):  # skipping needs the answer now: a host sync
             self.optimizer.zero_grad(set_to_none=True)
             self.pending_backwards = 0
             return StepInfo(norm, None)
+        self.finite.watch(norm, f"non-finite gradient in module {self.index} at its step {self.steps}")
+        self.finite.publish()
         before = [p.detach().clone() for p in params] if measure else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,12 @@ from torch import nn
 from fdg_dist import checkpoint, data, models, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
-from fdg_dist.executor import Boundary, EpochResult, Executor
+from fdg_dist.executor import Boundary, DeviceClock, EpochResult, Executor, HostClock
 from fdg_dist.metrics import RunLog, chain
 from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.stage import Stage
 from fdg_dist.trace import TraceWriter
-from fdg_dist.transport import Transport
+from fdg_dist.transport import TorchWire, Transport
 
 log = logging.getLogger("fdg_dist")
 
@@ -70,6 +71,28 @@ def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None
     return BuiltModule(module, aux, bounds, [shapes[bounds[k]], shapes[bounds[k + 1]]], table)
 
 
+def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: list[float] | None = None,
+                grad_sync: Callable[[list[torch.Tensor]], None] | None = None) -> tuple[Stage, Boundary, BuiltModule]:
+    """Module k as a stage on ``device`` (weights, optimizer, LR schedule, method settings) and its boundary.
+
+    The one place a config becomes a stage: the trainer, the emulated-NCCL tests and the benchmarks use it.
+    """
+    t, m = cfg.trainer, cfg.method
+    built = build_module(cfg, K, k, seconds)
+    fmt = models.memory_format(t.channels_last)
+    module = built.module.to(device, memory_format=fmt)
+    aux = built.aux_head.to(device, memory_format=fmt) if built.aux_head is not None else None
+    params = list(module.parameters()) + (list(aux.parameters()) if aux is not None else [])
+    optimizer = build_optimizer(cfg.optim, params)
+    scheduler = build_scheduler(cfg.sched, optimizer, t.epochs)
+    stage = Stage(module, k, K, optimizer, scheduler, beta=m.beta, stash="recompute" if m.name == "fr" else m.stash,
+                  accum_steps=m.accum_steps, aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
+                  device=device, grad_sync=grad_sync, nan_policy=t.nan_policy, memory_format=fmt)
+    wire_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    boundary = Boundary(tuple(built.shapes[0][1:]), tuple(built.shapes[1][1:]), wire_dtype)
+    return stage, boundary, built
+
+
 def stash_depth(method: str, k: int, K: int) -> int:
     """How many forwards module k holds at most: 2(K-1-k) for FDG, K-1-k for DDG/FR, 0 otherwise."""
     return {"fdg": 2, "adl": 2, "ddg": 1, "fr": 1}.get(method, 0) * (K - 1 - k)
@@ -78,32 +101,22 @@ def stash_depth(method: str, k: int, K: int) -> int:
 class Trainer:
     def __init__(self, cfg: Config, ctx: Context, run_dir: Path) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
-        t, m = cfg.trainer, cfg.method
+        m = cfg.method
         self.k, self.K = ctx.module, ctx.K
         check_agreement(json.dumps(cfg.to_dict(), sort_keys=True, default=str), "configuration", ctx.header_group)
         timed = cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1
         seconds = self._measured_block_seconds() if timed else None
-        built = build_module(cfg, self.K, self.k, seconds)
-        self.bounds, shapes = built.bounds, built.shapes
+        sync = (lambda ps: allreduce_mean(ps, ctx.replica_group)) if ctx.R > 1 else None
+        self.stage, boundary, built = build_stage(cfg, self.K, self.k, ctx.device, seconds=seconds, grad_sync=sync)
+        self.bounds = built.bounds
         if ctx.rank == 0:
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
                      "stashed weights" if m.stash == "weights" else "recompute", built.table)
-        fmt = models.memory_format(t.channels_last)
-        module = built.module.to(ctx.device, memory_format=fmt)
-        aux = built.aux_head.to(ctx.device, memory_format=fmt) if built.aux_head is not None else None
-        params = list(module.parameters()) + (list(aux.parameters()) if aux is not None else [])
-        optimizer = build_optimizer(cfg.optim, params)
-        scheduler = build_scheduler(cfg.sched, optimizer, t.epochs)
-        sync = (lambda ps: allreduce_mean(ps, ctx.replica_group)) if ctx.R > 1 else None
-        self.stage = Stage(module, self.k, self.K, optimizer, scheduler, beta=m.beta,
-                           stash="recompute" if m.name == "fr" else m.stash, accum_steps=m.accum_steps,
-                           aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
-                           device=ctx.device, grad_sync=sync, nan_policy=t.nan_policy, memory_format=fmt)
-        wire = torch.bfloat16 if t.precision == "bf16" else torch.float32
-        boundary = Boundary(tuple(shapes[0][1:]), tuple(shapes[1][1:]), wire)
-        transport = Transport(ctx.pipeline_ranks, ctx.device, header_group=ctx.header_group,
-                              timeout_s=cfg.dist.timeout_s)
-        self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps)
+        wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
+        transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
+        clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
+        self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps,
+                                 clock=clock)
         self.train_data, self.test_data = self._load_data()
         self.is_reporter = self.k == self.K - 1 and ctx.replica == 0
         self.log = RunLog(cfg, run_dir, module=self.k, replica=ctx.replica, reporter=self.is_reporter,

@@ -1,18 +1,25 @@
 """Moving tensors between neighbouring ranks: P2P with a checked header, and nothing else.
 
 Every message is (header, payload…).  The header is a small int64 CPU tensor sent over a gloo group
-(the main group on CPU, a side group under NCCL) so it can be checked on the host without a GPU sync;
-the payload goes over the main group (NCCL keeps it on the GPU).  gloo and NCCL check nothing — a
-wrong size truncates, a wrong dtype is reinterpreted, a mis-routed batch is silently trained on — so
-the receiver verifies kind, phase, epoch, batch, dtype and shape and raises naming the field.
+so it is checked on the host without touching the device; the payload goes over its *link*: one
+direction of one pipeline hop for one kind of traffic (activations with their labels, or gradients).
+Each link is a process group of its own, so under NCCL it is a communicator with its own stream: a
+forward's input never queues behind a gradient, nor behind this rank's own send to its other
+neighbour, and every link carries traffic one way only, so no two ranks can both be sending first to
+each other (the NCCL deadlock).  gloo and NCCL check nothing — a wrong size truncates, a wrong dtype
+is reinterpreted, a mis-routed batch is silently trained on — so the receiver verifies kind, phase,
+epoch, batch, dtype and shape and raises naming the field.
 
-One ``exchange`` call posts all operations of one schedule time as one group; the schedule makes both
-ends of every pair issue them in the same order, which is what NCCL needs to be deadlock-free.
+The ``Wire`` protocol is the only thing the transport needs from torch.distributed; ``fabric`` gives
+an in-process implementation with NCCL's rules for tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -47,7 +54,7 @@ class Envelope:
                   _DTYPES.index(self.dtype), len(self.shape), *self.shape]
         return torch.tensor(values + [0] * (HEADER_LEN - len(values)), dtype=torch.int64)
 
-    def check(self, header: torch.Tensor, peer: int) -> None:
+    def check(self, header: torch.Tensor, peer: str) -> None:
         """Raise naming the first field where the received header disagrees with this expectation."""
         got = header.tolist()
         want = self.encode().tolist()
@@ -59,122 +66,192 @@ class Envelope:
         if got_shape != self.shape:
             raise TransportError(self._mismatch("shape", self.shape, got_shape, peer))
 
-    def _mismatch(self, field: str, want: object, got: object, peer: int) -> str:
+    def _mismatch(self, field: str, want: object, got: object, peer: str) -> str:
         if field == "kind":
             want, got = _KINDS[want], _KINDS[got] if 0 <= got < len(_KINDS) else got
         if field == "dtype":
             want, got = _DTYPES[want], _DTYPES[got] if 0 <= got < len(_DTYPES) else got
-        return (f"message from rank {peer} ({self.kind}, {'train' if self.phase == 0 else 'eval'} epoch "
+        return (f"message from {peer} ({self.kind}, {'train' if self.phase == 0 else 'eval'} epoch "
                 f"{self.epoch}, batch {self.batch}): header field '{field}' expected {want}, got {got}")
 
 
+@dataclass(frozen=True)
+class Link:
+    """One direction of one pipeline hop for one kind of traffic: ``act`` (activations and their labels,
+    module src → src+1) or ``grad`` (gradients, module src → src-1)."""
+
+    kind: str
+    src: int
+    dst: int
+
+    @staticmethod
+    def of(kind: str, src: int, dst: int) -> Link:
+        return Link("grad" if kind == "grad" else "act", src, dst)
+
+
+class Work(Protocol):
+    def wait(self) -> object: ...
+
+    def is_completed(self) -> bool: ...
+
+
+class Wire(Protocol):
+    """Point-to-point operations of one rank: payloads over links, headers over a gloo-like channel.
+
+    ``device`` is where payloads must live (the compute device under NCCL, the CPU under gloo).
+    """
+
+    device: torch.device
+
+    def send(self, tensor: torch.Tensor, link: Link) -> Work: ...
+
+    def recv(self, tensor: torch.Tensor, link: Link) -> Work: ...
+
+    def send_header(self, tensor: torch.Tensor, link: Link, tag: int) -> Work: ...
+
+    def recv_header(self, tensor: torch.Tensor, link: Link, tag: int) -> Work: ...
+
+    def describe(self, module: int) -> str: ...
+
+
+class TorchWire:
+    """The real wire: torch.distributed isend/irecv, one process group per link (see ``distributed``)."""
+
+    def __init__(self, ranks: list[int], links: dict[Link, dist.ProcessGroup], header_group: dist.ProcessGroup | None,
+                 device: torch.device, backend: str) -> None:
+        self.ranks = ranks  # global rank of module k of this replica
+        self.links = links
+        self.header_group = header_group  # gloo; None: the default group (itself gloo)
+        # gloo moves CPU tensors only; NCCL moves tensors of the compute device.
+        self.device = device if backend == "nccl" else torch.device("cpu")
+
+    def send(self, tensor: torch.Tensor, link: Link) -> Work:
+        return dist.isend(tensor, self.ranks[link.dst], group=self.links[link])
+
+    def recv(self, tensor: torch.Tensor, link: Link) -> Work:
+        return dist.irecv(tensor, self.ranks[link.src], group=self.links[link])
+
+    def send_header(self, tensor: torch.Tensor, link: Link, tag: int) -> Work:
+        return dist.isend(tensor, self.ranks[link.dst], group=self.header_group, tag=tag)
+
+    def recv_header(self, tensor: torch.Tensor, link: Link, tag: int) -> Work:
+        return dist.irecv(tensor, self.ranks[link.src], group=self.header_group, tag=tag)
+
+    def describe(self, module: int) -> str:
+        return f"module {module} (rank {self.ranks[module]})"
+
+
+def to_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous view of ``tensor``'s memory as it is laid out: an NHWC (channels_last) batch goes out as
+    the (N, H, W, C) tensor it already is in memory, so crossing a boundary costs no layout copies."""
+    t = tensor.detach()
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1)
+    return t.contiguous()
+
+
+def wire_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                fmt: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer to receive into, the logical tensor it becomes): the inverse of ``to_wire`` for format ``fmt``."""
+    if len(shape) == 4 and fmt == torch.channels_last:
+        n, c, h, w = shape
+        buf = torch.empty((n, h, w, c), dtype=dtype, device=device)
+        return buf, buf.permute(0, 3, 1, 2)
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    return buf, buf
+
+
 @dataclass
-class _Pending:
+class _Incoming:
     envelopes: list[Envelope]
-    header_work: list[dist.Work]
-    headers: list[torch.Tensor]
-    payload_work: list[dist.Work]  # filled once the group is posted
-    payloads: list[torch.Tensor]
-    peer: int
+    peer: int  # module
+    headers: list[tuple[Work, torch.Tensor]] = field(default_factory=list)
+    payloads: list[tuple[Work, torch.Tensor]] = field(default_factory=list)  # (work, logical tensor)
 
 
 class Transport:
-    """Point-to-point channels of one rank to its pipeline neighbours.
+    """Messages of one rank to and from its pipeline neighbours, verified on arrival.
 
-    ``ranks[k]`` is the global rank holding module k of this rank's pipeline replica.
+    ``memory_format`` is the layout stages compute in; 4-D payloads cross the wire in it (every rank of a
+    run uses the same one, which the configuration check at start guarantees).
     """
 
-    def __init__(self, ranks: list[int], device: torch.device, *, group: dist.ProcessGroup | None = None,
-                 header_group: dist.ProcessGroup | None = None, timeout_s: float = 300.0) -> None:
-        self.ranks = ranks
+    def __init__(self, wire: Wire, module: int, device: torch.device, *,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.wire = wire
+        self.module = module
         self.device = device
-        self.group = group
-        self.header_group = header_group
-        self.backend = dist.get_backend(group)
-        # gloo moves CPU tensors only; NCCL moves tensors of the compute device.
-        self.comm_device = device if self.backend == "nccl" else torch.device("cpu")
-        self.timeout_s = timeout_s
-        self._inbox: dict[tuple[str, int], _Pending] = {}
-        self._in_flight: list[tuple[list[dist.Work], torch.Tensor]] = []  # isend tensors stay alive until done
+        self.memory_format = memory_format
+        self._inbox: dict[tuple[str, int], _Incoming] = {}
+        self._in_flight: list[tuple[Work, torch.Tensor, int]] = []  # isend tensors stay alive until done
 
-    def exchange(self, sends: list[tuple[int, list[Envelope], list[torch.Tensor]]],
-                 recvs: list[tuple[int, list[Envelope]]]) -> None:
-        """Post one schedule time's sends (module, envelopes, tensors) and receives (module, envelopes).
+    def post(self, sends: list[tuple[int, list[Envelope], list[torch.Tensor]]],
+             recvs: list[tuple[int, list[Envelope]]]) -> None:
+        """Post one schedule time's sends (to module, envelopes, tensors) and receives (from module, envelopes).
 
-        Both lists must be in the canonical order the schedule gives, identical on both ends.
+        Every link is a FIFO: both ends post its messages in the order the schedule gives.
         """
-        ops: list[dist.P2POp] = []
-        keep: list[torch.Tensor] = []
-        for module, envelopes, tensors in sends:
-            peer = self.ranks[module]
+        for peer, envelopes, tensors in sends:
             for env, tensor in zip(envelopes, tensors, strict=True):
+                link = Link.of(env.kind, self.module, peer)
                 header = env.encode()
-                payload = tensor.detach().to(self.comm_device).contiguous()
-                self._in_flight.append(([dist.isend(header, peer, group=self.header_group, tag=_tag(env, 1))], header))
-                ops.append(dist.P2POp(dist.isend, payload, peer, self.group, _tag(env, 0)))
-                keep.append(payload)
-        pendings: list[_Pending] = []
-        for module, envelopes in recvs:
-            pending = _Pending(envelopes, [], [], [], [], self.ranks[module])
+                self._in_flight.append((self.wire.send_header(header, link, _tag(env)), header, peer))
+                payload = to_wire(tensor).to(self.wire.device)
+                self._in_flight.append((self.wire.send(payload, link), payload, peer))
+        for peer, envelopes in recvs:
+            incoming = _Incoming(envelopes, peer)
             for env in envelopes:
+                link = Link.of(env.kind, peer, self.module)
                 header = torch.empty(HEADER_LEN, dtype=torch.int64)
-                pending.header_work.append(dist.irecv(header, pending.peer, group=self.header_group, tag=_tag(env, 1)))
-                pending.headers.append(header)
-                buf = torch.empty(env.shape, dtype=env.dtype, device=self.comm_device)
-                ops.append(dist.P2POp(dist.irecv, buf, pending.peer, self.group, _tag(env, 0)))
-                pending.payloads.append(buf)
-            self._inbox[(envelopes[0].kind, envelopes[0].batch)] = pending
-            pendings.append(pending)
-        per_op = self._post(ops)
-        self._in_flight += list(zip(per_op[:len(keep)], keep))
-        recv_works = iter(per_op[len(keep):])
-        for pending in pendings:
-            pending.payload_work = [w for _ in pending.envelopes for w in next(recv_works)]
-
-    def _post(self, ops: list[dist.P2POp]) -> list[list[dist.Work]]:
-        """Post ops as one group; returns, per op, the works to wait for before its tensor is safe."""
-        if not ops:
-            return []
-        if self.backend == "nccl":
-            works = dist.batch_isend_irecv(ops)  # NCCL coalesces: one work may stand for the whole group
-            return [[w] for w in works] if len(works) == len(ops) else [works] * len(ops)
-        # gloo: plain ops, matched per (peer, tag); gloo's batch_isend_irecv has been reported to hang.
-        return [[op.op(op.tensor, op.peer, op.group, op.tag)] for op in ops]
+                incoming.headers.append((self.wire.recv_header(header, link, _tag(env)), header))
+                buf, logical = wire_buffer(env.shape, env.dtype, self.wire.device, self.memory_format)
+                incoming.payloads.append((self.wire.recv(buf, link), logical))
+            self._inbox[(envelopes[0].kind, envelopes[0].batch)] = incoming
 
     def take(self, kind: str, batch: int) -> list[torch.Tensor]:
-        """Wait for the message (kind, batch), verify its headers and return its tensors on the device."""
+        """Wait for the message (kind, batch), verify its headers and return its tensors on the device.
+
+        The header wait is on the host (gloo); under NCCL the payload wait only orders the compute
+        stream after the receive, so the host does not wait for the device.
+        """
         try:
-            pending = self._inbox.pop((kind, batch))
+            incoming = self._inbox.pop((kind, batch))
         except KeyError:
             raise TransportError(f"no receive was posted for {kind} of batch {batch}: schedule bug") from None
-        try:
-            for env, work, header in zip(pending.envelopes, pending.header_work, pending.headers, strict=True):
+        peer = self.wire.describe(incoming.peer)
+        with self._lost(incoming.peer, f"{kind} of batch {batch}"):
+            for env, (work, header) in zip(incoming.envelopes, incoming.headers, strict=True):
                 work.wait()
-                env.check(header, pending.peer)
-            for work in pending.payload_work:
+                env.check(header, peer)
+            for work, _ in incoming.payloads:
                 work.wait()
-        except RuntimeError as e:  # gloo: closed socket (peer died) or timeout (peer hung)
-            if isinstance(e, TransportError):
-                raise
-            module = self.ranks.index(pending.peer)
-            raise TransportError(f"lost module {module} (rank {pending.peer}) while waiting for {kind} of batch "
-                                 f"{batch}: {e}") from e
-        return [t.to(self.device, non_blocking=True) for t in pending.payloads]
+        return [t.to(self.device, non_blocking=True) for _, t in incoming.payloads]
 
     def drain(self) -> None:
         """Wait for every outstanding send; call before a checkpoint or shutdown."""
-        for works, _ in self._in_flight:
-            for work in works:
+        for work, _, peer in self._in_flight:
+            with self._lost(peer, "a send to complete"):
                 work.wait()
         self._in_flight.clear()
         if self._inbox:
             raise TransportError(f"messages received but never used: {sorted(self._inbox)}")
 
     def reap(self) -> None:
-        """Drop finished sends so their buffers can be freed (cheap; called once per tick)."""
-        self._in_flight = [(ws, t) for ws, t in self._in_flight if not all(w.is_completed() for w in ws)]
+        """Drop finished sends so their buffers can be freed (cheap; called once per schedule time)."""
+        self._in_flight = [entry for entry in self._in_flight if not entry[0].is_completed()]
+
+    @contextmanager
+    def _lost(self, peer: int, waiting_for: str) -> Iterator[None]:
+        """Turn a communication failure (closed socket: the peer died; timeout: it hangs) into one line
+        naming the lost module; our own TransportErrors pass through."""
+        try:
+            yield
+        except TransportError:
+            raise
+        except RuntimeError as e:
+            raise TransportError(f"lost {self.wire.describe(peer)} while waiting for {waiting_for}: {e}") from e
 
 
-def _tag(env: Envelope, header: int) -> int:
-    """gloo matches by (peer, tag): separate channels per kind and header/payload. NCCL ignores tags."""
-    return 2 * _KINDS.index(env.kind) + header
+def _tag(env: Envelope) -> int:
+    """gloo matches headers by (peer, tag): one channel per kind (labels share the act link's payload FIFO)."""
+    return _KINDS.index(env.kind)

@@ -47,13 +47,18 @@ def run(raw: dict, run_dir: str) -> dict | None:
     setup_logging(Path(run_dir), module, replica, console=rank == 0 or (module == stages - 1 and replica == 0))
     threads = cfg.trainer.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     torch.set_num_threads(threads)
-    ctx = distributed.init(stages, replicas, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
+    ctx = distributed.init(stages, replicas, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s,
+                           precision=cfg.trainer.precision)
     log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s)", rank, world, module, stages,
              replica, ctx.backend, ctx.device, threads)
+    finished = False
     try:
-        return Trainer(cfg, ctx, Path(run_dir)).fit()
+        result = Trainer(cfg, ctx, Path(run_dir)).fit()
+        finished = True
+        return result
     except Exception as e:
         log.error("rank %d (module %d) failed: %s: %s", rank, module, type(e).__name__, e)
         raise
     finally:
-        distributed.close()
+        # after an error, operations may still wait for a dead peer: abort, never destroy (which would wait)
+        distributed.close() if finished else distributed.abort()

@@ -1,0 +1,103 @@
+"""A whole pipeline in one process: every module a thread on the emulated-NCCL ``Fabric``.
+
+The same stages, executor and transport as a real run (``trainer.build_stage``, ``Executor``,
+``Transport``); only the wire is the fabric instead of torch.distributed.  Each epoch is trained, then
+evaluated, like ``Trainer.fit`` without files or process groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from fdg_dist import data, schedule
+from fdg_dist.config import Config
+from fdg_dist.executor import EpochResult, Executor
+from fdg_dist.fabric import Fabric
+from fdg_dist.stage import Stage
+from fdg_dist.trainer import build_stage
+from fdg_dist.transport import Transport
+
+PlanFn = Callable[..., schedule.Plan]
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RankRun:
+    stage: Stage
+    executor: Executor
+    train: list[EpochResult] = field(default_factory=list)
+    evals: list[EpochResult] = field(default_factory=list)
+
+
+def train_sizes(cfg: Config, n_train: int) -> list[list[int]]:
+    """Each epoch's batch sizes, cut by trainer.max_steps as the trainer cuts them."""
+    out, steps = [], 0
+    for _ in range(cfg.trainer.epochs):
+        sizes = data.batch_sizes(n_train, cfg.trainer.batch_size)
+        if cfg.trainer.max_steps is not None:
+            sizes = sizes[:max(cfg.trainer.max_steps - steps, 0)]
+        if not sizes:
+            break
+        out.append(sizes)
+        steps += len(sizes)
+    return out
+
+
+def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.plan, evaluate: bool = True,
+                 batches: Callable[[int, bool], Batches] | None = None,
+                 setup: Callable[[int, RankRun], None] | None = None,
+                 inside: Callable[[int], object] | None = None) -> list[RankRun]:
+    """Train (and evaluate) ``cfg``'s K-module pipeline on one fabric; returns every rank's stage and results.
+
+    ``plan`` replaces ``schedule.plan`` (to inject a faulty plan); ``batches(epoch, train)`` replaces
+    module 0's data; ``setup(k, run)`` may patch a rank before it starts; ``inside(k)`` is a context
+    manager entered on rank k's thread around its whole run (dispatch modes are per thread).
+    """
+    torch.set_num_threads(1)
+    K, dev = cfg.pipeline.k, torch.device(device)
+    runs = []
+    for k in range(K):  # one after the other: building seeds the global RNG
+        stage, boundary, _ = build_stage(cfg, K, k, dev)
+        runs.append(RankRun(stage, Executor(stage, None, boundary)))  # type: ignore[arg-type]
+    train_set, test_set = data.load(cfg.data, cfg.trainer.seed)
+    loaders = {True: data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
+                                  seed=cfg.trainer.seed, device=dev),
+               False: data.Batches(test_set, cfg.trainer.eval_batch_size, train=False, augment=False,
+                                   seed=cfg.trainer.seed, device=dev)}
+    source = batches or (lambda epoch, train: loaders[train].epoch(epoch))
+    epochs = train_sizes(cfg, len(train_set))
+    test_sizes = data.batch_sizes(len(test_set), cfg.trainer.eval_batch_size)
+    m = cfg.method
+
+    def body(k: int) -> Callable:
+        def go(endpoint) -> RankRun:
+            run = runs[k]
+            run.executor.transport = Transport(endpoint, k, dev, memory_format=run.stage.memory_format)
+            if setup is not None:
+                setup(k, run)
+            with inside(k) if inside is not None else nullcontext():
+                for epoch, sizes in enumerate(epochs):
+                    p = plan(m.name, k, K, len(sizes), train=True, accum_steps=m.accum_steps)
+                    run.train.append(run.executor.run(p, sizes, source(epoch, True) if k == 0 else None,
+                                                      epoch=epoch, train=True))
+                    run.stage.scheduler.step()
+                    if evaluate:
+                        p = plan(m.name, k, K, len(test_sizes), train=False)
+                        run.evals.append(run.executor.run(p, test_sizes, source(epoch, False) if k == 0 else None,
+                                                          epoch=epoch, train=False))
+            return run
+        return go
+
+    return Fabric([dev] * K).run([body(k) for k in range(K)])
+
+
+def merged_state(runs: list[RankRun]) -> dict[str, torch.Tensor]:
+    """The unsplit model's state_dict, as final_model.pt holds it."""
+    state: dict[str, torch.Tensor] = {}
+    for run in runs:
+        state.update({n: t.detach().clone() for n, t in run.stage.module.state_dict().items()})
+    return state

@@ -1,0 +1,226 @@
+"""The GPU path under NCCL's rules, on the CPU: the emulated fabric, its replay, and the runs through it.
+
+Every method × K = 2..5 (with accumulation, train and evaluation) runs its real stages, executor and
+transport on the fabric, which enforces what NCCL needs (one FIFO per link ignoring tags, rendezvous,
+equal dtype and count, contiguous payloads on the rank's device, sent tensors unchanged until done) and
+fails on a deadlock; each run equals its reference bitwise.  ``replay`` checks every rank's program for
+many more shapes in milliseconds; a swapped pair of messages fails both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_same_weights, data_parallel_reference, reference_state, small_config
+from emulated import merged_state, run_emulated
+
+from fdg_dist import data, models, schedule
+from fdg_dist.fabric import DeadlockError, Fabric, FabricError, replay
+from fdg_dist.transport import Link, Transport, TransportError, to_wire, wire_buffer
+
+METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
+
+
+def _cfg(method: str, K: int, **kw: object):
+    extra = {"method.accum_steps": 3} if method == "adl" else {}
+    if method == "fdg":
+        extra["method.beta"] = 0.7
+    # 6 batches, then 4: two drains crossed, the second after a cut epoch
+    return small_config(**{"method.name": method, "pipeline.k": K, "trainer.max_steps": 10, **extra, **kw})
+
+
+def _unsplit_eval(cfg, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss sum and error count of the unsplit model with ``state`` on the test set, summed as a stage sums."""
+    model = models.build(cfg.model.name, cfg.data.num_classes)
+    model.load_state_dict(state)
+    model.eval()
+    _, test_set = data.load(cfg.data, cfg.trainer.seed)
+    loader = data.Batches(test_set, cfg.trainer.eval_batch_size, train=False, augment=False, seed=cfg.trainer.seed)
+    loss, errors = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+    with torch.no_grad():
+        for x, y in loader.epoch(0):
+            logits = model(x)
+            loss += F.cross_entropy(logits.float(), y).float() * len(y)
+            errors += (logits.argmax(dim=1) != y).sum()
+    return loss, errors
+
+
+@pytest.mark.parametrize("K", [2, 3, 4, 5])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_through_nccl_rules_equals_its_reference(method: str, K: int) -> None:
+    cfg = _cfg(method, K)
+    runs = run_emulated(cfg)
+    state = merged_state(runs)
+    want = data_parallel_reference(cfg, replicas=1) if method == "bp" else reference_state(cfg)
+    assert_same_weights(state, want)
+    loss, errors = _unsplit_eval(cfg, state)  # the last evaluation pass ran on the final weights
+    last = runs[-1].evals[-1]
+    assert torch.equal(last.loss_sum, loss) and torch.equal(last.errors, errors)
+
+
+def test_recompute_through_nccl_rules_equals_its_reference() -> None:
+    cfg = _cfg("fdg", 3, **{"method.stash": "recompute"})
+    assert_same_weights(merged_state(run_emulated(cfg)), reference_state(cfg))
+
+
+def test_nhwc_and_bf16_cross_the_wire_under_nccl_rules() -> None:
+    """channels_last: the same model up to float rounding, NHWC on the wire; bf16: activations and gradients
+    travel as bf16 and training stays finite."""
+    got = merged_state(run_emulated(_cfg("fdg", 3, **{"trainer.channels_last": True}), evaluate=False))
+    want = reference_state(_cfg("fdg", 3))
+    for name in want:  # differently ordered float sums: ~1e-6 apart; a layout bug on the wire is O(1)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=2e-5, msg=name)
+    runs = run_emulated(_cfg("fdg", 2, **{"trainer.precision": "bf16"}), evaluate=False)
+    assert runs[0].executor.boundary.dtype == torch.bfloat16 and torch.isfinite(runs[-1].train[-1].loss_sum)
+
+
+def test_nhwc_goes_out_as_the_memory_it_is_and_comes_back_as_nhwc() -> None:
+    x = torch.randn(4, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    wire = to_wire(x)
+    assert wire.is_contiguous() and wire.data_ptr() == x.data_ptr() and wire.shape == (4, 5, 6, 8)  # no copy
+    buf, logical = wire_buffer((4, 8, 5, 6), torch.float32, torch.device("cpu"), torch.channels_last)
+    buf.copy_(wire)
+    assert logical.is_contiguous(memory_format=torch.channels_last) and torch.equal(logical, x)
+
+
+# ------------------------------------------------------------------------------------------- replay
+def _programs(method: str, K: int, n: int, train: bool, accum: int = 1,
+              plan=schedule.plan) -> list[list[schedule.Step]]:
+    return [schedule.program(plan(method, k, K, n, train=train, accum_steps=accum), K) for k in range(K)]
+
+
+def test_replay_proves_every_schedule_deadlock_free_and_fifo_consistent() -> None:
+    checked = 0
+    for method in METHODS:
+        for K in range(1, 8):
+            for n in (1, 2, 5, 13):
+                for accum in ((1, 3, 4) if method == "adl" else (1,)):
+                    for train in (True, False):
+                        programs = _programs(method, K, n, train, accum)
+                        sent = sum(len(step.sends) for p in programs for step in p)
+                        assert replay(programs) == sent
+                        checked += 1
+    assert checked == 448  # 6 methods × K 1..7 × 4 epoch lengths × (3 accumulations for adl) × train/eval
+
+
+def _swap_two_receives(method: str, k: int, K: int, n: int, *, train: bool, accum_steps: int = 1) -> schedule.Plan:
+    """schedule.plan with module 1 posting its receives for batches 1 and 2 in the wrong order."""
+    p = schedule.plan(method, k, K, n, train=train, accum_steps=accum_steps)
+    if k != 1 or not train:
+        return p
+    recvs = list(p.recvs)
+    i, j = (next(i for i, m in enumerate(recvs) if m.kind == "act" and m.batch == b) for b in (1, 2))
+    recvs[i], recvs[j] = (dataclasses.replace(recvs[i], batch=2), dataclasses.replace(recvs[j], batch=1))
+    return schedule.Plan(p.actions, p.sends, recvs)
+
+
+def test_a_swapped_pair_of_messages_fails_the_replay_and_the_fabric() -> None:
+    with pytest.raises(FabricError, match="sent act of batch 1 where module 1 expects act of batch 2"):
+        replay(_programs("fdg", 3, 6, True, plan=_swap_two_receives))
+    with pytest.raises(TransportError, match="act of batch 1"):
+        run_emulated(_cfg("fdg", 3), plan=_swap_two_receives)
+
+
+def test_a_message_whose_parts_go_out_in_another_order_fails_on_the_fabric(monkeypatch) -> None:
+    """Labels posted before their activation on the sender only: headers travel per tag (gloo) and still
+    match, but the payload link is one FIFO (NCCL), so the receiver's activation buffer meets int64 labels —
+    silent garbage on a GPU, an error here."""
+    post = Transport.post
+
+    def labels_first(self, sends, recvs):
+        post(self, [(peer, envs[::-1], tensors[::-1]) for peer, envs, tensors in sends], recvs)
+
+    monkeypatch.setattr(Transport, "post", labels_first)
+    with pytest.raises(FabricError, match="dtype torch.int64 sent, torch.float32 expected"):
+        run_emulated(_cfg("fdg", 2))
+
+
+# ---------------------------------------------------------------------------------------- the rules
+def _pair(body0, body1) -> list:
+    return Fabric(["cpu", "cpu"], timeout_s=20).run([body0, body1])
+
+
+A = Link("act", 0, 1)
+
+
+def test_fabric_matches_a_link_in_order_and_delivers() -> None:
+    def send(ep):
+        for i in range(3):
+            ep.send(torch.full((4,), float(i)), A)
+        return None
+
+    def recv(ep):
+        bufs = [torch.empty(4) for _ in range(3)]
+        works = [ep.recv(b, A) for b in bufs]
+        for w in works:
+            w.wait()
+        return [b[0].item() for b in bufs]
+
+    assert _pair(send, recv)[1] == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("sent,expected,match", [
+    (torch.ones(4, dtype=torch.bfloat16), torch.empty(4), "dtype torch.bfloat16 sent, torch.float32 expected"),
+    (torch.ones(6), torch.empty(4), "6 elements sent, 4 expected"),
+])
+def test_fabric_refuses_what_nccl_would_reinterpret_or_truncate(sent, expected, match) -> None:
+    with pytest.raises(FabricError, match=match):
+        _pair(lambda ep: ep.send(sent, A).wait(), lambda ep: ep.recv(expected, A).wait())
+
+
+def test_fabric_refuses_non_contiguous_and_foreign_device_payloads() -> None:
+    fabric = Fabric(["cpu", "meta"])
+    with pytest.raises(FabricError, match="not contiguous"):
+        fabric.endpoint(0).send(torch.ones(4, 4).t(), A)
+    with pytest.raises(FabricError, match="payload on cpu; NCCL moves tensors of the rank's device meta"):
+        fabric.endpoint(1).recv(torch.empty(4), A)
+
+
+def test_fabric_refuses_a_send_tensor_modified_before_the_send_completed() -> None:
+    posted = threading.Event()
+
+    def send(ep):
+        t = torch.ones(4)
+        work = ep.send(t, A)
+        t.add_(1)  # NCCL may still be reading it
+        posted.set()
+        work.wait()
+
+    def recv(ep):
+        posted.wait()
+        ep.recv(torch.empty(4), A).wait()
+
+    with pytest.raises(FabricError, match="modified"):
+        _pair(send, recv)
+
+
+def test_fabric_finds_the_deadlock_of_two_ranks_waiting_for_each_other() -> None:
+    grad = Link("grad", 1, 0)
+    with pytest.raises(DeadlockError, match="every live rank waits"):
+        _pair(lambda ep: ep.recv(torch.empty(2), grad).wait(), lambda ep: ep.recv(torch.empty(2), A).wait())
+
+
+def test_a_failed_rank_is_named_by_its_neighbour_as_a_lost_module() -> None:
+    """A rank that dies mid-run: its neighbour's wait fails as gloo's closed socket does, and the transport
+    turns that into one line naming the lost module (not the raw backend error)."""
+    def die_after_two_backwards(k, run):
+        if k == 1:
+            calls = {"n": 0}
+            original = run.stage.backward
+
+            def backward(*a, **kw):
+                calls["n"] += 1
+                if calls["n"] > 2:
+                    raise RuntimeError("simulated crash of module 1")
+                return original(*a, **kw)
+
+            run.stage.backward = backward
+
+    with pytest.raises(RuntimeError, match="simulated crash") as info:
+        run_emulated(_cfg("fdg", 3), setup=die_after_two_backwards)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "TransportError: lost module 1 (rank 1) while waiting for" in notes

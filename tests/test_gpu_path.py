@@ -1,0 +1,183 @@
+"""What the GPU path needs beyond NCCL's matching rules, shown on the CPU.
+
+- No host synchronisation in the steady state: the real stages and executor run on the ``meta`` device,
+  where reading any value (``.item()``, ``bool()``, ``float()``, ``.cpu()``) raises, for every method.
+- Device hygiene: every tensor the stage and executor make lives on the stage's device (headers, on
+  the host by design, aside).
+- Device time: with a GPU the time split comes from CUDA events (a fake event clock here).
+- Failure: after an error the process groups are aborted, never destroyed (torch calls faked).
+- Clear errors at start for what the machine cannot do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import small_config
+from emulated import run_emulated
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fdg_dist import distributed, worker
+from fdg_dist.executor import DeviceClock
+from fdg_dist.transport import HEADER_LEN
+
+METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
+
+
+def _meta_batches(cfg):
+    def batches(epoch: int, train: bool):
+        n = cfg.trainer.batch_size if train else cfg.trainer.eval_batch_size
+        size = cfg.data.train_size if train else cfg.data.test_size
+        for start in range(0, size, n):
+            m = min(n, size - start)
+            yield (torch.empty(m, 3, cfg.data.image_size, cfg.data.image_size, device="meta"),
+                   torch.empty(m, dtype=torch.int64, device="meta"))
+    return batches
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_steady_state_never_reads_a_device_value(method: str) -> None:
+    """Two epochs of training and evaluation per module with every tensor on the meta device: any host
+    read of a device value between actions would raise here.  Only the caller reads, after the epoch."""
+    cfg = small_config(**{"method.name": method, "pipeline.k": 3, "method.accum_steps": 2 if method == "adl" else 1,
+                          "logging.log_every_steps": 2})  # the update-ratio measurement runs too
+    runs = run_emulated(cfg, device="meta", batches=_meta_batches(cfg))
+    assert all(len(r.train) == 2 and len(r.evals) == 2 for r in runs)
+    assert runs[-1].train[-1].loss_sum.device.type == "meta"  # still unread: only the epoch end may read it
+    assert all(r.stage.steps > 0 for r in runs)
+
+
+class _DeviceRecorder(TorchDispatchMode):
+    """Every tensor any op produces on this thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[str, torch.device, torch.dtype, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.made.append((str(func), t.device, t.dtype, tuple(t.shape)))
+        return out
+
+
+def test_every_tensor_the_stage_and_executor_make_is_on_the_stage_device() -> None:
+    cfg = small_config(**{"method.name": "fdg", "pipeline.k": 3})
+    recorders = {k: _DeviceRecorder() for k in range(3)}
+    run_emulated(cfg, device="meta", batches=_meta_batches(cfg), inside=lambda k: recorders[k])
+    for k, rec in recorders.items():
+        assert len(rec.made) > 100
+        elsewhere = [m for m in rec.made if m[1].type != "meta"]
+        headers = [m for m in elsewhere if m[2] == torch.int64 and m[3] == (HEADER_LEN,)]
+        assert elsewhere == headers, f"module {k} made host tensors: {sorted(set(elsewhere) - set(headers))[:5]}"
+
+
+class _FakeEvent:
+    """A CUDA event on a fake device timeline: ``now[0]`` is that device's current time in seconds."""
+
+    def __init__(self, now: list[float]) -> None:
+        self.now, self.t = now, None
+
+    def record(self) -> None:
+        self.t = self.now[0]
+
+    def synchronize(self) -> None:
+        return None
+
+    def elapsed_time(self, other: _FakeEvent) -> float:
+        return (other.t - self.t) * 1e3  # milliseconds, as torch.cuda.Event
+
+
+def test_on_a_gpu_the_time_split_is_device_time_from_events() -> None:
+    """The device clock advances only where the (fake) device works — 10 ms per forward, 20 per backward, 1 per
+    step, 5 idling for each message — while the host runs at its own pace: the split is the device's."""
+    cfg = small_config(**{"method.name": "fdg", "pipeline.k": 2, "trainer.epochs": 1})
+    cost = {"forward": 0.010, "backward": 0.020, "step": 0.001}
+    clocks: dict[int, list[float]] = {}
+
+    def fake_device(k, run):
+        now = clocks.setdefault(k, [0.0])
+        run.executor.clock = DeviceClock(event=lambda: _FakeEvent(now))
+        for name, seconds in cost.items():
+            original = getattr(run.stage, name)
+
+            def timed(*a, _original=original, _s=seconds, **kw):
+                now[0] += _s
+                return _original(*a, **kw)
+
+            setattr(run.stage, name, timed)
+        take = run.executor.transport.take
+
+        def waiting(*a, **kw):
+            now[0] += 0.005
+            return take(*a, **kw)
+
+        run.executor.transport.take = waiting
+
+    runs = run_emulated(cfg, setup=fake_device, evaluate=False)
+    for k, run in enumerate(runs):
+        for e in run.train[0].events:
+            kind = e.action.kind.value
+            want_wait = 0.005 if (kind == "backward" or (kind == "forward" and k > 0)) else 0.0
+            assert e.compute_s == pytest.approx(cost[kind]) and e.wait_s == pytest.approx(want_wait), (k, e.action)
+        events = run.train[0].events  # placed on the device's timeline: each starts where the previous ended
+        assert all(b.start - a.start == pytest.approx(a.wait_s + a.compute_s) for a, b in zip(events, events[1:]))
+
+
+def _fake_process_group(monkeypatch, calls: list[str]) -> None:
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda *a: calls.append("destroy"))
+    monkeypatch.setattr(distributed.dist.distributed_c10d, "_abort_process_group", lambda *a: calls.append("abort"))
+
+
+def _fake_worker(monkeypatch, tmp_path, fit) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ctx = distributed.Context(0, 1, 0, 0, 0, 1, 1, torch.device("cpu"), "nccl", None, None, {})
+    monkeypatch.setattr(distributed, "init", lambda *a, **kw: ctx)
+
+    class Trainer:
+        def __init__(self, *a) -> None:
+            pass
+
+        def fit(self):
+            return fit()
+
+    monkeypatch.setattr(worker, "Trainer", Trainer)
+
+
+def test_an_error_aborts_the_process_groups_instead_of_destroying_them(monkeypatch, tmp_path) -> None:
+    calls: list[str] = []
+    _fake_process_group(monkeypatch, calls)
+
+    def fail():
+        raise RuntimeError("lost module 1 (rank 1) while waiting for grad of batch 3")
+
+    _fake_worker(monkeypatch, tmp_path, fail)
+    with pytest.raises(RuntimeError, match="lost module 1"):
+        worker.run(small_config(**{"pipeline.k": 1}).to_dict(), str(tmp_path))
+    assert calls == ["abort"]
+
+
+def test_a_finished_run_destroys_its_process_groups(monkeypatch, tmp_path) -> None:
+    calls: list[str] = []
+    _fake_process_group(monkeypatch, calls)
+    _fake_worker(monkeypatch, tmp_path, lambda: {"final_test_error": 0.5})
+    assert worker.run(small_config(**{"pipeline.k": 1}).to_dict(), str(tmp_path)) == {"final_test_error": 0.5}
+    assert calls == ["destroy"]
+
+
+@pytest.mark.parametrize("setting,match", [
+    ({"available": False}, "dist.backend=nccl needs CUDA GPUs and this machine has none"),
+    ({"count": 2, "local_rank": 2}, r"local rank 2 needs GPU cuda:2 but only 2 GPU\(s\) are visible"),
+    ({"bf16": False, "precision": "bf16"}, "has no bfloat16 support; use trainer.precision=fp32"),
+])
+def test_what_the_machine_cannot_do_is_one_line_at_start(monkeypatch, setting, match) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: setting.get("available", True))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: setting.get("count", 4))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: setting.get("bf16", True))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
+    with pytest.raises(distributed.DeviceError, match=match):
+        distributed.check_device("nccl", setting.get("local_rank", 0), setting.get("precision", "fp32"))
+    assert distributed.check_device("gloo", 7, "bf16") == torch.device("cpu")
