@@ -80,8 +80,10 @@ def test_nhwc_and_bf16_cross_the_wire_under_nccl_rules() -> None:
 
 def test_nhwc_goes_out_as_the_memory_it_is_and_comes_back_as_nhwc() -> None:
     x = torch.randn(4, 8, 5, 6).contiguous(memory_format=torch.channels_last)
-    wire = to_wire(x)
+    wire = to_wire(x, torch.channels_last)
     assert wire.is_contiguous() and wire.data_ptr() == x.data_ptr() and wire.shape == (4, 5, 6, 8)  # no copy
+    nchw = to_wire(x.contiguous(), torch.channels_last)  # the layout the receiver expects, whatever arrives
+    assert torch.equal(nchw, wire) and to_wire(x).shape == (4, 8, 5, 6)
     buf, logical = wire_buffer((4, 8, 5, 6), torch.float32, torch.device("cpu"), torch.channels_last)
     buf.copy_(wire)
     assert logical.is_contiguous(memory_format=torch.channels_last) and torch.equal(logical, x)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import small_config
 
-from fdg_dist import schedule
+from fdg_dist import models, partition, schedule
 from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.schedule import Kind
 from fdg_dist.stage import Stage
@@ -104,3 +104,34 @@ def test_recompute_pins_no_graph_only_the_inputs(K: int, k: int) -> None:
     x_bytes = BATCH * 3 * 32 * 32 * 4 if k == 0 else held[0]
     assert all(h == n * x_bytes for h, n in zip(held, lengths, strict=True))  # inputs only, nothing else
     assert max(held) == depth * x_bytes and held[-1] == 0
+
+
+@pytest.mark.parametrize("K,k,stash", [(2, 0, "weights"), (3, 1, "weights"), (3, 1, "recompute")])
+def test_the_split_table_stash_column_is_what_a_real_stash_entry_holds(K: int, k: int, stash: str) -> None:
+    """partition.stash_bytes (meta device, saved-tensor hooks) equals the bytes one real stashed forward pins:
+    the storages of its saved tensors, input, output and weight snapshot, the live weights excluded."""
+    torch.manual_seed(0)
+    cfg = small_config(**{"pipeline.k": K})
+    built = build_module(cfg, K, k)
+    opt = build_optimizer(cfg.optim, built.module.parameters())
+    stage = Stage(built.module, k, K, opt, None, stash=stash)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stage.forward(0, torch.randn(BATCH, *built.shapes[0][1:]), torch.zeros(BATCH, dtype=torch.long), train=True,
+                      keep_for_backward=True)
+    entry = stage.stash[0]
+    for t in (entry.x, entry.out, *(entry.params or {}).values()):
+        if t is not None:
+            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    live = {t.untyped_storage()._cdata for t in built.module.state_dict(keep_vars=True).values()}
+    real = sum(n for s, n in storages.items() if s not in live)
+    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta")[built.bounds[k]:built.bounds[k + 1]]
+    assert partition.stash_bytes(blocks, (BATCH, *built.shapes[0][1:]), stash) == real
+    if stash == "weights":  # the estimate it replaces (input + weights) misses most of it
+        x_bytes = entry.x.numel() * 4
+        assert real > 2 * (x_bytes + sum(p.numel() * 4 for p in built.module.parameters()))

@@ -368,15 +368,18 @@ def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------- test hooks
 def kill_hook(run_dir: Path, module: int, epoch: int) -> Callable[[Event], None] | None:
-    """Fault injection for the resume tests: ``FDG_TEST_KILL="module=K,epoch=E,batch=B"``.
+    """Fault injection for the resume tests: ``FDG_TEST_KILL="module=K,epoch=E,batch=B[,signal=STOP]"``.
 
-    The worker of module K SIGKILLs itself right after its forward of training batch B in epoch E,
-    once per run directory (a marker file records it), so the restarted attempt runs through.
+    The worker of module K SIGKILLs (or SIGSTOPs: a hung rank) itself right after its forward of training
+    batch B in epoch E, once per run directory (a marker file records it), so a restarted attempt runs
+    through.
     """
     spec = os.environ.get("FDG_TEST_KILL")
     if not spec:
         return None
-    want = {key: int(value) for key, value in (item.split("=") for item in spec.split(","))}
+    items = dict(item.split("=") for item in spec.split(","))
+    sig = getattr(signal, f"SIG{items.pop('signal', 'KILL')}")
+    want = {key: int(value) for key, value in items.items()}
     marker = run_dir / f".fdg_test_killed-module{module}"
     if want["module"] != module or want["epoch"] != epoch or marker.exists():
         return None
@@ -384,6 +387,6 @@ def kill_hook(run_dir: Path, module: int, epoch: int) -> Callable[[Event], None]
     def hook(event: Event) -> None:
         if event.action.kind is Kind.FORWARD and event.action.batch == want["batch"]:
             marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
 
     return hook

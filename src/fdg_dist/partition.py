@@ -24,10 +24,11 @@ _META = torch.device("meta")
 
 
 @contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for a probe pass (BN rejects 1-sample batches in training), restoring the old flags."""
+def _mode(module: nn.Module, train: bool) -> Iterator[None]:
+    """Train or eval mode for a probe pass, restoring the old flags: eval for shapes and FLOPs (BatchNorm
+    rejects 1-sample batches in training), train for what a stashed forward saves (batch statistics)."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    module.train(train)
     try:
         yield
     finally:
@@ -38,7 +39,7 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 def _meta_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run ``block`` with all parameters and buffers swapped for meta tensors; the block is untouched."""
     state = {k: torch.empty_like(v, device=_META) for k, v in block.state_dict(keep_vars=True).items()}
-    with torch.no_grad(), _eval_mode(block):
+    with torch.no_grad(), _mode(block, train=False):
         return functional_call(block, state, (x,))
 
 
@@ -113,6 +114,36 @@ def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]
     return [min(r[i] for r in rounds[warmup:]) for i in range(len(probes))]
 
 
+def stash_bytes(blocks: Sequence[nn.Module], input_shape: Sequence[int], mode: str = "weights") -> int:
+    """Bytes one stashed forward of ``blocks`` holds at ``input_shape`` (batch included), measured.
+
+    ``weights``: the input, every tensor autograd saves for the backward (seen through saved-tensor
+    hooks, storages counted once) and the output, plus the weight snapshot; ``recompute``: the input
+    only.  Measured on the meta device: the real graph, no memory.  Counting only the input and the
+    weights, as an estimate would, misses the saved activations — several times larger on module 0.
+    """
+    x = torch.empty(tuple(input_shape), device=_META)
+    if mode == "recompute":
+        return x.untyped_storage().nbytes()
+    module = nn.Sequential(*blocks)
+    state = {k: torch.empty_like(v, device=_META).requires_grad_(isinstance(v, nn.Parameter))
+             for k, v in module.state_dict(keep_vars=True).items()}
+    live = {t.untyped_storage()._cdata for t in state.values()}  # weights and buffers: not activations
+    held: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    x.requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _mode(module, train=True):
+        out = functional_call(module, state, (x,))
+    for t in (x, out):
+        held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    return sum(n for s, n in held.items() if s not in live) + weights
+
+
 def _module_costs(costs: Sequence[float], bounds: Sequence[int]) -> list[float]:
     return [float(sum(costs[a:b])) for a, b in pairwise(bounds)]
 
@@ -184,9 +215,10 @@ def describe(
     stash_depths: Sequence[int],
     dtype_bytes: int = 4,
     seconds: Sequence[float] | None = None,
+    stash: str = "weights",
 ) -> str:
     """Printable per-module table: blocks, parameters, GFLOPs per sample, activation sent downstream
-    (at ``batch_size``), stash memory (depth x (input activation + parameter bytes)) and, given measured
+    (at ``batch_size``), stash memory (depth x ``stash_bytes`` in fp32, measured) and, given measured
     per-block ``seconds``, the module's forward + backward time; then the balance of what split it.
     """
     k = len(bounds) - 1
@@ -203,12 +235,11 @@ def describe(
     ]
     for i, (a, b) in enumerate(pairwise(bounds)):
         params = sum(p.numel() for blk in blocks[a:b] for p in blk.parameters())
-        act_in = math.prod(batch_shapes[a]) * dtype_bytes
         act_out = math.prod(batch_shapes[b]) * dtype_bytes
-        stash = stash_depths[i] * (act_in + params * dtype_bytes)
+        held = stash_depths[i] * stash_bytes(blocks[a:b], batch_shapes[a], stash) if stash_depths[i] else 0
         rows.append(
             f"{i:>6} {f'[{a},{b})':>9} {params:>11,} {sum(flops[a:b]) / 1e9:>12.4f} "
-            f"{str(tuple(batch_shapes[b])):>24} {act_out / mib:>8.2f} {stash / mib:>10.2f}"
+            f"{str(tuple(batch_shapes[b])):>24} {act_out / mib:>8.2f} {held / mib:>10.2f}"
             + (f" {sum(seconds[a:b]) * 1e3:>10.1f}" if seconds is not None else "")
         )
     if seconds is None:

@@ -44,7 +44,6 @@ class BuiltModule:
     aux_head: nn.Module | None  # DGL's local classifier (modules k < K-1 only)
     bounds: list[int]
     shapes: list[torch.Size]  # input and output activation shape of module k (batch 1)
-    table: str
 
 
 def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None) -> BuiltModule:
@@ -66,9 +65,17 @@ def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None
     if cfg.method.name == "dgl" and k < K - 1:
         torch.manual_seed(cfg.trainer.seed + 1 + k)
         aux = models.aux_head(shapes[bounds[k + 1]], cfg.data.num_classes, cfg.method.aux_channels)
+    return BuiltModule(module, aux, bounds, [shapes[bounds[k]], shapes[bounds[k + 1]]])
+
+
+def split_table(cfg: Config, bounds: list[int], seconds: list[float] | None = None) -> str:
+    """The split table printed at start (built on the meta device: no weights, no memory)."""
+    K = len(bounds) - 1
+    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta")
     depths = [stash_depth(cfg.method.name, j, K) for j in range(K)]
-    table = partition.describe(blocks, bounds, sample, cfg.trainer.batch_size, depths, seconds=seconds)
-    return BuiltModule(module, aux, bounds, [shapes[bounds[k]], shapes[bounds[k + 1]]], table)
+    stash = "recompute" if cfg.method.name == "fr" else cfg.method.stash
+    return partition.describe(blocks, bounds, (1, 3, cfg.data.image_size, cfg.data.image_size), cfg.trainer.batch_size,
+                              depths, seconds=seconds, stash=stash)
 
 
 def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: list[float] | None = None,
@@ -111,7 +118,7 @@ class Trainer:
         self.bounds = built.bounds
         if ctx.rank == 0:
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
-                     "stashed weights" if m.stash == "weights" else "recompute", built.table)
+                     "stashed weights" if m.stash == "weights" else "recompute", split_table(cfg, self.bounds, seconds))
         wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
         transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
         clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()

@@ -141,12 +141,13 @@ class TorchWire:
         return f"module {module} (rank {self.ranks[module]})"
 
 
-def to_wire(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous view of ``tensor``'s memory as it is laid out: an NHWC (channels_last) batch goes out as
-    the (N, H, W, C) tensor it already is in memory, so crossing a boundary costs no layout copies."""
+def to_wire(tensor: torch.Tensor, fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """``tensor``'s bytes in the layout the receiver expects for format ``fmt``, as a contiguous tensor: an
+    NHWC (channels_last) batch goes out as the (N, H, W, C) tensor it already is in memory, so crossing a
+    boundary costs no layout copy (one, if a tensor arrives in the other layout)."""
     t = tensor.detach()
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1)
+    if t.dim() == 4 and fmt == torch.channels_last:
+        return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
     return t.contiguous()
 
 
@@ -196,7 +197,7 @@ class Transport:
                 link = Link.of(env.kind, self.module, peer)
                 header = env.encode()
                 self._in_flight.append((self.wire.send_header(header, link, _tag(env)), header, peer))
-                payload = to_wire(tensor).to(self.wire.device)
+                payload = to_wire(tensor, self.memory_format).to(self.wire.device)
                 self._in_flight.append((self.wire.send(payload, link), payload, peer))
         for peer, envelopes in recvs:
             incoming = _Incoming(envelopes, peer)
