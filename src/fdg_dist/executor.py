@@ -11,8 +11,10 @@ a ``Clock`` that on a GPU records CUDA events and converts them only at the epoc
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -119,6 +121,21 @@ class DeviceClock:
                 ready.elapsed_time(end) / 1e3)
 
 
+@contextmanager
+def _sync_debug(device: torch.device) -> Iterator[None]:
+    """``FDG_SYNC_DEBUG=warn|error`` on a GPU: torch flags every host synchronisation inside the steady state
+    (the GPU acceptance script runs with ``error``); the epoch-end reads come after and are not flagged."""
+    mode = os.environ.get("FDG_SYNC_DEBUG")
+    if not mode or device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 class Executor:
     def __init__(self, stage: Stage, transport: Transport, boundary: Boundary, *, record: bool = True,
                  measure_every: int = 0, clock: Clock | None = None) -> None:
@@ -137,9 +154,23 @@ class Executor:
         phase = 0 if train else 1
         result = EpochResult(loss_sum=torch.zeros((), device=self.stage.device),
                              errors=torch.zeros((), dtype=torch.int64, device=self.stage.device))
+        self.clock.begin()
+        with _sync_debug(self.stage.device):
+            self._walk(plan, batch_sizes, batches, epoch, phase, train, on_action, result)
+        self.transport.drain()
+        if train:
+            self.stage.finite.flush()
+        for e in result.events:
+            e.start, e.wait_s, e.compute_s = self.clock.resolve(e.marks)
+            e.marks = None
+        return result
+
+    def _walk(self, plan: Plan, batch_sizes: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
+              epoch: int, phase: int, train: bool, on_action: Callable[[Event], None] | None,
+              result: EpochResult) -> None:
+        """The steady state: every schedule time's actions, then its messages; no device value is read."""
         outbox: dict[tuple[str, int], list[torch.Tensor]] = {}
         applied: list[int] = []  # batches whose gradients are accumulated but not yet stepped
-        self.clock.begin()
         for step in schedule.program(plan, self.K):
             for a, needs in step.actions:
                 start = self.clock.mark()
@@ -185,13 +216,6 @@ class Executor:
                  for m in step.sends],
                 [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase)) for m in step.recvs])
             self.transport.reap()
-        self.transport.drain()
-        if train:
-            self.stage.finite.flush()
-        for e in result.events:
-            e.start, e.wait_s, e.compute_s = self.clock.resolve(e.marks)
-            e.marks = None
-        return result
 
     @property
     def _has_loss(self) -> bool:
