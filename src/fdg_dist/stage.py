@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -208,6 +209,57 @@ class Stage:
             weight = torch.stack([torch.linalg.vector_norm(b.float()) for b in before])
             ratio = torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(weight).clamp_min(1e-12)
         return StepInfo(norm, ratio)
+
+    # -------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this module needs to go on from where it is, even mid-epoch: weights and buffers,
+        optimizer, LR schedule, step count, gradients accumulated but not yet applied (adl), and the stash
+        (input and weight snapshot of every forward whose gradient is still to come)."""
+        return {
+            "module": self.module.state_dict(),
+            "aux_head": self.aux_head.state_dict() if self.aux_head is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "steps": self.steps,
+            "pending_backwards": self.pending_backwards,
+            "grads": {n: p.grad.detach() for n, p in self._named_parameters() if p.grad is not None},
+            "stash": {b: {"x": e.x.detach(), "params": None if e.params is None else
+                          {n: t.detach() for n, t in e.params.items()}} for b, e in self.stash.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; stashed forwards are run again on their saved inputs and weights, which
+        rebuilds the very graphs their delayed backwards need (the same ops on the same values)."""
+        self.module.load_state_dict(state["module"])
+        if self.aux_head is not None:
+            self.aux_head.load_state_dict(state["aux_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.steps, self.pending_backwards = state["steps"], state["pending_backwards"]
+        named = dict(self._named_parameters())
+        for n, g in state["grads"].items():
+            named[n].grad = g.to(self.device)
+        self.stash = {b: self._restash(e["x"], e["params"]) for b, e in sorted(state["stash"].items())}
+        self.max_stash = max(self.max_stash, len(self.stash))
+
+    def _restash(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None) -> _Stashed:
+        x = x.to(self.device).requires_grad_(self.sends_grad)
+        if params is None:
+            return _Stashed(x, None, None)
+        live = dict(self.module.named_parameters())
+        params = {n: t.to(self.device).requires_grad_(live[n].requires_grad) for n, t in params.items()}
+        buffers = {n: b.clone() for n, b in self.module.named_buffers()}  # the first run already updated them
+        self.module.train()
+        with self.autocast:
+            out = functional_call(self.module, {**params, **buffers}, (x,))
+        return _Stashed(x, out, params)
+
+    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        named = list(self.module.named_parameters())
+        if self.aux_head is not None:
+            named += [(f"aux_head.{n}", p) for n, p in self.aux_head.named_parameters()]
+        return named
 
     def parameters(self) -> list[nn.Parameter]:
         """Everything this stage's optimizer owns (module and, for DGL, its auxiliary head)."""
