@@ -268,7 +268,7 @@ def _check_config(directory: Path, manifest: dict[str, Any], fp: dict[str, Any])
     if manifest.get("config_hash") != config_hash(fp):
         raise CheckpointError(f"checkpoint {directory} was written by a different configuration "
                               f"({_differences(manifest.get('config', {}), fp)}); resume it with that "
-                              f"configuration, or start afresh with resume=never or another run directory")
+                              f"configuration, or start this run in another directory (hydra.run.dir=...)")
 
 
 def _newest_complete(root: Path, fp: dict[str, Any]) -> Path | None:
