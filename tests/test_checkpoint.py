@@ -22,6 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from fdg_dist import checkpoint, distributed, metrics
 from fdg_dist.checkpoint import CheckpointError, atomic_save, choose, verify
 from fdg_dist.config import Config
+from fdg_dist.executor import EpochResult
 from fdg_dist.trainer import Trainer
 
 K = 3
@@ -160,9 +161,12 @@ def test_a_damaged_metrics_line_before_the_last_is_named(world1, run_dir: Path) 
 
 def test_a_crash_while_appending_metrics_leaves_the_previous_lines(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The disk fills up half-way through writing a line: the file keeps its previous content, whole."""
+    """The disk fills up half-way through writing epoch 1's line: metrics.jsonl keeps epoch 0's, whole."""
+    log = metrics.RunLog(small_config(), tmp_path, module=0, replica=0, reporter=True)
+    result = EpochResult(loss_sum=2.0, errors=1, samples=4)
+    log.epoch(0, lr=0.1, train=result, test=result, seconds=1.0, samples=4, events=[], steps=1)
     path = tmp_path / "metrics.jsonl"
-    metrics.append_line(path, '{"epoch": 0}')
+    before = path.read_text()
     real_open = open
 
     class HalfWrite:
@@ -189,10 +193,10 @@ def test_a_crash_while_appending_metrics_leaves_the_previous_lines(tmp_path: Pat
 
     monkeypatch.setattr("builtins.open", filling_open)
     with pytest.raises(OSError, match="No space left"):
-        metrics.append_line(path, '{"epoch": 1, "test_error": 0.5}')
+        log.epoch(1, lr=0.1, train=result, test=result, seconds=1.0, samples=4, events=[], steps=2)
     monkeypatch.undo()
-    assert path.read_text() == '{"epoch": 0}\n'
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    assert json.loads(before)["epoch"] == 0 and path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "timing"]  # no temporary file left
 
 
 # ------------------------------------------------------ checkpoints of a K=3 run
