@@ -10,9 +10,11 @@ resume; the launcher leaves no temporary directory behind.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,7 +76,13 @@ def test_the_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path) ->
                                                      r"fdg-train model=tiny pipeline.k=3\)"), rundir.claim(tmp_path):
             pass
     with rundir.claim(tmp_path):  # released with its holder
-        pass
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        (tmp_path / rundir.LOCK).write_text(json.dumps({"pid": ended.pid, "host": socket.gethostname(),
+                                                        "since": "earlier", "overrides": []}))
+        with pytest.raises(rundir.RunDirError, match=r"in use by another run \(a run that is still starting\)"), \
+                rundir.claim(tmp_path):  # the record of an ended run is not passed off as the holder
+            pass
 
 
 @pytest.mark.timeout(120)

@@ -64,12 +64,27 @@ def record_holder(run_dir: Path, overrides: Sequence[str]) -> None:
 
 
 def _holder(path: Path) -> str:
+    """Who holds the lock, as recorded; the record of a run that has ended (the new holder is still
+    being checked and has not written its own) is not passed off as the holder."""
+    unknown = "a run that is still starting"
     try:
         h = json.loads(path.read_text())
+        if h["host"] == socket.gethostname() and not _alive(int(h["pid"])):
+            return unknown
         command = " ".join(["fdg-train", *h["overrides"]])
         return f"pid {h['pid']} on {h['host']} since {h['since']}: {command[:200]}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not said who it is yet"
+        return unknown
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def records(run_dir: Path, cfg: Config) -> list[str]:
