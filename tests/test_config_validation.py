@@ -1,6 +1,6 @@
 """Bad configurations are rejected before any process group exists, with one message naming the key.
 
-One table holds a row for every check ``validate`` and ``Config.from_dict`` make, and
+One table holds a row for every check ``validate``, ``check_devices`` and ``Config.from_dict`` make, and
 ``test_every_check_has_a_row`` fails when a check exists that no row triggers (it finds the checks in
 config.py's source and the check each row trips in the traceback).  A few go through the real CLI,
 which must exit 2 with a single line on stderr and start no worker.
@@ -20,13 +20,14 @@ import torch
 from conftest import REPO, small_config
 
 from fdg_dist import config
-from fdg_dist.config import Config, ConfigError, validate
+from fdg_dist.config import Config, ConfigError, check_devices, validate
 
 
 @dataclass(frozen=True)
 class Row:
     """A valid small config changed by ``overrides`` (``section.name`` or top-level keys), validated with
-    ``world`` processes started by the launcher; ``cuda`` = (available, device count) as torch reports it;
+    ``world`` processes started by the launcher; ``cuda`` = (available, device count) as torch reports it
+    for ``check_devices``, which then runs too;
     ``folder`` = data.root becomes a fresh folder holding these subfolders; ``raw`` goes through
     ``Config.from_dict`` instead.  ``key`` is what the message must start with."""
 
@@ -159,6 +160,8 @@ def _error(row: Row, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> ConfigError:
                 (root / sub / "cls").mkdir(parents=True)
             cfg.data.root = str(root)
         validate(cfg, world_size=row.world)
+        if row.cuda is not None:
+            check_devices(cfg, cfg.world_size)
     return err.value
 
 

@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from fdg_dist import checkpoint, rundir, worker
-from fdg_dist.config import Config, ConfigError, validate
+from fdg_dist.config import Config, ConfigError, check_devices, validate
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("fdg_dist")
@@ -207,8 +207,8 @@ def _main(raw: DictConfig) -> float | None:
     try:
         cfg = config_from_hydra(raw)
         world = int(os.environ["WORLD_SIZE"]) if torchrun else None
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if torchrun else None
-        validate(cfg, world_size=world, local_world_size=local)
+        validate(cfg, world_size=world)
+        check_devices(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)) if torchrun else cfg.world_size)
     except ConfigError as e:
         _refuse(f"invalid configuration: {e}", run_dir)
     if torchrun and os.environ.get("RANK", "0") != "0":  # rank 0 owns the directory for the run

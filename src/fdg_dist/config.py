@@ -236,18 +236,28 @@ def _typed_fields(cfg: Config) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | None = None,
-             local_world_size: int | None = None) -> None:
+def check_devices(cfg: Config, local_processes: int) -> None:
+    """What this machine must offer a valid configuration: CUDA for NCCL, and one GPU per local process
+    (NCCL rejects two ranks on one GPU).  Separate from ``validate``: a sweep's jobs may run elsewhere."""
+    import torch  # local: config must stay cheap to import
+
+    _require(cfg.dist.backend != "nccl" or torch.cuda.is_available(), "dist.backend",
+             "nccl needs CUDA GPUs and torch sees none here; use dist.backend=gloo (or auto)")
+    if cfg.dist.backend != "gloo" and torch.cuda.is_available():  # NCCL, chosen or by auto
+        gpus = torch.cuda.device_count()
+        _require(gpus >= local_processes, "dist.backend",
+                 f"NCCL runs one process per GPU: {local_processes} processes on this machine but {gpus} GPU(s); "
+                 f"lower pipeline.k × pipeline.replicas or use dist.backend=gloo")
+
+
+def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | None = None) -> None:
     """Reject a configuration before any process group is created.
 
-    ``num_blocks`` (from the model zoo) and ``world_size`` / ``local_world_size`` (processes in the run
-    and on this machine, from torchrun's environment) are passed by the caller when known, so this
-    module stays free of model and launcher imports.  Types are checked first: a typo such as
-    ``optim.lr=abc`` is named here, not met as a ``TypeError`` inside a worker.
+    ``num_blocks`` (from the model zoo) and ``world_size`` (from torchrun's environment) are passed by the
+    caller when known, so this module stays free of model and launcher imports.  Types are checked
+    first: a typo such as ``optim.lr=abc`` is named here, not met as a ``TypeError`` inside a worker.
     """
-    import torch  # local, as models: config must stay cheap to import
-
-    from fdg_dist import models
+    from fdg_dist import models  # local, as in check_devices
 
     for key, value, hint in _typed_fields(cfg):
         _require(_has_type(value, hint), key, f"{value!r} is not {_type_name(hint)}")
@@ -330,13 +340,6 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(s.warmup_epochs >= 0, "sched.warmup_epochs", f"{s.warmup_epochs!r} must be ≥ 0")
 
     _require(cfg.dist.backend in BACKENDS, "dist.backend", f"{cfg.dist.backend!r} is not one of {', '.join(BACKENDS)}")
-    _require(cfg.dist.backend != "nccl" or torch.cuda.is_available(), "dist.backend",
-             "nccl needs CUDA GPUs and torch sees none here; use dist.backend=gloo (or auto)")
-    if cfg.dist.backend != "gloo" and torch.cuda.is_available():  # NCCL, chosen or by auto
-        local, gpus = local_world_size or world_size or cfg.world_size, torch.cuda.device_count()
-        _require(gpus >= local, "dist.backend",
-                 f"NCCL runs one process per GPU: {local} processes on this machine but {gpus} GPU(s); "
-                 f"lower pipeline.k × pipeline.replicas or use dist.backend=gloo")
     _require(cfg.dist.timeout_s >= MIN_TIMEOUT_S, "dist.timeout_s",
              f"{cfg.dist.timeout_s!r} must be ≥ {MIN_TIMEOUT_S:g} second (how long a rank waits for a peer)")
     _require(cfg.dist.max_restarts >= 0, "dist.max_restarts", f"{cfg.dist.max_restarts!r} must be ≥ 0")
