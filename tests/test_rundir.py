@@ -18,13 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_RUN
 
-from fdg_dist import rundir
+from fdg_dist import cli, rundir
 from fdg_dist.config import Config
 
 pytestmark = pytest.mark.multiprocess
@@ -192,6 +193,27 @@ def test_an_invalid_sweep_point_stops_the_sweep_before_its_first_job(tmp_path: P
     assert line.startswith("fdg-train: invalid configuration in sweep job 1 (") and "method.beta=1.5" in line
     assert line.endswith("method.beta: 1.5 is outside (0, 1]; β = 1 means no shrinking; no job was started")
     assert not sweep.exists()
+
+
+def test_the_root_cause_is_the_failure_that_is_not_a_lost_peer() -> None:
+    """Error reports carry whole seconds: a neighbour's 'lost module' can look as early as the error that
+    caused it, or earlier; the rank that raised (or was killed) is the one named."""
+    @dataclass
+    class Failure:
+        message: object
+        timestamp: int
+
+    failures = {
+        0: Failure({"message": "TransportError: lost module 1 (rank 1) while waiting for activation of batch 2: "
+                               "[pair.cc:534] Connection closed by peer", "extraInfo": {}}, 100),
+        1: Failure({"message": "ValueError: data.root: cannot decode x.jpg\nmore detail", "extraInfo": {}}, 101),
+        2: Failure("Signal 15 (SIGTERM) received by PID 7", 100),
+    }
+    assert cli.root_cause(failures) == (1, "ValueError: data.root: cannot decode x.jpg")
+    failures[1] = Failure("Signal 9 (SIGKILL) received by PID 8", 102)  # killed: no error file
+    assert cli.root_cause(failures) == (1, "Signal 9 (SIGKILL) received by PID 8")
+    del failures[1]  # only lost peers: the earliest
+    assert cli.root_cause(failures)[0] == 0
 
 
 @pytest.mark.timeout(120)

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdg_dist import checkpoint, rundir, worker
 from fdg_dist.config import Config, ConfigError, check_devices, validate
+from fdg_dist.data import first_line
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("fdg_dist")
@@ -109,11 +110,6 @@ def launch_local(cfg: Config, run_dir: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------ what the user sees
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else "no message"
-
-
 def _rank_label(cfg: Config, rank: int) -> str:
     stages = 1 if cfg.method.name == "dp" else cfg.pipeline.k
     return f"rank {rank} (module {rank % stages})"
@@ -128,7 +124,7 @@ def root_cause(failures: dict[int, Any]) -> tuple[int, str]:
 
     rank, failure = min(failures.items(),
                         key=lambda item: (any(p in text(item[1]) for p in _PEER_LOSS), item[1].timestamp, item[0]))
-    return rank, _first_line(text(failure))
+    return rank, first_line(text(failure))
 
 
 def _stop(line: str, code: int) -> NoReturn:
@@ -169,7 +165,7 @@ def _work(cfg: Config, run_dir: Path) -> dict | None:
     try:
         return worker.run(cfg.to_dict(), str(run_dir))
     except Exception as e:
-        _stop(f"{_rank_label(cfg, int(os.environ['RANK']))} failed: {type(e).__name__}: {_first_line(str(e))} "
+        _stop(f"{_rank_label(cfg, int(os.environ['RANK']))} failed: {type(e).__name__}: {first_line(str(e))} "
               f"[traceback: {run_dir / 'train.log'}]", 1)
 
 

@@ -245,7 +245,7 @@ def _decode_files(paths: list[str]) -> list[torch.Tensor]:
         try:
             return decode_image(data, mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f"data.root: cannot decode {_named(path)}: {_first_line(str(e))}; "
+            raise ValueError(f"data.root: cannot decode {_named(path)}: {first_line(str(e))}; "
                              "replace or remove it") from e
 
     def read(path: str) -> torch.Tensor:
@@ -254,7 +254,7 @@ def _decode_files(paths: list[str]) -> list[torch.Tensor]:
                 raise ValueError(f"data.root: cannot decode {_named(path)}: the file is empty; replace or remove it")
             return read_file(path)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"data.root: cannot read {_named(path)}: {_first_line(str(e))}") from e
+            raise ValueError(f"data.root: cannot read {_named(path)}: {first_line(str(e))}") from e
 
     raw = [read(p) for p in paths]
     is_jpeg = [r[:2].tolist() == [0xFF, 0xD8] for r in raw]
@@ -268,8 +268,9 @@ def _decode_files(paths: list[str]) -> list[torch.Tensor]:
     return [next(jpegs) if j else one(p, r) for p, r, j in zip(paths, raw, is_jpeg)]
 
 
-def _first_line(text: str) -> str:
-    """The reason in one line, without torchvision's C++ location prefix (``decode_jpeg, …/x.cpp:171, ``)."""
+def first_line(text: str) -> str:
+    """An error message in one line (its first), without torchvision's C++ location prefix
+    (``decode_jpeg, …/x.cpp:171, ``)."""
     line = text.strip().splitlines()[0] if text.strip() else "no reason given"
     return re.sub(r"^\w+, \S+\.cpp:\d+, ", "", line)
 
