@@ -137,7 +137,6 @@ def test_a_run_refused_by_a_busy_directory_writes_nothing(earlier: Path) -> None
     (["resume=never"], "resume=never: {run} holds an earlier run (metrics.jsonl, result.json, final_model.pt, "
                        "checkpoints/epoch0000); continue it with resume=auto"),
     (["optim.lr=abc"], "invalid configuration: optim.lr: 'abc' is not a number"),
-    (["trainer.threads=-1"], "invalid configuration: trainer.threads: -1 must be null"),
     (["optim.lr=0.01"], "checkpoint {run}/checkpoints/epoch0000 was written by a different configuration "
                         "(optim.lr: checkpoint 0.1, this run 0.01)"),
 ])
