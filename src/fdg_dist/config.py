@@ -237,17 +237,15 @@ def _typed_fields(cfg: Config) -> list[tuple[str, Any, Any]]:
 
 
 def check_devices(cfg: Config, local_processes: int) -> None:
-    """What this machine must offer a valid configuration: CUDA for NCCL, and one GPU per local process
-    (NCCL rejects two ranks on one GPU).  Separate from ``validate``: a sweep's jobs may run elsewhere."""
-    import torch  # local: config must stay cheap to import
+    """What this machine must offer a valid configuration: CUDA for NCCL, one GPU per local process (NCCL
+    rejects two ranks on one GPU), bf16 where asked.  Separate from ``validate``: a sweep's jobs may run
+    elsewhere.  The rules are ``distributed.check_device``'s, which every worker applies to itself again."""
+    from fdg_dist.distributed import DeviceError, check_device, choose_backend  # local: torch.distributed
 
-    _require(cfg.dist.backend != "nccl" or torch.cuda.is_available(), "dist.backend",
-             "nccl needs CUDA GPUs and torch sees none here; use dist.backend=gloo (or auto)")
-    if cfg.dist.backend != "gloo" and torch.cuda.is_available():  # NCCL, chosen or by auto
-        gpus = torch.cuda.device_count()
-        _require(gpus >= local_processes, "dist.backend",
-                 f"NCCL runs one process per GPU: {local_processes} processes on this machine but {gpus} GPU(s); "
-                 f"lower pipeline.k × pipeline.replicas or use dist.backend=gloo")
+    try:
+        check_device(choose_backend(cfg.dist.backend), local_processes - 1, cfg.trainer.precision)
+    except DeviceError as e:
+        raise ConfigError(f"{e.key}: {e}") from None
 
 
 def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | None = None) -> None:
@@ -257,7 +255,7 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     caller when known, so this module stays free of model and launcher imports.  Types are checked
     first: a typo such as ``optim.lr=abc`` is named here, not met as a ``TypeError`` inside a worker.
     """
-    from fdg_dist import models  # local, as in check_devices
+    from fdg_dist import models  # local: the zoo imports torch, config must stay cheap to import
 
     for key, value, hint in _typed_fields(cfg):
         _require(_has_type(value, hint), key, f"{value!r} is not {_type_name(hint)}")
