@@ -19,9 +19,10 @@ import torch
 from conftest import run_pipeline, small_config
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from fdg_dist import checkpoint, distributed
+from fdg_dist import checkpoint, distributed, metrics
 from fdg_dist.checkpoint import CheckpointError, atomic_save, choose, verify
 from fdg_dist.config import Config
+from fdg_dist.executor import EpochResult
 from fdg_dist.trainer import Trainer
 
 K = 3
@@ -130,6 +131,72 @@ def test_resume_never_starts_afresh_and_resets_metrics(world1, run_dir: Path) ->
     trainer = Trainer(cfg, world1, run_dir)
     assert checkpoint.restore(trainer) is None and trainer.start_epoch == 0
     assert (run_dir / "metrics.jsonl").read_text() == ""
+
+
+def test_resume_repairs_a_torn_last_metrics_line_and_says_so(world1, run_dir: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A crash (or a full disk) while a metrics line was appended left half a line: resume drops it, warns
+    naming the file, and continues; the file is then the uninterrupted run's."""
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    _fit(cfg, world1, run_dir)
+    path = run_dir / "metrics.jsonl"
+    whole = path.read_text()
+    path.write_text(whole + whole.splitlines()[-1][:25])  # a torn third line
+    trainer = Trainer(cfg, world1, run_dir)
+    with caplog.at_level(logging.WARNING, logger="fdg_dist"):
+        assert checkpoint.restore(trainer) == run_dir / "checkpoints" / "epoch0001"
+    assert path.read_text() == whole
+    assert f"{path}: dropped its last line, cut short" in caplog.text
+
+
+def test_a_damaged_metrics_line_before_the_last_is_named(world1, run_dir: Path) -> None:
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    _fit(cfg, world1, run_dir)
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(["{not json", *lines[1:]]) + "\n")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: line 1 is damaged"):
+        checkpoint.restore(Trainer(cfg, world1, run_dir))
+
+
+def test_a_crash_while_appending_metrics_leaves_the_previous_lines(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up half-way through writing epoch 1's line: metrics.jsonl keeps epoch 0's, whole."""
+    log = metrics.RunLog(small_config(), tmp_path, module=0, replica=0, reporter=True)
+    result = EpochResult(loss_sum=2.0, errors=1, samples=4)
+    log.epoch(0, lr=0.1, train=result, test=result, seconds=1.0, samples=4, events=[], steps=1)
+    path = tmp_path / "metrics.jsonl"
+    before = path.read_text()
+    real_open = open
+
+    class HalfWrite:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, data) -> int:
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str):
+            return getattr(self.f, name)
+
+    def filling_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return HalfWrite(f) if "metrics.jsonl" in str(file) and ("w" in mode or "a" in mode) else f
+
+    monkeypatch.setattr("builtins.open", filling_open)
+    with pytest.raises(OSError, match="No space left"):
+        log.epoch(1, lr=0.1, train=result, test=result, seconds=1.0, samples=4, events=[], steps=2)
+    monkeypatch.undo()
+    assert json.loads(before)["epoch"] == 0 and path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "timing"]  # no temporary file left
 
 
 # ------------------------------------------------------ checkpoints of a K=3 run

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fdg_dist import models
-from fdg_dist.cli import config_from_hydra  # also registers the fdg_run_id / fdg_output_subdir resolvers
+from fdg_dist.cli import config_from_hydra  # also registers the fdg_run_id resolver
 from fdg_dist.config import Config, ConfigError, validate
 
 CONF = REPO / "conf"
@@ -126,15 +126,14 @@ def test_command_line_overrides_a_preset(composed: Callable[..., Config]) -> Non
 
 
 def test_run_dir_resolvers(hydra_conf: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the hydra node (as the app sees it) the custom resolvers give one timestamped run dir, and only
-    rank 0 under torchrun writes ``.hydra/``."""
+    """With the hydra node (as the app sees it) the custom resolver gives one timestamped run dir, shared by
+    every rank under torchrun; Hydra writes no ``.hydra/`` itself (fdg-train does, once the run is accepted)."""
     for var in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK"):
         monkeypatch.delenv(var, raising=False)
     raw: DictConfig = compose("train", overrides=["experiment=quick_synthetic"], return_hydra_config=True)
     HydraConfig().set_config(raw)
     assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", raw.hydra.run.dir)
-    assert raw.hydra.output_subdir == ".hydra"
+    assert raw.hydra.output_subdir is None
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     monkeypatch.setenv("RANK", "1")
     assert raw.hydra.run.dir == "outputs/torchrun-abc"
-    assert raw.hydra.output_subdir is None

@@ -168,16 +168,17 @@ def test_a_finished_run_destroys_its_process_groups(monkeypatch, tmp_path) -> No
     assert calls == ["destroy"]
 
 
-@pytest.mark.parametrize("setting,match", [
-    ({"available": False}, "dist.backend=nccl needs CUDA GPUs and this machine has none"),
-    ({"count": 2, "local_rank": 2}, r"local rank 2 needs GPU cuda:2 but only 2 GPU\(s\) are visible"),
-    ({"bf16": False, "precision": "bf16"}, "has no bfloat16 support; use trainer.precision=fp32"),
+@pytest.mark.parametrize("setting,key,match", [
+    ({"available": False}, "dist.backend", "nccl needs CUDA GPUs and torch sees none here"),
+    ({"count": 2, "local_rank": 2}, "dist.backend", r"3 processes on this machine but 2 GPU\(s\) visible"),
+    ({"bf16": False, "precision": "bf16"}, "trainer.precision", "has no bfloat16 support; use trainer.precision=fp32"),
 ])
-def test_what_the_machine_cannot_do_is_one_line_at_start(monkeypatch, setting, match) -> None:
+def test_what_the_machine_cannot_do_is_one_line_at_start(monkeypatch, setting, key, match) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: setting.get("available", True))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: setting.get("count", 4))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: setting.get("bf16", True))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
-    with pytest.raises(distributed.DeviceError, match=match):
+    with pytest.raises(distributed.DeviceError, match=match) as err:
         distributed.check_device("nccl", setting.get("local_rank", 0), setting.get("precision", "fp32"))
+    assert err.value.key == key
     assert distributed.check_device("gloo", 7, "bf16") == torch.device("cpu")

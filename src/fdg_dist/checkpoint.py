@@ -268,7 +268,7 @@ def _check_config(directory: Path, manifest: dict[str, Any], fp: dict[str, Any])
     if manifest.get("config_hash") != config_hash(fp):
         raise CheckpointError(f"checkpoint {directory} was written by a different configuration "
                               f"({_differences(manifest.get('config', {}), fp)}); resume it with that "
-                              f"configuration, or start afresh with resume=never or another run directory")
+                              f"configuration, or start this run in another directory (hydra.run.dir=...)")
 
 
 def _newest_complete(root: Path, fp: dict[str, Any]) -> Path | None:
@@ -356,14 +356,31 @@ def _load(trainer: Trainer, directory: Path) -> None:
 
 
 def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:
-    """Drop metric lines of epochs ≥ ``start_epoch`` (they will be produced again); returns the rows kept."""
+    """Drop metric lines of epochs ≥ ``start_epoch`` (they will be produced again); returns the rows kept.
+
+    A last line cut short (a crash or a full disk while an older version appended it) is dropped with a
+    warning, its epoch being redone; a damaged line before the last is an error naming the file and line.
+    """
     if not path.exists():
         return []
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < start_epoch]
-    if kept != lines:
-        atomic_write("".join(kept).encode(), path)
-    return [json.loads(line) for line in kept]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            rows.append((line, row, int(row["epoch"])))
+        except (ValueError, KeyError, TypeError) as e:
+            if number < len(lines):
+                raise CheckpointError(f"{path}: line {number} is damaged ({type(e).__name__}: {e}); repair or "
+                                      "delete that line (each line is one epoch) and resume again") from e
+            log.warning("%s: dropped its last line, cut short while it was written (%r); that epoch is redone",
+                        path, line[:60])
+    kept = [(line, row) for line, row, epoch in rows if epoch < start_epoch]
+    repaired = "".join(line + "\n" for line, _ in kept)
+    if repaired != text:
+        atomic_write(repaired.encode(), path)
+    return [row for _, row in kept]
 
 
 # ----------------------------------------------------------------- test hooks

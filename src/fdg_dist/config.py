@@ -8,8 +8,10 @@ names the offending key and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 METHODS = ("fdg", "bp", "ddg", "fr", "dgl", "adl", "dp")
@@ -21,6 +23,8 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip_step", "off")
 BACKENDS = ("auto", "nccl", "gloo")
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+MIN_TIMEOUT_S = 1.0
 
 
 @dataclass
@@ -89,7 +93,6 @@ class TrainerConfig:
     channels_last: bool = False  # NHWC activations and conv weights: faster convolutions on CPUs and GPUs
     threads: int | None = None  # intra-op threads per process (CPU)
     nan_policy: str = "stop"  # stop | skip_step | off (no finiteness checks: no host sync per step on a GPU)
-    eval_every_epochs: int = 1
 
 
 @dataclass
@@ -153,7 +156,7 @@ class Config:
                 kwargs[f.name] = value
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)} - {"hydra"}
         if unknown:
-            raise ConfigError(f"unknown config key(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+            raise ConfigError(f"{sorted(unknown)[0]}: unknown config key; valid: {[f.name for f in dataclasses.fields(cls)]}")
         return cls(**kwargs)
 
 
@@ -164,7 +167,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{sorted(unknown)[0]}"
         raise ConfigError(f"{key}: unknown key; valid keys of {prefix}: {sorted(names)}")
     values = dict(raw)
-    if "betas" in values and values["betas"] is not None:
+    if isinstance(values.get("betas"), list):
         values["betas"] = tuple(values["betas"])
     return cls(**values)
 
@@ -178,32 +181,116 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (plain YAML data) fits a field's annotation; ``int`` is a ``float``, ``bool`` is neither."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_has_type(v, args[0]) for v in value)
+    if origin is tuple:
+        return (isinstance(value, (list, tuple)) and len(value) == len(args)
+                and all(_has_type(v, a) for v, a in zip(value, args)))
+    raise TypeError(f"no type check for annotation {hint!r}")
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s, e.g. [1,2]"
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {len(args)} numbers, e.g. [0.9,0.999]"
+    if dataclasses.is_dataclass(hint):
+        return "a group of settings (key: value)"
+    return {Any: "anything", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}[hint]
+
+
+def _typed_fields(cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value, annotation) of every setting, sections flattened."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            hints = typing.get_type_hints(type(value))
+            out += [(f"{f.name}.{sub.name}", getattr(value, sub.name), hints[sub.name])
+                    for sub in dataclasses.fields(value)]
+        else:
+            out.append((f.name, value, typing.get_type_hints(Config)[f.name]))
+    return out
+
+
+def check_devices(cfg: Config, local_processes: int) -> None:
+    """What this machine must offer a valid configuration: CUDA for NCCL, one GPU per local process (NCCL
+    rejects two ranks on one GPU), bf16 where asked.  Separate from ``validate``: a sweep's jobs may run
+    elsewhere.  The rules are ``distributed.check_device``'s, which every worker applies to itself again."""
+    from fdg_dist.distributed import DeviceError, check_device, choose_backend  # local: torch.distributed
+
+    try:
+        check_device(choose_backend(cfg.dist.backend), local_processes - 1, cfg.trainer.precision)
+    except DeviceError as e:
+        raise ConfigError(f"{e.key}: {e}") from None
+
+
 def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | None = None) -> None:
     """Reject a configuration before any process group is created.
 
-    ``num_blocks`` (from the model zoo) and ``world_size`` (from torchrun's environment) are passed
-    by the caller when known, so this module stays free of model and launcher imports.
+    ``num_blocks`` (from the model zoo) and ``world_size`` (from torchrun's environment) are passed by the
+    caller when known, so this module stays free of model and launcher imports.  Types are checked
+    first: a typo such as ``optim.lr=abc`` is named here, not met as a ``TypeError`` inside a worker.
     """
     from fdg_dist import models  # local: the zoo imports torch, config must stay cheap to import
 
-    m, p, t = cfg.method, cfg.pipeline, cfg.trainer
+    for key, value, hint in _typed_fields(cfg):
+        _require(_has_type(value, hint), key, f"{value!r} is not {_type_name(hint)}")
+    m, p, t, d, o, s = cfg.method, cfg.pipeline, cfg.trainer, cfg.data, cfg.optim, cfg.sched
     _require(cfg.model.name in models.names(), "model.name",
              f"unknown model {cfg.model.name!r}; valid: {', '.join(models.names())}")
-    _require(cfg.data.name in DATASETS, "data.name", f"unknown dataset {cfg.data.name!r}; valid: {', '.join(DATASETS)}")
+
+    _require(d.name in DATASETS, "data.name", f"unknown dataset {d.name!r}; valid: {', '.join(DATASETS)}")
+    _require(d.num_classes >= 2, "data.num_classes", f"{d.num_classes!r} must be ≥ 2")
+    _require(d.name not in CIFAR_CLASSES or d.num_classes == CIFAR_CLASSES[d.name], "data.num_classes",
+             f"{d.name} has {CIFAR_CLASSES.get(d.name)} classes, not {d.num_classes}")
+    _require(d.image_size >= 1, "data.image_size", f"{d.image_size!r} must be ≥ 1 (pixels per side)")
+    _require(d.name not in CIFAR_CLASSES or d.image_size == 32, "data.image_size",
+             f"{d.name} images are 32x32, not {d.image_size}x{d.image_size}")
+    for key, n in (("data.train_size", d.train_size), ("data.test_size", d.test_size)):
+        _require(n >= 1 or d.name != "synthetic", key, f"{n!r} must be ≥ 1 (samples of the synthetic set)")
+    for key, n in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset)):
+        _require(n is None or n >= 1, key, f"{n!r} must be null (the whole split) or a number of samples ≥ 1")
+    _require(d.cache or d.name != "imagefolder", "data.cache",
+             "false (streaming from disk) is not supported yet; data=imagefolder needs data.cache=true")
+
     _require(m.name in METHODS, "method.name", f"unknown method {m.name!r}; valid: {', '.join(METHODS)}")
     _require(m.stash in STASH_MODES, "method.stash", f"{m.stash!r} is not one of {', '.join(STASH_MODES)}")
-    _require(isinstance(m.beta, (int, float)) and 0.0 < m.beta <= 1.0, "method.beta",
-             f"{m.beta!r} is outside (0, 1]; β = 1 means no shrinking")
+    _require(0.0 < m.beta <= 1.0, "method.beta", f"{m.beta!r} is outside (0, 1]; β = 1 means no shrinking")
     _require(m.beta == 1.0 or m.name in SHRINKING_METHODS, "method.beta",
              f"β shrinking is part of {', '.join(SHRINKING_METHODS)} only; method {m.name!r} needs beta=1")
-    _require(isinstance(m.accum_steps, int) and m.accum_steps >= 1, "method.accum_steps",
-             f"{m.accum_steps!r} must be an integer ≥ 1")
+    _require(m.accum_steps >= 1, "method.accum_steps", f"{m.accum_steps!r} must be an integer ≥ 1")
     _require(m.accum_steps == 1 or m.name == "adl", "method.accum_steps",
              f"gradient accumulation is method 'adl'; method {m.name!r} needs accum_steps=1")
-    _require(isinstance(p.k, int) and p.k >= 1, "pipeline.k", f"{p.k!r} must be an integer ≥ 1 (number of modules)")
-    _require(isinstance(p.replicas, int) and p.replicas >= 1, "pipeline.replicas", f"{p.replicas!r} must be an integer ≥ 1")
+    _require(m.aux_channels >= 1, "method.aux_channels", f"{m.aux_channels!r} must be ≥ 1")
+
+    _require(p.k >= 1, "pipeline.k", f"{p.k!r} must be an integer ≥ 1 (number of modules)")
+    _require(p.replicas >= 1, "pipeline.replicas", f"{p.replicas!r} must be an integer ≥ 1")
     if num_blocks is None:
-        num_blocks = len(models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta"))
+        num_blocks = len(models.build_blocks(cfg.model.name, d.num_classes, device="meta"))
     stages = 1 if m.name == "dp" else p.k
     _require(stages <= num_blocks, "pipeline.k",
              f"K={p.k} modules but model {cfg.model.name!r} has only {num_blocks} blocks; use pipeline.k ≤ {num_blocks}")
@@ -211,7 +298,7 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
              f"{p.cost!r} is not one of flops (counted, the same on every machine), time (measured at start)")
     if p.split != "auto":
         split = list(p.split) if isinstance(p.split, (list, tuple)) else None
-        _require(split is not None and all(isinstance(i, int) for i in split), "pipeline.split",
+        _require(split is not None and all(_has_type(i, int) for i in split), "pipeline.split",
                  f"{p.split!r} must be 'auto' or a list of {stages - 1} block indices")
         _require(len(split) == stages - 1, "pipeline.split",
                  f"{split} has {len(split)} indices; K={stages} modules need {stages - 1} (where modules 1..K-1 start)")
@@ -222,36 +309,55 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
         _require(world_size == cfg.world_size, "pipeline.k",
                  f"the launcher started {world_size} processes but pipeline.k={p.k} × pipeline.replicas="
                  f"{p.replicas} needs {cfg.world_size}; launch with --nproc_per_node={cfg.world_size} or set pipeline.k")
-    _require(isinstance(t.batch_size, int) and t.batch_size >= 1, "trainer.batch_size", f"{t.batch_size!r} must be ≥ 1")
+
+    _require(t.batch_size >= 1, "trainer.batch_size", f"{t.batch_size!r} must be ≥ 1")
     replicas = p.k if m.name == "dp" else p.replicas
     _require(t.batch_size % replicas == 0, "trainer.batch_size",
              f"{t.batch_size} is the global batch; it must divide evenly over {replicas} replicas")
     _require(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"{t.eval_batch_size!r} must be ≥ 1")
-    _require(isinstance(t.epochs, int) and t.epochs >= 1, "trainer.epochs", f"{t.epochs!r} must be an integer ≥ 1")
-    _require(t.max_steps is None or (isinstance(t.max_steps, int) and t.max_steps >= 1), "trainer.max_steps",
+    _require(t.epochs >= 1, "trainer.epochs", f"{t.epochs!r} must be an integer ≥ 1")
+    _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps",
              f"{t.max_steps!r} must be null or an integer ≥ 1")
     _require(t.precision in PRECISIONS, "trainer.precision", f"{t.precision!r} is not one of {', '.join(PRECISIONS)}")
     _require(t.nan_policy in NAN_POLICIES, "trainer.nan_policy", f"{t.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
-    _require(cfg.optim.name in OPTIMIZERS, "optim.name", f"unknown optimizer {cfg.optim.name!r}; valid: {', '.join(OPTIMIZERS)}")
-    _require(cfg.optim.lr > 0, "optim.lr", f"{cfg.optim.lr!r} must be > 0")
-    _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", f"{cfg.optim.weight_decay!r} must be ≥ 0")
-    _require(cfg.sched.name in SCHEDULERS, "sched.name", f"unknown schedule {cfg.sched.name!r}; valid: {', '.join(SCHEDULERS)}")
-    _require(list(cfg.sched.milestones) == sorted(cfg.sched.milestones), "sched.milestones",
-             f"{list(cfg.sched.milestones)} must be increasing epochs")
-    _require(cfg.sched.warmup_epochs >= 0, "sched.warmup_epochs", f"{cfg.sched.warmup_epochs!r} must be ≥ 0")
+    _require(t.threads is None or t.threads >= 1, "trainer.threads",
+             f"{t.threads!r} must be null (cores / local processes) or ≥ 1")
+
+    _require(o.name in OPTIMIZERS, "optim.name", f"unknown optimizer {o.name!r}; valid: {', '.join(OPTIMIZERS)}")
+    _require(o.lr > 0, "optim.lr", f"{o.lr!r} must be > 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", f"{o.momentum!r} must be in [0, 1)")
+    _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "true needs optim.momentum > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"{o.weight_decay!r} must be ≥ 0")
+    _require(all(0 <= b < 1 for b in o.betas), "optim.betas", f"{list(o.betas)} must both be in [0, 1)")
+
+    _require(s.name in SCHEDULERS, "sched.name", f"unknown schedule {s.name!r}; valid: {', '.join(SCHEDULERS)}")
+    milestones = [0, *s.milestones]
+    _require(all(a < b for a, b in zip(milestones, milestones[1:])), "sched.milestones",
+             f"{list(s.milestones)} must be strictly increasing epochs ≥ 1")
+    _require(s.gamma > 0, "sched.gamma", f"{s.gamma!r} must be > 0 (the LR factor at each milestone)")
+    _require(s.warmup_epochs >= 0, "sched.warmup_epochs", f"{s.warmup_epochs!r} must be ≥ 0")
+
     _require(cfg.dist.backend in BACKENDS, "dist.backend", f"{cfg.dist.backend!r} is not one of {', '.join(BACKENDS)}")
-    _require(cfg.dist.timeout_s > 0, "dist.timeout_s", f"{cfg.dist.timeout_s!r} must be > 0 seconds")
-    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"{cfg.checkpoint.keep!r} must be ≥ 1")
-    _require(cfg.checkpoint.every_epochs >= 1, "checkpoint.every_epochs", f"{cfg.checkpoint.every_epochs!r} must be ≥ 1")
+    _require(cfg.dist.timeout_s >= MIN_TIMEOUT_S, "dist.timeout_s",
+             f"{cfg.dist.timeout_s!r} must be ≥ {MIN_TIMEOUT_S:g} second (how long a rank waits for a peer)")
+    _require(cfg.dist.max_restarts >= 0, "dist.max_restarts", f"{cfg.dist.max_restarts!r} must be ≥ 0")
+
+    c = cfg.checkpoint
+    _require(c.keep >= 1, "checkpoint.keep", f"{c.keep!r} must be ≥ 1")
+    _require(c.every_epochs >= 1, "checkpoint.every_epochs", f"{c.every_epochs!r} must be ≥ 1")
+    _require(c.dir != "" and not PurePath(c.dir).is_absolute() and ".." not in PurePath(c.dir).parts,
+             "checkpoint.dir", f"{c.dir!r} must be a folder inside the run directory (relative, no '..'), "
+             "so that one run's checkpoints never mix with another's")
     _require(cfg.logging.progress in ("auto", "always", "never"), "logging.progress",
              f"{cfg.logging.progress!r} is not one of auto, always, never")
-    _require(cfg.data.num_classes >= 2, "data.num_classes", f"{cfg.data.num_classes!r} must be ≥ 2")
-    if cfg.data.name == "imagefolder":
-        _require(cfg.data.root not in (None, "", "???"), "data.root",
+    _require(cfg.logging.log_every_steps >= 1, "logging.log_every_steps",
+             f"{cfg.logging.log_every_steps!r} must be ≥ 1")
+    if d.name == "imagefolder":
+        _require(d.root not in (None, "", "???"), "data.root",
                  "is required for data=imagefolder: a folder with train/ and val/ (or test/), e.g. data.root=/data/cifar10")
-        root = Path(cfg.data.root)
+        root = Path(d.root)
         _require(root.is_dir(), "data.root",
-                 f"{cfg.data.root!r} is not a directory; imagefolder needs data.root with train/ and val/ (or test/)")
+                 f"{d.root!r} is not a directory; imagefolder needs data.root with train/ and val/ (or test/)")
         _require((root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()), "data.root",
                  f"{root} must hold train/ and val/ or test/ subdirectories (one folder per class)")
     _require(cfg.resume in ("auto", "never") or Path(cfg.resume).is_dir(), "resume",

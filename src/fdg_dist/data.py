@@ -9,7 +9,10 @@ checkpoint, or is replayed by the single-process reference simulation.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +199,10 @@ def _decode_folder(folder: Path, subset: int | None, seed: int, split: str
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     classes, class_to_idx = find_classes(str(folder))
-    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    try:
+        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as e:  # torchvision names the empty classes but not the folder
+        raise FileNotFoundError(f"data.root: {folder}: {e}") from e
     labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
     keep = _subset_indices(labels, subset, seed, split)
     if keep is not None:
@@ -207,26 +213,66 @@ def _decode_folder(folder: Path, subset: int | None, seed: int, split: str
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
         images = _decode_files(paths)
-    shapes = {tuple(img.shape) for img in images}
-    if len(shapes) != 1:
-        raise ValueError(f"data.root: images under {folder} differ in size ({sorted(shapes)[:4]}...); "
-                         "data.cache=true stacks them into one tensor, and data.cache=false (resizing on "
-                         "the fly) is not supported yet: resize the images to one size first")
+    shapes = Counter(tuple(img.shape) for img in images)
+    if len(shapes) > 1:
+        common = shapes.most_common(1)[0][0]
+        odd, shape = next((p, tuple(img.shape)) for p, img in zip(paths, images) if tuple(img.shape) != common)
+        counts = ", ".join(f"{n} of {_size(k)}" for k, n in shapes.most_common())
+        raise ValueError(f"data.root: {_named(odd)} is {_size(shape)}, unlike the others under {folder} ({counts}); "
+                         "data.cache=true stacks all images into one tensor: resize or remove the odd ones")
     return torch.stack(images), labels, classes
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return f"{shape[-2]}x{shape[-1]}"
+
+
+def _named(path: str) -> str:
+    """A file as an error names it: the path and the class folder (its label)."""
+    return f"{path} (class folder '{Path(path).parent.name}')"
 
 
 def _decode_files(paths: list[str]) -> list[torch.Tensor]:
     """Decode as RGB uint8 (C, H, W); JPEGs (the common case) in one batched call, anything else one by one.
 
-    Serial on purpose: on the 2-core box neither two threads nor a batched call with 2 intra-op threads
-    beat one thread (45k CIFAR JPEGs: ~1 s reading, ~1.5 s decoding).
+    A file that cannot be read or decoded is named (a batch that fails is decoded again file by file to
+    find it). Serial on purpose: on the 2-core box neither two threads nor a batched call with 2 intra-op
+    threads beat one thread (45k CIFAR JPEGs: ~1 s reading, ~1.5 s decoding).
     """
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
-    raw = [read_file(p) for p in paths]
+    def one(path: str, data: torch.Tensor) -> torch.Tensor:
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"data.root: cannot decode {_named(path)}: {first_line(str(e))}; "
+                             "replace or remove it") from e
+
+    def read(path: str) -> torch.Tensor:
+        try:
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"data.root: cannot decode {_named(path)}: the file is empty; replace or remove it")
+            return read_file(path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"data.root: cannot read {_named(path)}: {first_line(str(e))}") from e
+
+    raw = [read(p) for p in paths]
     is_jpeg = [r[:2].tolist() == [0xFF, 0xD8] for r in raw]
-    jpegs = iter(decode_jpeg([r for r, j in zip(raw, is_jpeg) if j], mode=ImageReadMode.RGB) if any(is_jpeg) else [])
-    return [next(jpegs) if j else decode_image(r, mode=ImageReadMode.RGB) for r, j in zip(raw, is_jpeg)]
+    jpeg_paths = [p for p, j in zip(paths, is_jpeg) if j]
+    jpeg_raw = [r for r, j in zip(raw, is_jpeg) if j]
+    try:
+        decoded = decode_jpeg(jpeg_raw, mode=ImageReadMode.RGB) if jpeg_raw else []
+    except RuntimeError:  # one damaged JPEG fails the batch: find it
+        decoded = [one(p, r) for p, r in zip(jpeg_paths, jpeg_raw)]
+    jpegs = iter(decoded)
+    return [next(jpegs) if j else one(p, r) for p, r, j in zip(paths, raw, is_jpeg)]
+
+
+def first_line(text: str) -> str:
+    """An error message in one line (its first), without torchvision's C++ location prefix
+    (``decode_jpeg, …/x.cpp:171, ``)."""
+    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    return re.sub(r"^\w+, \S+\.cpp:\d+, ", "", line)
 
 
 # ------------------------------------------------------------------------------------------------ batching

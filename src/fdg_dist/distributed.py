@@ -49,28 +49,34 @@ def choose_backend(requested: str) -> str:
 
 
 class DeviceError(RuntimeError):
-    """This machine cannot run the configuration (no GPU for NCCL, a rank without a GPU, no bf16)."""
+    """This machine cannot run the configuration (no GPU for NCCL, a rank without a GPU, no bf16); ``key`` is
+    the setting to change."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def check_device(backend: str, local_rank: int, precision: str) -> torch.device:
-    """The device this rank computes on, or one line saying why this machine cannot run it.
+    """The device local rank ``local_rank`` computes on, or one line saying why this machine cannot run it.
 
-    Caught here, at start, instead of as a CUDA error deep in the first NCCL call or the first bf16
-    message.
+    Caught at start (by the CLI for all its local ranks, by every worker for itself) instead of as a CUDA
+    error deep in the first NCCL call or the first bf16 message.
     """
     if backend != "nccl":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceError("dist.backend=nccl needs CUDA GPUs and this machine has none; use dist.backend=gloo "
+        raise DeviceError("dist.backend", "nccl needs CUDA GPUs and torch sees none here; use dist.backend=gloo "
                           "(or auto) to train on the CPU")
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise DeviceError(f"local rank {local_rank} needs GPU cuda:{local_rank} but only {count} GPU(s) are "
-                          f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-                          f"start at most {count} processes per node (--nproc_per_node)")
+        raise DeviceError("dist.backend", f"NCCL runs one process per GPU (it refuses two ranks on one GPU): "
+                          f"{local_rank + 1} processes on this machine but {count} GPU(s) visible "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower "
+                          "pipeline.k × pipeline.replicas (or --nproc_per_node) or use dist.backend=gloo")
     device = torch.device("cuda", local_rank)
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise DeviceError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 "
+        raise DeviceError("trainer.precision", f"bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 "
                           "support; use trainer.precision=fp32")
     return device
 

@@ -21,6 +21,7 @@ from typing import TextIO
 
 import torch
 
+from fdg_dist.checkpoint import atomic_write
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult, Event
 from fdg_dist.schedule import Kind
@@ -28,6 +29,13 @@ from fdg_dist.schedule import Kind
 log = logging.getLogger("fdg_dist")
 
 Hook = Callable[[Event], None]
+
+
+def append_line(path: Path, line: str) -> None:
+    """Add one line to a JSON-lines record by rewriting it atomically: a crash or a full disk mid-write
+    leaves the previous content, never a torn last line (one line per epoch: cheap to copy)."""
+    before = path.read_bytes() if path.exists() else b""
+    atomic_write(before + line.encode() + b"\n", path)
 
 
 def rank_name(module: int, replica: int) -> str:
@@ -197,8 +205,8 @@ class RunLog:
         timing = Timing.of(events, train_s=seconds, samples=samples)
         self.totals += timing
         self.timing_path.parent.mkdir(parents=True, exist_ok=True)
-        self.timing_path.write_text(json.dumps({"module": self.module, "replica": self.replica,
-                                                **self.totals.to_dict()}, indent=2) + "\n")
+        atomic_write((json.dumps({"module": self.module, "replica": self.replica, **self.totals.to_dict()},
+                                 indent=2) + "\n").encode(), self.timing_path)
         if self.tb_dir is not None:
             self._tensorboard(lr, train, test, timing, events, steps)
         if not self.reporter:
@@ -206,8 +214,7 @@ class RunLog:
         row = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_error": train.error,
                "test_loss": test.loss, "test_error": test.error, "epoch_time_s": seconds,
                "samples_per_s": samples / seconds if seconds > 0 else 0.0}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.metrics_path, json.dumps(row))
         self.last = row
         log.info("epoch %3d  lr %.4g  train loss %.4f err %.2f%%  test loss %.4f err %.2f%%  %.1fs  %.0f samples/s",
                  epoch, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
@@ -262,7 +269,7 @@ class RunLog:
             "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
             "seed": cfg.trainer.seed, "epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size,
         }
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write((json.dumps(result, indent=2) + "\n").encode(), self.run_dir / "result.json")
         return result
 
     def _hparams(self, result: dict, steps: int) -> None:

@@ -243,4 +243,4 @@ class Trainer:
             for part in parts[: self.K]:  # replica 0 holds one copy of every module
                 merged.update(part)
             checkpoint.atomic_save(merged, self.run_dir / "final_model.pt")
-            (self.run_dir / "split.json").write_text(json.dumps({"bounds": self.bounds}))
+            checkpoint.atomic_write(json.dumps({"bounds": self.bounds}).encode(), self.run_dir / "split.json")

@@ -35,6 +35,7 @@ def setup_logging(run_dir: Path, module: int, replica: int, console: bool) -> No
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     stream.setLevel(logging.INFO if console else logging.WARNING)
+    stream.addFilter(lambda record: record.exc_info is None)  # tracebacks: train.log; the CLI prints one line
     log.addHandler(stream)
 
 
@@ -57,7 +58,7 @@ def run(raw: dict, run_dir: str) -> dict | None:
         finished = True
         return result
     except Exception as e:
-        log.error("rank %d (module %d) failed: %s: %s", rank, module, type(e).__name__, e)
+        log.error("rank %d (module %d) failed: %s: %s", rank, module, type(e).__name__, e, exc_info=True)
         raise
     finally:
         # after an error, operations may still wait for a dead peer: abort, never destroy (which would wait)
