@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fdg_dist import worker
+from fdg_dist import data, worker
 from fdg_dist.config import Config, ConfigError, validate
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
@@ -78,8 +78,12 @@ def _main(raw: DictConfig) -> float | None:
         cfg = config_from_hydra(raw)
         world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else None
         validate(cfg, world_size=world)
+        data.check_available(cfg.data, download=not _under_torchrun())
     except ConfigError as e:
         print(f"fdg-train: invalid configuration: {e}", file=sys.stderr)
+        sys.exit(2)
+    except data.DataUnavailable as e:
+        print(f"fdg-train: {e}", file=sys.stderr)
         sys.exit(2)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = worker.run(cfg.to_dict(), str(run_dir)) if _under_torchrun() else launch_local(cfg, run_dir)
