@@ -289,6 +289,25 @@ def shard_size(n: int, per_replica: int, replica: int, replicas: int) -> int:
     return stop - start
 
 
+class Normalize:
+    """uint8 images (0..255) to the network's input, (x/255 - mean)/std per channel.
+
+    The one definition that training, evaluation and an exported model's transform share, so a model
+    evaluated outside the pipeline sees bit-identical inputs.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu") -> None:
+        shape = (1, -1, 1, 1)
+        # (x/255 - mean)/std = x * scale - shift, with scale and shift computed once on the target device
+        s = torch.tensor(std, dtype=torch.float32)
+        self.scale = (1 / (255 * s)).view(shape).to(device)
+        self.shift = (torch.tensor(mean, dtype=torch.float32) / s).view(shape).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """A (N, C, H, W) batch; float input is taken as already in 0..255 units (and left unchanged)."""
+        return x.to(torch.float32, copy=True).mul_(self.scale).sub_(self.shift)
+
+
 class Batches:
     """One epoch at a time of (x, y) batches; order and augmentation depend only on (seed, epoch, batch)."""
 
@@ -302,11 +321,7 @@ class Batches:
         self.data, self.batch_size, self.train, self.augment, self.seed = data, batch_size, train, augment, seed
         self.device = torch.device(device)
         self.replica, self.replicas = replica, replicas
-        shape = (1, -1, 1, 1)
-        # x_norm = (x/255 - mean)/std = x * scale - shift, computed once on the target device
-        std = torch.tensor(data.std, dtype=torch.float32)
-        self._scale = (1 / (255 * std)).view(shape).to(self.device)
-        self._shift = (torch.tensor(data.mean, dtype=torch.float32) / std).view(shape).to(self.device)
+        self._normalize = Normalize(data.mean, data.std, self.device)
 
     def batch_sizes(self) -> list[int]:
         return [shard_size(n, self.batch_size // self.replicas, self.replica, self.replicas)
@@ -334,7 +349,7 @@ class Batches:
                 x = augment(x, *self._draw(epoch, b, n, lo, hi))
             if cuda:
                 x, y = x.pin_memory(), y.pin_memory()
-            x = x.to(self.device, non_blocking=cuda).float().mul_(self._scale).sub_(self._shift)
+            x = self._normalize(x.to(self.device, non_blocking=cuda))
             yield x, y.to(self.device, non_blocking=cuda)
 
     def _draw(self, epoch: int, b: int, n: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

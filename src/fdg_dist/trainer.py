@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import checkpoint, data, models, partition, schedule
+from fdg_dist import checkpoint, data, inference, models, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, EpochResult, Executor
@@ -214,7 +214,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ export
     def export_final_model(self) -> None:
-        """``final_model.pt``: the unsplit model's state_dict (auxiliary DGL heads excluded)."""
+        """``final_model.pt``: the unsplit model's state_dict (auxiliary DGL heads excluded), and beside it
+        ``final_model.json``: the normalisation and class names that inference needs (rank 0 is module 0,
+        which holds the data)."""
         state = {n: t.detach().cpu() for n, t in self.stage.module.state_dict().items()}
         parts: list[dict] | None = [None] * self.ctx.world_size if self.ctx.rank == 0 else None
         dist.gather_object(state, parts, dst=0, group=self.ctx.header_group)
@@ -222,5 +224,7 @@ class Trainer:
             merged: dict[str, torch.Tensor] = {}
             for part in parts[: self.K]:  # replica 0 holds one copy of every module
                 merged.update(part)
-            checkpoint.atomic_save(merged, self.run_dir / "final_model.pt")
+            checkpoint.atomic_save(merged, self.run_dir / inference.WEIGHTS)
+            meta = inference.metadata(self.cfg, self.train_data.data)
+            checkpoint.atomic_write((json.dumps(meta, indent=1) + "\n").encode(), self.run_dir / inference.METADATA)
             (self.run_dir / "split.json").write_text(json.dumps({"bounds": self.bounds}))
