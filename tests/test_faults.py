@@ -161,7 +161,7 @@ def test_hung_rank_stops_every_other_rank_within_the_timeout(run_dir: Path) -> N
     procs = _start_ranks(run_dir, "data.train_size=1600", f"dist.timeout_s={timeout_s}")  # stopped mid-epoch
     log = run_dir / "train.log"
     deadline = time.monotonic() + 60
-    while not (log.exists() and "epoch   0" in log.read_text()):  # mid-run
+    while not (log.exists() and "epoch   1/" in log.read_text()):  # mid-run
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "run did not start"
         time.sleep(0.05)
     os.kill(procs[1].pid, signal.SIGSTOP)

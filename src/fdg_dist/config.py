@@ -110,7 +110,8 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
-    progress: str = "auto"  # auto (tty only), always, never
+    progress: str = "auto"  # auto (a bar on a terminal, else plain lines), always (bar), lines, never
+    progress_every_s: float = 30.0  # seconds between plain progress lines
     log_every_steps: int = 20
     trace: bool = False
 
@@ -243,8 +244,10 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(cfg.dist.timeout_s > 0, "dist.timeout_s", f"{cfg.dist.timeout_s!r} must be > 0 seconds")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"{cfg.checkpoint.keep!r} must be ≥ 1")
     _require(cfg.checkpoint.every_epochs >= 1, "checkpoint.every_epochs", f"{cfg.checkpoint.every_epochs!r} must be ≥ 1")
-    _require(cfg.logging.progress in ("auto", "always", "never"), "logging.progress",
-             f"{cfg.logging.progress!r} is not one of auto, always, never")
+    _require(cfg.logging.progress in ("auto", "always", "lines", "never"), "logging.progress",
+             f"{cfg.logging.progress!r} is not one of auto, always, lines, never")
+    _require(cfg.logging.progress_every_s >= 0, "logging.progress_every_s",
+             f"{cfg.logging.progress_every_s!r} must be ≥ 0 seconds")
     _require(cfg.data.num_classes >= 2, "data.num_classes", f"{cfg.data.num_classes!r} must be ≥ 2")
     if cfg.data.name == "imagefolder":
         _require(cfg.data.root not in (None, "", "???"), "data.root",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from fdg_dist import checkpoint, data, inference, models, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, EpochResult, Executor
-from fdg_dist.metrics import RunLog, chain
+from fdg_dist.metrics import RunLog, Stop, chain
 from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.stage import Stage
 from fdg_dist.trace import TraceWriter
@@ -166,15 +167,23 @@ class Trainer:
         resumed = checkpoint.restore(self)  # also cuts metrics.jsonl back to the epochs kept
         self.log.first_step = self.stage.steps + 1
         if resumed is not None:
-            log.info("resumed from %s (next epoch %d)", resumed, self.start_epoch)
+            log.info("resumed from %s (next epoch %d/%d)", resumed, self.start_epoch + 1, cfg.trainer.epochs)
         best = self.log.best_error()
         started = time.perf_counter()
+        stop = f"trainer.epochs={cfg.trainer.epochs} reached"
         for epoch in range(self.start_epoch, cfg.trainer.epochs):
             sizes = self._train_sizes()
-            if cfg.trainer.max_steps is not None:
-                sizes = sizes[:max(cfg.trainer.max_steps - self.global_step, 0)]
-            if not sizes:
+            left = math.inf if cfg.trainer.max_steps is None else cfg.trainer.max_steps - self.global_step
+            if left <= 0:
+                stop = f"trainer.max_steps={cfg.trainer.max_steps} reached at the end of epoch {epoch}"
                 break
+            cut = left < len(sizes)
+            if cut:
+                stop = (f"trainer.max_steps={cfg.trainer.max_steps} reached after {left} of the {len(sizes)} "
+                        f"batches of epoch {epoch + 1}")
+                if self.is_reporter:
+                    log.info("%s: the run stops there", stop)
+                sizes = sizes[:left]
             tic = time.perf_counter()
             train = self.train_epoch(epoch, sizes)
             train_time = time.perf_counter() - tic
@@ -192,8 +201,11 @@ class Trainer:
             self.start_epoch = epoch + 1
             if cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
                 checkpoint.save(self, epoch)
+            if cut:
+                break
         self.export_final_model()
-        return self.log.finish(wall_s=time.perf_counter() - started, best_error=best, steps=self.stage.steps)
+        return self.log.finish(wall_s=time.perf_counter() - started, best_error=best, steps=self.stage.steps,
+                               stop=Stop(self.start_epoch, self.global_step, stop))
 
     def train_epoch(self, epoch: int, sizes: list[int]) -> EpochResult:
         m = self.cfg.method
