@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fdg_dist import data, worker
+from fdg_dist import data, sweep, worker
 from fdg_dist.config import Config, ConfigError, validate
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
@@ -45,6 +45,7 @@ def _output_subdir() -> str | None:
 
 OmegaConf.register_new_resolver("fdg_run_id", _run_id, replace=True)
 OmegaConf.register_new_resolver("fdg_output_subdir", _output_subdir, replace=True)
+OmegaConf.register_new_resolver("fdg_job_dir", sweep.job_dir, replace=True)
 
 
 def config_from_hydra(raw: DictConfig) -> Config:
