@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from fdg_dist import sweep
 
@@ -43,3 +45,14 @@ def test_sweep_summary_has_a_line_per_job_and_the_report_command(tmp_path: Path)
     assert "25.00 %" in lines[2] and "12.3 s (trainer.epochs=2 reached)" in lines[2]
     assert "no result.json: see" in lines[3]
     assert lines[-1] == f"compare them: fdg-report {tmp_path.resolve()}"
+
+
+def test_callback_finds_the_keys_swept_on_the_command_line_and_in_the_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the jobs' directory names are built from, passed on through the environment."""
+    monkeypatch.setenv(sweep.SWEPT_KEYS_ENV, "")  # restored after the test
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)},
+                                         "sweeper": {"params": {"trainer.seed": "0,1"}},
+                                         "overrides": {"task": ["method.beta=0.5,1", "model=tiny"]}}})
+    sweep.SweepCallback().on_multirun_start(config)
+    assert os.environ[sweep.SWEPT_KEYS_ENV] == "trainer.seed,method.beta"

@@ -3,8 +3,9 @@
 Every rank summarises its own events at the end of an epoch (where it waited, how stale its
 gradients were, how big its stash grew) into TensorBoard (``tb/module{k}``) and ``timing/``; only the
 reporting rank (the last module of replica 0, which sees the losses) writes the epoch lines,
-``metrics.jsonl``, ``result.json``, the HParams summary and the progress bar.  Nothing here runs
-between actions except the progress bar's counter: device tensors are read once per epoch.
+``metrics.jsonl``, ``result.json``, the HParams summary, the progress (a bar on a terminal, plain
+lines elsewhere) and the end-of-run summary.  Nothing here runs between actions except the progress
+counter: device tensors are read once per epoch.
 """
 
 from __future__ import annotations

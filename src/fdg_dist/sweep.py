@@ -82,7 +82,9 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir)
-        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(list(config.hydra.overrides.task)))
+        params = config.hydra.sweeper.get("params") or {}  # sweeps written in a config file
+        overrides = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(overrides))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep_dir is not None:

@@ -169,6 +169,8 @@ class Trainer:
         if resumed is not None:
             log.info("resumed from %s (next epoch %d/%d)", resumed, self.start_epoch + 1, cfg.trainer.epochs)
         best = self.log.best_error()
+        if self.is_reporter:
+            log.info("run directory %s (train.log, metrics.jsonl, tb/)", self.run_dir.resolve())
         started = time.perf_counter()
         stop = f"trainer.epochs={cfg.trainer.epochs} reached"
         for epoch in range(self.start_epoch, cfg.trainer.epochs):
