@@ -29,7 +29,7 @@ import torch
 from fdg_dist.cli import launch_local
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult, Event
-from fdg_dist.metrics import RunLog
+from fdg_dist.metrics import RunLog, Stop
 from fdg_dist.schedule import Action, Kind
 from fdg_dist.stage import StepInfo
 from fdg_dist.trace import TraceWriter
@@ -92,7 +92,8 @@ def epoch_end_cost_s(n_batches: int, epochs: int = 5) -> float:
                 if trace is not None:
                     trace.add(events, epoch=epoch, phase="train")
                 times.append(time.perf_counter() - tic)
-            log.finish(wall_s=1.0, best_error=0.0, steps=epochs * n_batches)
+            log.finish(wall_s=1.0, best_error=0.0, steps=epochs * n_batches,
+                       stop=Stop(epochs, epochs * n_batches, f"trainer.epochs={epochs} reached"))
             costs.append(statistics.mean(times))
     return costs[1] - costs[0]
 

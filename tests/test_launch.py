@@ -56,10 +56,18 @@ def _job_results(sweep: Path) -> list[dict]:
 @pytest.mark.timeout(240)
 def test_sweep_over_beta_and_k_runs_four_jobs_and_feeds_the_report(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """``fdg-train -m method.beta=0.5,1.0 pipeline.k=2,3``: four jobs, four run directories, four results,
-    one fdg-report table with a column per job."""
+    """``fdg-train -m method.beta=0.5,1.0 pipeline.k=2,3``: four jobs, four run directories named by their
+    swept values (TensorBoard's run names), a header per job and a summary naming the fdg-report command,
+    four results, one fdg-report table with a column per job."""
     sweep = tmp_path / "sweep"
-    run_cli(tmp_path, "method.beta=0.5,1.0", "pipeline.k=2,3", f"hydra.sweep.dir={sweep}", multirun=True)
+    proc = run_cli(tmp_path, "method.beta=0.5,1.0", "pipeline.k=2,3", f"hydra.sweep.dir={sweep}", multirun=True)
+    names = ["0_beta=0.5,k=2", "1_beta=0.5,k=3", "2_beta=1.0,k=2", "3_beta=1.0,k=3"]
+    assert sorted(d.name for d in sweep.iterdir() if d.is_dir()) == names
+    for name in names:
+        assert f"=== sweep job {name[0]}: {sweep / name}" in proc.stderr
+    summary = proc.stderr[proc.stderr.index("sweep finished: 4 job(s)"):].splitlines()
+    assert [line.split()[0] for line in summary[2:6]] == names, summary
+    assert summary[6] == f"compare them: fdg-report {sweep}"
     results = _job_results(sweep)
     assert sorted((r["beta"], r["k"]) for r in results) == [(0.5, 2), (0.5, 3), (1.0, 2), (1.0, 3)]
     assert all(r["final_test_error"] is not None for r in results)

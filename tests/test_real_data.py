@@ -57,7 +57,7 @@ def test_resnet20_learns_cifar10_subset(tmp_path: Path) -> None:
 
     assert {p.name for p in (run / ".hydra").iterdir()} >= {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert run_config(run).data.root == str(SHARED_CIFAR)
-    assert "epoch   0" in (run / "train.log").read_text()
+    assert "epoch   1/1" in (run / "train.log").read_text()
     assert list((run / "tb").rglob("events.out.tfevents.*"))
     [row] = metrics(run)
     assert set(row) == METRIC_FIELDS

@@ -52,6 +52,23 @@ def test_report_table_equals_results_and_plots_exist(sweep: Path, tmp_path: Path
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
 
 
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_report_goes_inside_the_runs_folder_by_default(sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Not into the current directory (inside a clone: an untracked folder); the last line says where."""
+    runs = shutil.copytree(sweep, tmp_path / "sweep").resolve()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    main([str(runs)])
+    assert (runs / "report" / "report.md").is_file() and not list(cwd.iterdir())
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {runs / 'report' / 'report.md'} and 4 plots beside it"
+    shutil.rmtree(runs / "report")
+    main([str(runs / "0"), str(runs / "1")])  # several folders: their common folder
+    assert (runs / "report" / "report.md").is_file() and not list(cwd.iterdir())
+
+
 def test_no_runs_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no run"):
         main([str(tmp_path)])

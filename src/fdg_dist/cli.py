@@ -31,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from fdg_dist import checkpoint, rundir, worker
+from fdg_dist import checkpoint, data, rundir, sweep, worker
 from fdg_dist.config import Config, ConfigError, check_devices, validate
 from fdg_dist.data import first_line
 
@@ -54,6 +54,7 @@ def _run_id() -> str:
 
 
 OmegaConf.register_new_resolver("fdg_run_id", _run_id, replace=True)
+OmegaConf.register_new_resolver("fdg_job_dir", sweep.job_dir, replace=True)
 
 
 def config_from_hydra(raw: DictConfig) -> Config:
@@ -205,8 +206,11 @@ def _main(raw: DictConfig) -> float | None:
         world = int(os.environ["WORLD_SIZE"]) if torchrun else None
         validate(cfg, world_size=world)
         check_devices(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)) if torchrun else cfg.world_size)
+        data.check_available(cfg.data, download=not torchrun)
     except ConfigError as e:
         _refuse(f"invalid configuration: {e}", run_dir)
+    except data.DataUnavailable as e:
+        _refuse(str(e), run_dir)
     if torchrun and os.environ.get("RANK", "0") != "0":  # rank 0 owns the directory for the run
         result = _work(cfg, run_dir)
     else:

@@ -113,7 +113,8 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
-    progress: str = "auto"  # auto (tty only), always, never
+    progress: str = "auto"  # auto (a bar on a terminal, else plain lines), always (bar), lines, never
+    progress_every_s: float = 30.0  # seconds between plain progress lines
     log_every_steps: int = 20
     trace: bool = False
 
@@ -348,8 +349,10 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(c.dir != "" and not PurePath(c.dir).is_absolute() and ".." not in PurePath(c.dir).parts,
              "checkpoint.dir", f"{c.dir!r} must be a folder inside the run directory (relative, no '..'), "
              "so that one run's checkpoints never mix with another's")
-    _require(cfg.logging.progress in ("auto", "always", "never"), "logging.progress",
-             f"{cfg.logging.progress!r} is not one of auto, always, never")
+    _require(cfg.logging.progress in ("auto", "always", "lines", "never"), "logging.progress",
+             f"{cfg.logging.progress!r} is not one of auto, always, lines, never")
+    _require(cfg.logging.progress_every_s >= 0, "logging.progress_every_s",
+             f"{cfg.logging.progress_every_s!r} must be ≥ 0 seconds")
     _require(cfg.logging.log_every_steps >= 1, "logging.log_every_steps",
              f"{cfg.logging.log_every_steps!r} must be ≥ 1")
     if d.name == "imagefolder":

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.error import URLError
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ class ImageSet:
     num_classes: int
     mean: tuple[float, ...]  # per channel, 0..1 units
     std: tuple[float, ...]
+    classes: tuple[str, ...] = ()  # name of label i; what an exported model's outputs mean
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -86,7 +88,8 @@ def _subset(data: ImageSet, n: int | None, seed: int, split: str) -> ImageSet:
     keep = _subset_indices(data.labels, n, seed, split)
     if keep is None:
         return data
-    return ImageSet(data.images[keep].contiguous(), data.labels[keep].clone(), data.num_classes, data.mean, data.std)
+    return ImageSet(data.images[keep].contiguous(), data.labels[keep].clone(), data.num_classes, data.mean, data.std,
+                    data.classes)
 
 
 def _subset_indices(labels: torch.Tensor, n: int | None, seed: int, split: str) -> torch.Tensor | None:
@@ -138,31 +141,62 @@ def _synthetic(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
     train_x, train_y = draw(cfg.train_size, "train")
     test_x, test_y = draw(cfg.test_size, "test")
     mean, std = _channel_stats(train_x)
-    return (ImageSet(train_x, train_y, cfg.num_classes, mean, std),
-            ImageSet(test_x, test_y, cfg.num_classes, mean, std))
+    classes = tuple(f"class{i}" for i in range(cfg.num_classes))
+    return (ImageSet(train_x, train_y, cfg.num_classes, mean, std, classes),
+            ImageSet(test_x, test_y, cfg.num_classes, mean, std, classes))
 
 
-def _cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
-    """torchvision's CIFAR arrays used whole (no per-sample PIL); missing files are a FileNotFoundError."""
+class DataUnavailable(FileNotFoundError):
+    """The dataset's files are not there and cannot be fetched; the message says what to do instead."""
+
+
+def check_available(cfg: DataConfig, *, download: bool = True) -> None:
+    """Fail in one line before any worker starts if a CIFAR root lacks its files; fetch them here, once, if
+    ``data.download=true`` and ``download`` (under torchrun every process calls this: there module 0 fetches).
+
+    ImageFolder roots are checked by ``config.validate``; synthetic data needs no files.
+    """
+    if cfg.name not in CIFAR_STATS:
+        return
+    folder = _CIFAR_FOLDERS[cfg.name]
+    if cfg.root in (None, ""):
+        raise DataUnavailable(f"data.root: is required for data={cfg.name}: the folder that holds {folder}/")
+    if (Path(cfg.root) / folder).is_dir():
+        return
+    if not cfg.download:
+        raise DataUnavailable(f"data.root: {cfg.root!r} has no {folder}/; put the extracted CIFAR python version "
+                              f"there (<data.root>/{folder}/), add data.download=true (needs internet), or train on "
+                              "data=imagefolder data.root=DIR")
+    if download:
+        _cifar_splits(cfg)
+
+
+def _cifar_splits(cfg: DataConfig) -> list:
+    """torchvision's (train, test) CIFAR datasets, downloaded first if ``data.download=true``."""
     from torchvision import datasets
 
     folder = _CIFAR_FOLDERS[cfg.name]
-    hint = (f"data.root={cfg.root!r}: {cfg.name} needs the extracted '{folder}' folder inside data.root "
-            f"(i.e. <data.root>/{folder}/), or data.download=true with internet access")
-    if cfg.root is None:
-        raise FileNotFoundError(hint)
-    if not cfg.download and not (Path(cfg.root) / folder).is_dir():
-        raise FileNotFoundError(hint)
     cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
     try:
-        splits = [cls(cfg.root, train=train, download=cfg.download) for train in (True, False)]
-    except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted"; offline: URLError
-        raise FileNotFoundError(f"{hint} ({e})") from e
+        return [cls(cfg.root, train=train, download=cfg.download) for train in (True, False)]
+    except (URLError, ConnectionError, TimeoutError) as e:  # offline: "Name or service not known"
+        raise DataUnavailable(f"data.download: no network: put {folder} in data.root or use data=imagefolder "
+                              f"({e})") from e
+    except OSError as e:  # a read-only or full disk
+        raise DataUnavailable(f"data.root: cannot fetch {cfg.name} into {cfg.root!r}: {e}") from e
+    except RuntimeError as e:  # "Dataset not found or corrupted"
+        raise DataUnavailable(f"data.root: {cfg.root!r}: {folder}/ is incomplete or corrupt ({e}); delete it and "
+                              "run again with data.download=true, or put a complete copy there") from e
+
+
+def _cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    """torchvision's CIFAR arrays used whole (no per-sample PIL)."""
+    check_available(cfg, download=False)
     mean, std = CIFAR_STATS[cfg.name]
     return tuple(  # type: ignore[return-value]
         ImageSet(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
-                 torch.tensor(d.targets, dtype=torch.int64), len(d.classes), mean, std)
-        for d in splits)
+                 torch.tensor(d.targets, dtype=torch.int64), len(d.classes), mean, std, tuple(d.classes))
+        for d in _cifar_splits(cfg))
 
 
 def _imagefolder(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -188,8 +222,8 @@ def _imagefolder(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
         raise ValueError(f"data.root={cfg.root!r}: {test_dir.name}/ has classes {test_classes}, "
                          f"train/ has {classes}")
     mean, std = _channel_stats(train_x)
-    return (ImageSet(train_x, train_y, len(classes), mean, std),
-            ImageSet(test_x, test_y, len(classes), mean, std))
+    return (ImageSet(train_x, train_y, len(classes), mean, std, tuple(classes)),
+            ImageSet(test_x, test_y, len(classes), mean, std, tuple(classes)))
 
 
 def _decode_folder(folder: Path, subset: int | None, seed: int, split: str
@@ -301,6 +335,25 @@ def shard_size(n: int, per_replica: int, replica: int, replicas: int) -> int:
     return stop - start
 
 
+class Normalize:
+    """uint8 images (0..255) to the network's input, (x/255 - mean)/std per channel.
+
+    The one definition that training, evaluation and an exported model's transform share, so a model
+    evaluated outside the pipeline sees bit-identical inputs.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu") -> None:
+        shape = (1, -1, 1, 1)
+        # (x/255 - mean)/std = x * scale - shift, with scale and shift computed once on the target device
+        s = torch.tensor(std, dtype=torch.float32)
+        self.scale = (1 / (255 * s)).view(shape).to(device)
+        self.shift = (torch.tensor(mean, dtype=torch.float32) / s).view(shape).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """A (N, C, H, W) batch; float input is taken as already in 0..255 units (and left unchanged)."""
+        return x.to(torch.float32, copy=True).mul_(self.scale).sub_(self.shift)
+
+
 class Batches:
     """One epoch at a time of (x, y) batches; order and augmentation depend only on (seed, epoch, batch)."""
 
@@ -314,11 +367,7 @@ class Batches:
         self.data, self.batch_size, self.train, self.augment, self.seed = data, batch_size, train, augment, seed
         self.device = torch.device(device)
         self.replica, self.replicas = replica, replicas
-        shape = (1, -1, 1, 1)
-        # x_norm = (x/255 - mean)/std = x * scale - shift, computed once on the target device
-        std = torch.tensor(data.std, dtype=torch.float32)
-        self._scale = (1 / (255 * std)).view(shape).to(self.device)
-        self._shift = (torch.tensor(data.mean, dtype=torch.float32) / std).view(shape).to(self.device)
+        self._normalize = Normalize(data.mean, data.std, self.device)
 
     def batch_sizes(self) -> list[int]:
         return [shard_size(n, self.batch_size // self.replicas, self.replica, self.replicas)
@@ -346,7 +395,7 @@ class Batches:
                 x = augment(x, *self._draw(epoch, b, n, lo, hi))
             if cuda:
                 x, y = x.pin_memory(), y.pin_memory()
-            x = x.to(self.device, non_blocking=cuda).float().mul_(self._scale).sub_(self._shift)
+            x = self._normalize(x.to(self.device, non_blocking=cuda))
             yield x, y.to(self.device, non_blocking=cuda)
 
     def _draw(self, epoch: int, b: int, n: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,17 +3,20 @@
 Every rank summarises its own events at the end of an epoch (where it waited, how stale its
 gradients were, how big its stash grew) into TensorBoard (``tb/module{k}``) and ``timing/``; only the
 reporting rank (the last module of replica 0, which sees the losses) writes the epoch lines,
-``metrics.jsonl``, ``result.json``, the HParams summary and the progress bar.  Nothing here runs
-between actions except the progress bar's counter: device tensors are read once per epoch.
+``metrics.jsonl``, ``result.json``, the HParams summary, the progress (a bar on a terminal, plain
+lines elsewhere) and the end-of-run summary.  Nothing here runs between actions except the progress
+counter: device tensors are read once per epoch.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
 import resource
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,11 +46,13 @@ def rank_name(module: int, replica: int) -> str:
     return f"module{module}" + (f"-replica{replica}" if replica else "")
 
 
-def show_progress(mode: str, stream: TextIO = sys.stderr) -> bool:
-    """``logging.progress``: ``auto`` draws the bar only on a terminal, so CI logs stay line-oriented."""
+def progress_style(mode: str, stream: TextIO = sys.stderr) -> str:
+    """``logging.progress`` → ``bar``, ``lines`` or ``none``: ``auto`` draws a bar on a terminal and elsewhere
+    (nohup, SLURM, CI) prints a plain line every ``logging.progress_every_s``, which a log file keeps
+    readable; ``always`` is the bar anyway, ``lines`` the lines anyway."""
     if mode == "auto":
-        return stream.isatty()
-    return mode == "always"
+        return "bar" if stream.isatty() else "lines"
+    return {"always": "bar", "lines": "lines"}.get(mode, "none")
 
 
 def chain(*hooks: Hook | None) -> Hook | None:
@@ -126,6 +131,38 @@ def step_series(events: Sequence[Event]) -> tuple[list[float], dict[int, float]]
     return values[:len(infos)], dict(zip(measured, values[len(infos):]))
 
 
+class ProgressLines:
+    """``on_action`` callback: one plain log line at most every ``every_s`` seconds during an epoch (not
+    after its last batch: the epoch line follows)."""
+
+    def __init__(self, epoch: int, epochs: int, n_batches: int, every_s: float) -> None:
+        self.epoch, self.epochs, self.n_batches, self.every_s = epoch, epochs, n_batches, every_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, event: Event) -> None:
+        if event.action.kind is not Kind.FORWARD:
+            return
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last < self.every_s or self.done >= self.n_batches:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        log.info("epoch %d/%d  batch %d/%d (%.0f%%)  %.2f batches/s  epoch ends in %s", self.epoch + 1, self.epochs,
+                 self.done, self.n_batches, 100 * self.done / self.n_batches, rate,
+                 duration((self.n_batches - self.done) / rate))
+
+
+@dataclass
+class Stop:
+    """How far a run got and why it ended (``result.json`` and the end-of-run summary say it)."""
+
+    epochs: int  # epochs trained, the last one possibly cut short by trainer.max_steps
+    steps: int  # training batches, all epochs (what trainer.max_steps counts)
+    reason: str
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank so far: CUDA allocations on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
@@ -151,7 +188,7 @@ class RunLog:
         self.writer = None  # opened at the first write, once the trainer knows where it (re)starts
         self.first_step = 1  # x of this attempt's first optimizer step; a resume moves it
         self.bar = None
-        self.show_bar = reporter and show_progress(cfg.logging.progress)
+        self.progress_style = progress_style(cfg.logging.progress) if reporter else "none"
 
     def tensorboard(self):  # -> SummaryWriter; TensorBoard is imported only when used
         """This rank's writer, opened with ``purge_step`` at this attempt's first step: TensorBoard then
@@ -174,16 +211,20 @@ class RunLog:
         return best
 
     def progress(self, epoch: int, n_batches: int) -> Hook | None:
-        """``on_action`` callback drawing this epoch's bar (batches/s, ETA) on the reporting rank only.
+        """``on_action`` callback showing this epoch's progress on the reporting rank only: a bar (batches/s,
+        ETA) or plain lines (``progress_style``).
 
         The executor's events carry no per-batch loss, so the bar shows the previous epoch's train loss.
         """
-        if not self.show_bar:
+        epochs = self.cfg.trainer.epochs
+        if self.progress_style == "lines":
+            return ProgressLines(epoch, epochs, n_batches, self.cfg.logging.progress_every_s)
+        if self.progress_style != "bar":
             return None
         from tqdm import tqdm
 
-        self.bar = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
-                        file=sys.stderr)
+        self.bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
+                        dynamic_ncols=True, file=sys.stderr)
         if self.last is not None:
             self.bar.set_postfix(prev_loss=f"{self.last['train_loss']:.4f}", refresh=False)
         bar = self.bar
@@ -216,8 +257,8 @@ class RunLog:
                "samples_per_s": samples / seconds if seconds > 0 else 0.0}
         append_line(self.metrics_path, json.dumps(row))
         self.last = row
-        log.info("epoch %3d  lr %.4g  train loss %.4f err %.2f%%  test loss %.4f err %.2f%%  %.1fs  %.0f samples/s",
-                 epoch, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
+        log.info("epoch %3d/%d  lr %.4g  train loss %.4f err %.2f%%  test loss %.4f err %.2f%%  %.1fs  %.0f samples/s",
+                 epoch + 1, self.cfg.trainer.epochs, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
                  row["samples_per_s"])
 
     def _tensorboard(self, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
@@ -248,17 +289,19 @@ class RunLog:
             w.add_scalar(tag, value, steps)
         w.flush()
 
-    def finish(self, *, wall_s: float, best_error: float, steps: int) -> dict | None:
-        """Write ``result.json`` and the HParams summary (reporting rank, at the module's final step
-        ``steps``) and close this rank's writer."""
-        result = self._result(wall_s, best_error) if self.reporter else None
+    def finish(self, *, wall_s: float, best_error: float, steps: int, stop: Stop) -> dict | None:
+        """Write ``result.json``, the HParams summary (at the module's final step ``steps``) and the
+        end-of-run summary (reporting rank), and close this rank's writer."""
+        result = self._result(wall_s, best_error, stop) if self.reporter else None
         if self.tb_dir is not None and result is not None:
             self._hparams(result, steps)
         if self.writer is not None:
             self.writer.close()
+        if result is not None:
+            log.info("%s", summary(result, self.run_dir))
         return result
 
-    def _result(self, wall_s: float, best_error: float) -> dict:
+    def _result(self, wall_s: float, best_error: float, stop: Stop) -> dict:
         cfg = self.cfg
         result = {
             "final_test_error": self.last["test_error"] if self.last else None,
@@ -267,7 +310,9 @@ class RunLog:
             "wall_time_s": wall_s,
             "k": cfg.pipeline.k, "replicas": cfg.pipeline.replicas, "beta": cfg.method.beta,
             "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
-            "seed": cfg.trainer.seed, "epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size,
+            "seed": cfg.trainer.seed, "epochs": stop.epochs, "steps": stop.steps, "stop_reason": stop.reason,
+            "epochs_planned": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps,
+            "batch_size": cfg.trainer.batch_size,
         }
         atomic_write((json.dumps(result, indent=2) + "\n").encode(), self.run_dir / "result.json")
         return result
@@ -288,3 +333,26 @@ class RunLog:
             w.file_writer.add_summary(summary, steps)
         for tag, value in metrics.items():
             w.add_scalar(tag, value, steps)
+
+
+def _percent(error: float | None) -> str:
+    return "–" if error is None else f"{100 * error:.2f} %"
+
+
+def duration(seconds: float) -> str:
+    """``12.3 s`` under a minute, ``1:02:03`` above."""
+    return f"{seconds:.1f} s" if seconds < 60 else str(datetime.timedelta(seconds=round(seconds)))
+
+
+def summary(result: dict, run_dir: Path) -> str:
+    """The end-of-run block: how it ended, the errors, the time, and where everything is."""
+    run_dir = run_dir.resolve()
+    return "\n".join([
+        f"run finished after {result['epochs']} epoch(s), {result['steps']} steps: {result['stop_reason']}",
+        f"  test error     final {_percent(result['final_test_error'])}, best {_percent(result['best_test_error'])}",
+        f"  training time  {duration(result['wall_time_s'])}",
+        f"  run directory  {run_dir}",
+        f"  result         {run_dir / 'result.json'}",
+        f"  model          {run_dir / 'final_model.pt'} (inference: fdg_dist.load_model('{run_dir}'))",
+        f"  report         fdg-report {run_dir}",
+    ])

@@ -2,15 +2,17 @@
 
 Any directory under the arguments that holds a ``result.json`` is a run (a single run dir, a Hydra
 multirun sweep dir, or a tree of them).  Prints a markdown table per dataset (rows: model; columns:
-method/β/K; cells: test error in %, median over seeds) and writes it to ``<out>/report.md`` with four
-PNGs: test error per epoch per run, test error against β per K, the per-module time breakdown (where
-the pipeline waits: its bubbles) and samples/s against K.
+method/β/K; cells: test error in %, median over seeds) and writes it to ``<out>/report.md`` (default:
+``report/`` inside RUNS_DIR) with four PNGs: test error per epoch per run, test error against β per K
+with the seed spread, the per-module time breakdown (where the pipeline waits: its bubbles) and
+samples/s against K.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -136,17 +138,35 @@ def plot_error_vs_epoch(runs: list[Run], path: Path) -> Path:
     return _save(fig, path)
 
 
+MIN_ERROR_SPAN = 2.0  # percentage points: a y-axis at least this tall, so run-to-run noise does not look like a trend
+
+
 def plot_error_vs_beta(runs: list[Run], path: Path, metric: str = "final_test_error") -> Path:
+    """Median over seeds per β, one line per K; every seed as a dot and its min–max as a bar, so a trend
+    can be told from seed noise."""
     fig, ax = _line_axes()
-    with_beta = [r for r in runs if r.beta is not None]
+    with_beta = [r for r in runs if r.beta is not None and r.result.get(metric) is not None]
     lines = _groups(with_beta, lambda r: (r.result["data"], r.result["model"], r.result["method"], r.result["k"]))
+    values: list[float] = []
     for (data, model, method, k), group in lines.items():
         by_beta = _groups(group, lambda r: (r.beta,))
         betas = sorted(b for (b,) in by_beta)
-        ax.plot(betas, [_median_error(by_beta[(b,)], metric) for b in betas], marker="o",
-                label=f"{model} ({data}) {method} K={k}")
+        seeds = [[100 * r.result[metric] for r in by_beta[(b,)]] for b in betas]
+        medians = [statistics.median(s) for s in seeds]
+        spread = [[m - min(s) for m, s in zip(medians, seeds)], [max(s) - m for m, s in zip(medians, seeds)]]
+        counts = sorted({len(s) for s in seeds})
+        n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        line = ax.errorbar(betas, medians, yerr=spread, marker="o", capsize=3,
+                           label=f"{model} ({data}) {method} K={k}, n={n} seed(s)")
+        for b, s in zip(betas, seeds):
+            ax.plot([b] * len(s), s, linestyle="none", marker=".", alpha=0.5, color=line.lines[0].get_color())
+        values += [v for s in seeds for v in s]
+    if values:
+        low, high = min(values), max(values)
+        pad = max(MIN_ERROR_SPAN - (high - low), 0) / 2
+        ax.set_ylim(low - pad - 0.1 * MIN_ERROR_SPAN, high + pad + 0.1 * MIN_ERROR_SPAN)
     ax.set(xlabel="β (gradient shrinking per hop)", ylabel=f"{metric.replace('_', ' ')} (%)",
-           title="Test error against β, one line per K (median over seeds)")
+           title="Test error against β, one line per K\n(median over n seeds; dots: each seed; bars: min–max)")
     if lines:
         ax.legend(fontsize="small")
     return _save(fig, path)
@@ -192,7 +212,8 @@ def plot_samples_vs_k(runs: list[Run], path: Path) -> Path:
         ax.plot(ks, [statistics.median(r.samples_per_s for r in by_k[(k,)]) for k in ks], marker="o", label=label)
     ax.set(xlabel="K (pipeline modules = processes)", ylabel="training throughput (samples/s)",
            title="Throughput against K (median over epochs and seeds)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xticks(sorted({r.result["k"] for r in timed}))  # K is whole: no 1.75 or 2.25 ticks around one K
+    ax.set_ylim(bottom=0)  # throughput from zero: a 2 % difference should look like one
     if lines:
         ax.legend(fontsize="small")
     return _save(fig, path)
@@ -212,14 +233,22 @@ def report(paths: Iterable[Path], out: Path, metric: str = "final_test_error") -
     return text
 
 
+def default_out(paths: list[Path]) -> Path:
+    """``report/`` inside the runs folder reported on (their common folder if several), not in the
+    current directory, which inside a clone would be an untracked folder."""
+    return Path(os.path.commonpath([p.resolve() for p in paths])) / "report"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fdg-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
-    parser.add_argument("--out", type=Path, default=Path("report"), help="where report.md and the PNGs go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where report.md and the PNGs go (default: report/ inside the runs folder)")
     parser.add_argument("--metric", choices=("final_test_error", "best_test_error"), default="final_test_error")
     args = parser.parse_args(argv)
-    print(report(args.runs, args.out, args.metric))
-    print(f"wrote {args.out / 'report.md'} and 4 plots", flush=True)
+    out = args.out if args.out is not None else default_out(args.runs)
+    print(report(args.runs, out, args.metric))
+    print(f"wrote {(out / 'report.md').resolve()} and 4 plots beside it", flush=True)
 
 
 if __name__ == "__main__":

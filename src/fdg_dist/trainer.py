@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -19,11 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import checkpoint, data, models, partition, schedule
+from fdg_dist import checkpoint, data, inference, models, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, DeviceClock, EpochResult, Executor, HostClock
-from fdg_dist.metrics import RunLog, chain
+from fdg_dist.metrics import RunLog, Stop, chain
 from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.stage import Stage
 from fdg_dist.trace import TraceWriter
@@ -186,15 +187,25 @@ class Trainer:
         resumed = checkpoint.restore(self)  # also cuts metrics.jsonl back to the epochs kept
         self.log.first_step = self.stage.steps + 1
         if resumed is not None:
-            log.info("resumed from %s (next epoch %d)", resumed, self.start_epoch)
+            log.info("resumed from %s (next epoch %d/%d)", resumed, self.start_epoch + 1, cfg.trainer.epochs)
         best = self.log.best_error()
+        if self.is_reporter:
+            log.info("run directory %s (train.log, metrics.jsonl, tb/)", self.run_dir.resolve())
         started = time.perf_counter()
+        stop = f"trainer.epochs={cfg.trainer.epochs} reached"
         for epoch in range(self.start_epoch, cfg.trainer.epochs):
             sizes = self._train_sizes()
-            if cfg.trainer.max_steps is not None:
-                sizes = sizes[:max(cfg.trainer.max_steps - self.global_step, 0)]
-            if not sizes:
+            left = math.inf if cfg.trainer.max_steps is None else cfg.trainer.max_steps - self.global_step
+            if left <= 0:
+                stop = f"trainer.max_steps={cfg.trainer.max_steps} reached at the end of epoch {epoch}"
                 break
+            cut = left < len(sizes)
+            if cut:
+                stop = (f"trainer.max_steps={cfg.trainer.max_steps} reached after {left} of the {len(sizes)} "
+                        f"batches of epoch {epoch + 1}")
+                if self.is_reporter:
+                    log.info("%s: the run stops there", stop)
+                sizes = sizes[:left]
             tic = time.perf_counter()
             train = self.train_epoch(epoch, sizes)
             train_time = time.perf_counter() - tic
@@ -212,8 +223,11 @@ class Trainer:
             self.start_epoch = epoch + 1
             if cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
                 checkpoint.save(self, epoch)
+            if cut:
+                break
         self.export_final_model()
-        return self.log.finish(wall_s=time.perf_counter() - started, best_error=best, steps=self.stage.steps)
+        return self.log.finish(wall_s=time.perf_counter() - started, best_error=best, steps=self.stage.steps,
+                               stop=Stop(self.start_epoch, self.global_step, stop))
 
     def train_epoch(self, epoch: int, sizes: list[int]) -> EpochResult:
         m = self.cfg.method
@@ -234,7 +248,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ export
     def export_final_model(self) -> None:
-        """``final_model.pt``: the unsplit model's state_dict (auxiliary DGL heads excluded)."""
+        """``final_model.pt``: the unsplit model's state_dict (auxiliary DGL heads excluded), and beside it
+        ``final_model.json``: the normalisation and class names that inference needs (rank 0 is module 0,
+        which holds the data)."""
         state = {n: t.detach().cpu() for n, t in self.stage.module.state_dict().items()}
         parts: list[dict] | None = [None] * self.ctx.world_size if self.ctx.rank == 0 else None
         dist.gather_object(state, parts, dst=0, group=self.ctx.header_group)
@@ -242,5 +258,7 @@ class Trainer:
             merged: dict[str, torch.Tensor] = {}
             for part in parts[: self.K]:  # replica 0 holds one copy of every module
                 merged.update(part)
-            checkpoint.atomic_save(merged, self.run_dir / "final_model.pt")
+            checkpoint.atomic_save(merged, self.run_dir / inference.WEIGHTS)
+            meta = inference.metadata(self.cfg, self.train_data.data)
+            checkpoint.atomic_write((json.dumps(meta, indent=1) + "\n").encode(), self.run_dir / inference.METADATA)
             checkpoint.atomic_write(json.dumps({"bounds": self.bounds}).encode(), self.run_dir / "split.json")
