@@ -76,7 +76,8 @@ def test_two_torchrun_nodes_train_like_one(tmp_path: Path) -> None:
     directory whose final model equals the single-node launch of the same composed config, bitwise."""
     overrides = [*TINY_RUN, "pipeline.k=2", "trainer.epochs=2", "resume=never"]
     run_dir, port = tmp_path / "two_nodes", _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}  # torchrun's defaults
+    env["OMP_NUM_THREADS"] = "1"
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc_per_node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 import sys
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fdg_dist import worker
+from fdg_dist import rendezvous, worker
 from fdg_dist.config import Config, ConfigError, validate
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
@@ -53,20 +52,14 @@ def config_from_hydra(raw: DictConfig) -> Config:
     return Config.from_dict(OmegaConf.to_container(ours, resolve=True))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_local(cfg: Config, run_dir: Path) -> dict | None:
-    """Start the run's workers on this machine with torch's elastic agent (rendezvous on loopback)."""
+    """Start the run's workers on this machine with torch's elastic agent; its store listens on loopback only."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # Restarts with a shared rendezvous store fail half the time on gloo (pytorch #135712).
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    rendezvous.register_backend()
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+                          rdzv_backend=rendezvous.BACKEND, rdzv_endpoint=f"{rendezvous.LOOPBACK}:0",
+                          local_addr=rendezvous.LOOPBACK,
                           max_restarts=cfg.dist.max_restarts, monitor_interval=0.2, start_method="spawn")
     results = elastic_launch(config, worker.run)(cfg.to_dict(), str(run_dir))
     return next((r for r in results.values() if r is not None), None)

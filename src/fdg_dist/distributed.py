@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fdg_dist import rendezvous
+
 
 @dataclass
 class Context:
@@ -54,7 +56,7 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0)
         device = torch.device("cpu")
     timeout = timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}  # eager NCCL init (pytorch #136248)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    dist.init_process_group(backend, store=_store(timeout), rank=rank, world_size=world, timeout=timeout, **kwargs)
     header_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     if backend == "nccl":
         # every rank takes part in the first NCCL call: batch_isend_irecv requires it (its docs)
@@ -66,6 +68,13 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0)
             if k == rank % K:
                 replica_group = g
     return Context(rank, world, local_rank, rank % K, rank // K, K, R, device, backend, header_group, replica_group)
+
+
+def _store(timeout: timedelta) -> dist.Store:
+    """A store of this attempt's own, never torchrun's shared one (stale keys after a restart), listening on
+    loopback on one machine, where gloo and NCCL listen too (``rendezvous.job_store``)."""
+    rendezvous.pin_transports_to_loopback()
+    return rendezvous.job_store(timeout)
 
 
 def close() -> None:
