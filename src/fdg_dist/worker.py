@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fdg_dist import distributed
+from fdg_dist import distributed, rendezvous
 from fdg_dist.config import Config
 from fdg_dist.trainer import Trainer
 
@@ -51,6 +51,7 @@ def run(raw: dict, run_dir: str) -> dict | None:
     log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s)", rank, world, module, stages,
              replica, ctx.backend, ctx.device, threads)
     try:
+        rendezvous.check_shared_run_dir(Path(run_dir), rank, ctx.header_group)
         return Trainer(cfg, ctx, Path(run_dir)).fit()
     except Exception as e:
         log.error("rank %d (module %d) failed: %s: %s", rank, module, type(e).__name__, e)
