@@ -2,7 +2,9 @@
 restarts, and with a hung rank, every other rank exits on its own within the timeout; NaN stops the run.
 
 Kills are exact: ``FDG_TEST_KILL="module=k,epoch=1,batch=2"`` makes module k SIGKILL itself after its
-forward of batch 2 of epoch 1 (the second of three), once per run directory.
+forward of batch 2 of epoch 1 (the second of three), ``"module=k,epoch=1,at=checkpoint"`` after writing its
+file of epoch 1's checkpoint (before the manifest), once per run directory.  torchrun runs as users type
+it: no environment variable.  Random kills, 20 in a row: ``benchmarks/kill_soak.py``.
 """
 
 from __future__ import annotations
