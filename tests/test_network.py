@@ -180,8 +180,8 @@ def test_rank_skips_the_store_a_dead_attempt_published(stale: str, monkeypatch: 
     rejected = threading.Event()
     probe = rendezvous._probe
 
-    def observed_probe(host: str, port: int, token: str) -> dist.TCPStore | None:
-        store = probe(host, port, token)
+    def observed_probe(host: str, port: int, token: str, timeout: timedelta) -> dist.TCPStore | None:
+        store = probe(host, port, token, timeout)
         if store is None:
             rejected.set()
         return store

@@ -49,7 +49,6 @@ BACKEND = "fdg-c10d"  # torchrun --rdzv-backend name of the bound c10d rendezvou
 RUN_MARKER = ".fdg_run_marker"
 _TOKEN_KEY = "fdg/token"  # in the job store: which attempt serves it
 _PUBLISHED_KEY = "fdg/job_store"  # in torchrun's shared store: "address port token" of the job store
-_PROBE_TIMEOUT = timedelta(seconds=5)  # connecting to a published store that may be a dead attempt's
 # torch's libuv store server never listened on a given socket before pytorch#150215 (torch 2.8)
 _LIBUV_TAKES_FD = torch.__version__ >= "2.8"
 _SIOCGIFADDR = 0x8915
@@ -158,25 +157,32 @@ def job_store(timeout: timedelta, env: Mapping[str, str] = os.environ) -> Store:
 
 
 def _published_store(shared: Store, timeout: timedelta) -> TCPStore:
-    """The store rank 0 of this attempt published in torchrun's shared store, skipping earlier attempts'."""
+    """The store rank 0 of this attempt published in torchrun's shared store, skipping earlier attempts'.
+
+    Each entry is probed once, with the full timeout (a loaded machine can be slow to accept); an entry
+    that fails is an earlier attempt's, and the next one is awaited.
+    """
     deadline = time.monotonic() + timeout.total_seconds()
+    probed = None
     while True:
-        host, port, token = shared.get(_PUBLISHED_KEY).decode().split()  # blocks until one is published
-        store = _probe(host, int(port), token)
-        if store is not None:
-            store.set_timeout(timeout)
-            return store
+        entry = shared.get(_PUBLISHED_KEY).decode()  # blocks until one is published
+        if entry != probed:
+            probed = entry
+            host, port, token = entry.split()
+            store = _probe(host, int(port), token, timeout)
+            if store is not None:
+                return store
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank 0 of this attempt published no process-group store within {timeout} "
-                               f"(the last one published, {host}:{port}, is gone)")
+                               f"(the last one published, {host}:{port}, belongs to an earlier attempt)")
         time.sleep(0.1)
 
 
-def _probe(host: str, port: int, token: str) -> TCPStore | None:
+def _probe(host: str, port: int, token: str, timeout: timedelta) -> TCPStore | None:
     """The store at host:port if it is the one carrying ``token``; None if nobody listens or it is another."""
     try:
-        socket.create_connection((host, port), timeout=_PROBE_TIMEOUT.total_seconds()).close()
-        store = connect(host, port, _PROBE_TIMEOUT)
+        socket.create_connection((host, port), timeout=timeout.total_seconds()).close()
+        store = connect(host, port, timeout)
         if store.check([_TOKEN_KEY]) and store.get(_TOKEN_KEY).decode() == token:
             return store
     except (OSError, RuntimeError):  # refused, reset, or not a TCPStore (torch's DistError is a RuntimeError)
