@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import ipaddress
-import logging
 import os
 import socket
 import struct
@@ -41,8 +40,6 @@ from torch.distributed.elastic.rendezvous.registry import handler_registry
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
 from fdg_dist.checkpoint import atomic_write
-
-log = logging.getLogger("fdg_dist")
 
 LOOPBACK = "127.0.0.1"
 BACKEND = "fdg-c10d"  # torchrun --rdzv-backend name of the bound c10d rendezvous
