@@ -216,7 +216,7 @@ TINY_RUN = ["model=tiny", "data=synthetic", "data.train_size=64", "data.test_siz
 def run_cli(cwd: Path, *overrides: str, multirun: bool = False, timeout: float = 220) -> subprocess.CompletedProcess:
     """``python -m fdg_dist.train [-m] TINY_RUN OVERRIDES`` (later overrides win) in a subprocess; fails on a
     non-zero exit."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "fdg_dist.train", *(["-m"] if multirun else []), *TINY_RUN, *overrides]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -20,7 +20,7 @@ from conftest import run_pipeline, small_config
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from fdg_dist import checkpoint, distributed, metrics
-from fdg_dist.checkpoint import CheckpointError, atomic_save, choose, verify
+from fdg_dist.checkpoint import MANIFEST, CheckpointError, atomic_save, choose, verify
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult
 from fdg_dist.trainer import Trainer
@@ -107,6 +107,23 @@ def test_failed_write_is_a_clear_error_and_keeps_the_previous_checkpoint(
     assert not (run_dir / "checkpoints/epoch0001/manifest.json").exists()
     assert verify(run_dir / "checkpoints/epoch0000")[1] is None
     assert choose(cfg, run_dir) == run_dir / "checkpoints/epoch0000"
+
+
+def test_epoch_of_a_killed_attempt_is_redone_and_its_leftovers_removed(
+        world1, run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What a kill during epoch 1's checkpoint leaves (a rank file, a writer's temporary file, no manifest)
+    is skipped with a warning, and the redone epoch's commit removes the temporary file."""
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    _fit(cfg, world1, run_dir)
+    epoch1 = run_dir / "checkpoints" / "epoch0001"
+    (epoch1 / MANIFEST).unlink()
+    leftover = epoch1 / ".module0-replica0.pt.tmp99999"
+    leftover.write_bytes(b"half a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="fdg_dist"):
+        _fit(cfg, world1, run_dir)
+    assert re.search(r"skipping checkpoint: \S*epoch0001 is incomplete", caplog.text), caplog.text
+    assert verify(epoch1)[1] is None
+    assert not leftover.exists()
 
 
 def test_keep_prunes_old_checkpoints(world1, run_dir: Path) -> None:

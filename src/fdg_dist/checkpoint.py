@@ -191,6 +191,7 @@ def save(trainer: Trainer, epoch: int) -> Path:
         report: tuple[str, str | None, int, str | None] = (name, digest, (directory / name).stat().st_size, None)
     except OSError as e:
         report = (name, None, 0, f"module {trainer.k} replica {ctx.replica} could not write {directory / name}: {e}")
+    _kill_point(trainer.run_dir, trainer.k, epoch, "checkpoint")  # file written, manifest not: the riskiest moment
     reports: list[Any] | None = [None] * ctx.world_size if ctx.rank == 0 else None
     dist.gather_object(report, reports, dst=0, group=ctx.header_group)
     status: list[str | None] = [None]
@@ -219,6 +220,8 @@ def _commit(reports: list[Any], directory: Path, epoch: int, trainer: Trainer, f
         atomic_write((json.dumps(manifest, indent=1) + "\n").encode(), directory / MANIFEST)
     except OSError as e:
         return f"checkpoint of epoch {epoch} not committed: cannot write {directory / MANIFEST}: {e}{intact}"
+    for leftover in directory.glob(".*.tmp*"):  # of writers killed in an earlier attempt at this epoch
+        leftover.unlink(missing_ok=True)
     log.info("checkpoint %s written (%d files)", directory, len(reports))
     try:
         prune(directory.parent, trainer.cfg.checkpoint.keep)
@@ -384,6 +387,27 @@ def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------- test hooks
+def _kill_spec(run_dir: Path, module: int, epoch: int) -> dict[str, str] | None:
+    """``FDG_TEST_KILL`` if it targets module ``module`` in epoch ``epoch`` and has not fired in this run dir."""
+    spec = os.environ.get("FDG_TEST_KILL")
+    if not spec:
+        return None
+    want = dict(item.split("=") for item in spec.split(","))
+    if int(want["module"]) != module or int(want["epoch"]) != epoch or _kill_marker(run_dir, module).exists():
+        return None
+    return want
+
+
+def _kill_marker(run_dir: Path, module: int) -> Path:
+    return run_dir / f".fdg_test_killed-module{module}"
+
+
+def _die(run_dir: Path, module: int, want: dict[str, str]) -> None:
+    """SIGKILL (or ``signal=STOP``: a hung rank; ``signal=TERM``: a preemption) this process, once."""
+    _kill_marker(run_dir, module).touch()
+    os.kill(os.getpid(), getattr(signal, f"SIG{want.get('signal', 'KILL')}"))
+
+
 def kill_hook(run_dir: Path, module: int, epoch: int) -> Callable[[Event], None] | None:
     """Fault injection for the resume tests: ``FDG_TEST_KILL="module=K,epoch=E,batch=B[,signal=STOP]"``.
 
@@ -391,19 +415,19 @@ def kill_hook(run_dir: Path, module: int, epoch: int) -> Callable[[Event], None]
     batch B in epoch E, once per run directory (a marker file records it), so a restarted attempt runs
     through.
     """
-    spec = os.environ.get("FDG_TEST_KILL")
-    if not spec:
-        return None
-    items = dict(item.split("=") for item in spec.split(","))
-    sig = getattr(signal, f"SIG{items.pop('signal', 'KILL')}")
-    want = {key: int(value) for key, value in items.items()}
-    marker = run_dir / f".fdg_test_killed-module{module}"
-    if want["module"] != module or want["epoch"] != epoch or marker.exists():
+    want = _kill_spec(run_dir, module, epoch)
+    if want is None or "batch" not in want:
         return None
 
     def hook(event: Event) -> None:
-        if event.action.kind is Kind.FORWARD and event.action.batch == want["batch"]:
-            marker.touch()
-            os.kill(os.getpid(), sig)
+        if event.action.kind is Kind.FORWARD and event.action.batch == int(want["batch"]):
+            _die(run_dir, module, want)
 
     return hook
+
+
+def _kill_point(run_dir: Path, module: int, epoch: int, at: str) -> None:
+    """``FDG_TEST_KILL="module=K,epoch=E,at=checkpoint"``: module K dies there (once per run directory)."""
+    want = _kill_spec(run_dir, module, epoch)
+    if want is not None and want.get("at") == at:
+        _die(run_dir, module, want)

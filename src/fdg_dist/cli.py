@@ -17,7 +17,6 @@ import datetime
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import uuid
@@ -31,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from fdg_dist import checkpoint, data, rundir, sweep, worker
+from fdg_dist import checkpoint, data, rendezvous, rundir, sweep, worker
 from fdg_dist.config import Config, ConfigError, check_devices, validate
 from fdg_dist.data import first_line
 
@@ -63,12 +62,6 @@ def config_from_hydra(raw: DictConfig) -> Config:
     return Config.from_dict(OmegaConf.to_container(ours, resolve=True))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _agent_logs_to(path: Path) -> Iterator[None]:
     """torch's elastic agent logs (a failed worker's traceback, signal notices) go to ``train.log``, not
@@ -91,21 +84,20 @@ def _agent_logs_to(path: Path) -> Iterator[None]:
 
 
 def launch_local(cfg: Config, run_dir: Path) -> dict | None:
-    """Start the run's workers on this machine with torch's elastic agent (rendezvous on loopback).
+    """Start the run's workers on this machine with torch's elastic agent; its store listens on loopback only.
 
     The agent's per-worker files (error reports) live in a temporary folder removed afterwards.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # Restarts with a shared rendezvous store fail half the time on gloo (pytorch #135712).
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    rendezvous.register_backend()
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fdg-agent-") as agent_dir, _agent_logs_to(run_dir / "train.log"):
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex,
-                              rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-                              max_restarts=cfg.dist.max_restarts, monitor_interval=0.2, start_method="spawn",
-                              logs_specs=DefaultLogsSpecs(log_dir=agent_dir))
+                              rdzv_backend=rendezvous.BACKEND, rdzv_endpoint=f"{rendezvous.LOOPBACK}:0",
+                              local_addr=rendezvous.LOOPBACK, max_restarts=cfg.dist.max_restarts,
+                              monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=agent_dir))
         results = elastic_launch(config, worker.run)(cfg.to_dict(), str(run_dir))
     return next((r for r in results.values() if r is not None), None)
 

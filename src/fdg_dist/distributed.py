@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fdg_dist import rendezvous
 from fdg_dist.transport import Link
 
 
@@ -95,7 +96,7 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
         torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
     timeout = timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}  # eager NCCL init (pytorch #136248)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    dist.init_process_group(backend, store=_store(timeout), rank=rank, world_size=world, timeout=timeout, **kwargs)
     header_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     if backend == "nccl":
         # every rank takes part in the first NCCL call: batch_isend_irecv requires it (its docs)
@@ -121,6 +122,13 @@ def _link_groups(rank: int, K: int, R: int, timeout: timedelta) -> dict[Link, di
                 if rank in (r * K + k, r * K + k + 1):
                     mine[link] = group
     return mine
+
+
+def _store(timeout: timedelta) -> dist.Store:
+    """A store of this attempt's own, never torchrun's shared one (stale keys after a restart), listening on
+    loopback on one machine, where gloo and NCCL listen too (``rendezvous.job_store``)."""
+    rendezvous.pin_transports_to_loopback()
+    return rendezvous.job_store(timeout)
 
 
 def close() -> None:

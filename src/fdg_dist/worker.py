@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fdg_dist import distributed
+from fdg_dist import distributed, rendezvous
 from fdg_dist.config import Config
 from fdg_dist.trainer import Trainer
 
@@ -54,6 +54,7 @@ def run(raw: dict, run_dir: str) -> dict | None:
              replica, ctx.backend, ctx.device, threads)
     finished = False
     try:
+        rendezvous.check_shared_run_dir(Path(run_dir), rank, ctx.header_group)
         result = Trainer(cfg, ctx, Path(run_dir)).fit()
         finished = True
         return result
