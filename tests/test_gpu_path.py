@@ -134,7 +134,7 @@ def _fake_process_group(monkeypatch, calls: list[str]) -> None:
 def _fake_worker(monkeypatch, tmp_path, fit) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    ctx = distributed.Context(0, 1, 0, 0, 0, 1, 1, torch.device("cpu"), "nccl", None, None, {})
+    ctx = distributed.Context(0, 1, 0, 0, 0, 1, 1, torch.device("cpu"), "nccl", None, None, None, {})
     monkeypatch.setattr(distributed, "init", lambda *a, **kw: ctx)
     monkeypatch.setattr(worker.rendezvous, "check_shared_run_dir", lambda *a: None)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from fdg_dist import checkpoint, data, rendezvous, rundir, sweep, worker
 from fdg_dist.config import Config, ConfigError, check_devices, validate
 from fdg_dist.data import first_line
+from fdg_dist.preempt import Stopped
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("fdg_dist")
@@ -146,6 +148,9 @@ def _launch(cfg: Config, run_dir: Path) -> dict | None:
         return launch_local(cfg, run_dir)
     except ChildFailedError as e:
         rank, message = root_cause(e.failures)
+        if message.startswith(f"{Stopped.__name__}: "):  # a signal to a worker: every rank stopped at a checkpoint
+            by = re.search(r"stopped by (SIG[A-Z]+)", message)
+            _stop(message.split(": ", 1)[1], 128 + (signal.Signals[by.group(1)] if by else signal.SIGTERM))
         _stop(f"{_rank_label(cfg, rank)} failed: {message} [every rank's traceback: {run_dir / 'train.log'}]", 1)
     except SignalException as e:
         _stop(_stopped_by(signal.Signals(e.sigval), cfg, run_dir), 128 + int(e.sigval))
@@ -157,6 +162,8 @@ def _work(cfg: Config, run_dir: Path) -> dict | None:
     """This torchrun process as one worker; its failure is one line here (torchrun adds its own summary)."""
     try:
         return worker.run(cfg.to_dict(), str(run_dir))
+    except Stopped as e:
+        _stop(str(e), 128 + e.signum)
     except Exception as e:
         _stop(f"{_rank_label(cfg, int(os.environ['RANK']))} failed: {type(e).__name__}: {first_line(str(e))} "
               f"[traceback: {run_dir / 'train.log'}]", 1)

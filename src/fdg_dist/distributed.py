@@ -35,6 +35,7 @@ class Context:
     backend: str
     header_group: dist.ProcessGroup | None  # gloo group for message headers (None: the default group)
     replica_group: dist.ProcessGroup | None  # module k of all replicas (None when R == 1)
+    control_group: dist.ProcessGroup  # gloo, every rank: the preemption vote, which runs beside P2P traffic
     links: dict[Link, dist.ProcessGroup]  # this rank's links (keyed by module indices within its replica)
 
     @property
@@ -107,9 +108,10 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
             g = dist.new_group([r * K + k for r in range(R)], timeout=timeout)
             if k == rank % K:
                 replica_group = g
+    control_group = dist.new_group(backend="gloo", timeout=timeout)
     links = _link_groups(rank, K, R, timeout)
     return Context(rank, world, local_rank, rank % K, rank // K, K, R, device, backend, header_group, replica_group,
-                   links)
+                   control_group, links)
 
 
 def _link_groups(rank: int, K: int, R: int, timeout: timedelta) -> dict[Link, dist.ProcessGroup]:

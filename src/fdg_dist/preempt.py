@@ -22,16 +22,26 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Stopped(RuntimeError):
-    """The run stopped on a signal after writing a checkpoint; the same command resumes it."""
+    """The run stopped on a signal after writing a checkpoint; the same command resumes it.  Processes end
+    with 128 + the signal's number, as if killed by it."""
+
+    def __init__(self, message: str, signum: signal.Signals) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class Preemption:
-    """This rank's stop flag (set by a signal) and the rolling vote that turns it into an agreed tick."""
+    """This rank's stop flag (set by a signal) and the rolling vote that turns it into an agreed tick.
+
+    A vote carries the signal's number (0: none), reduced with MAX, so every rank also learns which signal
+    stopped the run, whichever rank received it.
+    """
 
     def __init__(self, group: dist.ProcessGroup | None, lag: int) -> None:
         self.group = group
         self.lag = lag
-        self.signal: str | None = None  # name of the first signal received
+        self.received: signal.Signals | None = None  # the first signal this rank received
+        self.agreed: signal.Signals | None = None  # the signal every rank agreed to stop on
         self._votes: deque[tuple[dist.Work, torch.Tensor]] = deque()
 
     def install(self) -> None:
@@ -42,11 +52,11 @@ class Preemption:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal = self.signal or signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum)
 
     def at(self, tick: int) -> bool:
         """Post this tick's vote; True if the vote of ``lag`` ticks ago says stop (the same on every rank)."""
-        flag = torch.tensor([int(self.signal is not None)])
+        flag = self._flag()
         self._votes.append((dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group, async_op=True), flag))
         if len(self._votes) <= self.lag:
             return False
@@ -59,11 +69,17 @@ class Preemption:
 
     def agree(self) -> bool:
         """A blocking vote at a point every rank reaches (an epoch end): does anyone want to stop?"""
-        flag = torch.tensor([int(self.signal is not None)])
+        flag = self._flag()
         dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        return self._read(None, flag)
 
-    @staticmethod
-    def _read(work: dist.Work, flag: torch.Tensor) -> bool:
-        work.wait()
-        return bool(flag.item())  # a CPU tensor: no device sync
+    def _flag(self) -> torch.Tensor:
+        return torch.tensor([0 if self.received is None else int(self.received)])
+
+    def _read(self, work: dist.Work | None, flag: torch.Tensor) -> bool:
+        if work is not None:
+            work.wait()
+        value = int(flag.item())  # a CPU tensor: no device sync
+        if value:
+            self.agreed = self.agreed or signal.Signals(value)
+        return bool(value)

@@ -5,15 +5,18 @@ Everything here is per rank; the cross-rank choreography lives in ``schedule`` a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import random
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -23,9 +26,10 @@ from torch import nn
 from fdg_dist import checkpoint, data, inference, models, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
-from fdg_dist.executor import Boundary, DeviceClock, EpochResult, Executor, HostClock
+from fdg_dist.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
 from fdg_dist.metrics import RunLog, Stop, chain
 from fdg_dist.optim import build_optimizer, build_scheduler
+from fdg_dist.preempt import Preemption, Stopped
 from fdg_dist.stage import Stage
 from fdg_dist.trace import TraceWriter
 from fdg_dist.transport import TorchWire, Transport
@@ -37,6 +41,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators as tensors and plain types (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next],
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss_next))
 
 
 @dataclass
@@ -131,6 +157,8 @@ class Trainer:
                           device=ctx.device)
         self.global_step = 0
         self.start_epoch = 0
+        self.cut: Cut | None = None  # where a resumed epoch was cut, until it continues
+        self.preemption = Preemption(ctx.control_group, lag=self.K + 1)  # the worker installs its signal handlers
         self.trace = TraceWriter(run_dir, ctx.rank, self.k, time.perf_counter()) if cfg.logging.trace else None
 
     def _measured_block_seconds(self) -> list[float]:
@@ -187,7 +215,8 @@ class Trainer:
         resumed = checkpoint.restore(self)  # also cuts metrics.jsonl back to the epochs kept
         self.log.first_step = self.stage.steps + 1
         if resumed is not None:
-            log.info("resumed from %s (next epoch %d/%d)", resumed, self.start_epoch + 1, cfg.trainer.epochs)
+            log.info("resumed from %s (next epoch %d/%d%s)", resumed, self.start_epoch + 1, cfg.trainer.epochs,
+                     "" if self.cut is None else f", after its tick {self.cut.tick}")
         best = self.log.best_error()
         if self.is_reporter:
             log.info("run directory %s (train.log, metrics.jsonl, tb/)", self.run_dir.resolve())
@@ -208,6 +237,8 @@ class Trainer:
                 sizes = sizes[:left]
             tic = time.perf_counter()
             train = self.train_epoch(epoch, sizes)
+            if train.stopped is not None:
+                self._stop(epoch, train.stopped)
             train_time = time.perf_counter() - tic
             self.stage.scheduler.step()
             self.global_step += len(sizes)
@@ -221,8 +252,11 @@ class Trainer:
                            seconds=train_time, samples=sum(sizes) * self.ctx.R, events=train.events,
                            steps=self.stage.steps)
             self.start_epoch = epoch + 1
-            if cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
+            saved = cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0
+            if saved:
                 checkpoint.save(self, epoch)
+            if self.preemption.agree():
+                self._stop(epoch, None, saved=saved)
             if cut:
                 break
         self.export_final_model()
@@ -230,12 +264,46 @@ class Trainer:
                                stop=Stop(self.start_epoch, self.global_step, stop))
 
     def train_epoch(self, epoch: int, sizes: list[int]) -> EpochResult:
+        """One epoch, or what is left of it after the cut a resumed checkpoint holds; a signal may cut it."""
         m = self.cfg.method
         plan = schedule.plan(m.name, self.k, self.K, len(sizes), train=True, accum_steps=m.accum_steps)
-        batches = self.train_data.epoch(epoch) if self.k == 0 else None
-        return self.executor.run(plan, sizes, batches, epoch=epoch, train=True,
+        cut, self.cut = self.cut, None
+        first = 0 if cut is None else schedule.first_forward_after(plan, cut.tick)
+        batches = self.train_data.epoch(epoch, start_batch=first) if self.k == 0 else None
+        return self.executor.run(plan, sizes, batches, epoch=epoch, train=True, resume=cut, stop=self.preemption,
                                  on_action=chain(self.log.progress(epoch, len(sizes)),
                                                  checkpoint.kill_hook(self.run_dir, self.k, epoch)))
+
+    def _stop(self, epoch: int, cut: Cut | None, *, saved: bool = False) -> NoReturn:
+        """After a signal (on any rank): checkpoint where every rank stands — the cut, or the epoch end — and
+        end the run; the same command resumes it bit for bit."""
+        signum = self.preemption.agreed or signal.SIGTERM
+        by = signum.name
+        where = f"after tick {cut.tick} of epoch {epoch + 1}" if cut else f"at the end of epoch {epoch + 1}"
+        if not self.cfg.checkpoint.enabled:
+            raise Stopped(f"stopped by {by} {where}; nothing saved (checkpoint.enabled=false): the same command "
+                          "starts over", signum)
+        self.cut = cut
+        directory = checkpoint.checkpoint_root(self.cfg, self.run_dir) / checkpoint.directory_name(
+            epoch, cut.tick if cut else None)
+        if not saved:
+            checkpoint.save(self, epoch, cut.tick if cut else None)
+        raise Stopped(f"stopped by {by} {where}; checkpoint {directory} written: the same command resumes it", signum)
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state, enough to go on bit for bit: its stage (stash included at a cut), where the run
+        stands (next epoch, batches done, the cut with its messages in flight) and its random generators."""
+        return {"module": self.k, "replica": self.ctx.replica, "bounds": self.bounds,
+                "next_epoch": self.start_epoch, "global_step": self.global_step,
+                "cut": None if self.cut is None else dataclasses.asdict(self.cut),
+                "stage": self.stage.state_dict(), "rng": rng_state(self.ctx.device)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage.load_state_dict(state["stage"])
+        self.start_epoch, self.global_step = state["next_epoch"], state["global_step"]
+        self.cut = None if state["cut"] is None else Cut(**state["cut"])
+        set_rng_state(state["rng"], self.ctx.device)
 
     def evaluate(self, epoch: int) -> EpochResult:
         if self.ctx.R > 1:  # replicas normalise alike: replica 0's BatchNorm statistics everywhere

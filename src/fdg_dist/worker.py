@@ -16,6 +16,7 @@ import torch
 
 from fdg_dist import distributed, rendezvous
 from fdg_dist.config import Config
+from fdg_dist.preempt import Stopped
 from fdg_dist.trainer import Trainer
 
 log = logging.getLogger("fdg_dist")
@@ -55,9 +56,15 @@ def run(raw: dict, run_dir: str) -> dict | None:
     finished = False
     try:
         rendezvous.check_shared_run_dir(Path(run_dir), rank, ctx.header_group)
-        result = Trainer(cfg, ctx, Path(run_dir)).fit()
+        trainer = Trainer(cfg, ctx, Path(run_dir))
+        trainer.preemption.install()  # from here on SIGTERM/SIGINT stop the run at a checkpoint
+        result = trainer.fit()
         finished = True
         return result
+    except Stopped as e:
+        finished = True  # every rank stopped at the same point and nothing is in flight: leave cleanly
+        log.warning("rank %d (module %d): %s", rank, module, e)
+        raise
     except Exception as e:
         log.error("rank %d (module %d) failed: %s: %s", rank, module, type(e).__name__, e, exc_info=True)
         raise
