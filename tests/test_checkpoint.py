@@ -83,7 +83,7 @@ def test_state_round_trip_restores_everything(world1, run_dir: Path) -> None:
     assert (trainer.start_epoch, trainer.global_step, trainer.stage.steps) == (2, 12, 12)
     saved = torch.load(run_dir / "checkpoints/epoch0001/module0-replica0.pt", weights_only=True)
     for name, tensor in trainer.stage.module.state_dict().items():
-        assert torch.equal(tensor, saved["model"][name]), name
+        assert torch.equal(tensor, saved["stage"]["module"][name]), name
     assert trainer.stage.optimizer.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
     assert trainer.stage.scheduler.last_epoch == 2
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])  # not the state building reseeded

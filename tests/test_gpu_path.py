@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import small_config
@@ -140,7 +142,7 @@ def _fake_worker(monkeypatch, tmp_path, fit) -> None:
 
     class Trainer:
         def __init__(self, *a) -> None:
-            pass
+            self.preemption = SimpleNamespace(install=lambda: None)  # no real signal handlers in pytest
 
         def fit(self):
             return fit()
