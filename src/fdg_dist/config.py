@@ -21,6 +21,8 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip_step", "off")
 BACKENDS = ("auto", "nccl", "gloo")
+CORRECTORS = ("none", "predict", "lookahead", "lr_by_delay", "dc")
+CORRECTED_METHODS = ("fdg", "adl", "ddg", "fr")  # methods whose modules apply delayed gradients
 
 
 @dataclass
@@ -50,6 +52,16 @@ class MethodConfig:
     stash: str = "weights"
     accum_steps: int = 1  # adl
     aux_channels: int = 128  # dgl auxiliary head width
+
+
+@dataclass
+class CorrectorConfig:
+    """Staleness corrector beside each module's optimizer step (``correctors.py``); ``none`` is the paper's FDG."""
+
+    name: str = "none"
+    dc_lambda: float = 2.0  # dc: DC-ASGD-a's λ0
+    dc_momentum: float = 0.95  # dc: decay of the gradient's mean square (DC-ASGD-a's m)
+    anneal_steps: int = 500  # lr_by_delay: module steps until the LR is back at the schedule's
 
 
 @dataclass
@@ -112,6 +124,7 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: str = "auto"  # auto (tty only), always, never
     log_every_steps: int = 20
+    staleness_every_steps: int = 100  # staleness/ probes (one extra forward+backward per module); 0: off
     trace: bool = False
 
 
@@ -120,6 +133,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -200,6 +214,7 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
              f"{m.accum_steps!r} must be an integer ≥ 1")
     _require(m.accum_steps == 1 or m.name == "adl", "method.accum_steps",
              f"gradient accumulation is method 'adl'; method {m.name!r} needs accum_steps=1")
+    _validate_corrector(cfg)
     _require(isinstance(p.k, int) and p.k >= 1, "pipeline.k", f"{p.k!r} must be an integer ≥ 1 (number of modules)")
     _require(isinstance(p.replicas, int) and p.replicas >= 1, "pipeline.replicas", f"{p.replicas!r} must be an integer ≥ 1")
     if num_blocks is None:
@@ -254,6 +269,31 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
                  f"{cfg.data.root!r} is not a directory; imagefolder needs data.root with train/ and val/ (or test/)")
         _require((root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()), "data.root",
                  f"{root} must hold train/ and val/ or test/ subdirectories (one folder per class)")
+    _require(isinstance(cfg.logging.staleness_every_steps, int) and cfg.logging.staleness_every_steps >= 0,
+             "logging.staleness_every_steps", f"{cfg.logging.staleness_every_steps!r} must be an integer ≥ 0 (0: off)")
     _require(cfg.resume in ("auto", "never") or Path(cfg.resume).is_dir(), "resume",
              f"{cfg.resume!r} must be auto, never, or an existing checkpoint directory "
              f"(<run dir>/{cfg.checkpoint.dir}/epochNNNN, or a run directory)")
+
+
+def _validate_corrector(cfg: Config) -> None:
+    """A corrector needs delayed gradients; weight-based ones need the stashed weights and SGD's velocity."""
+    c, m = cfg.corrector, cfg.method
+    _require(c.name in CORRECTORS, "corrector.name", f"unknown corrector {c.name!r}; valid: {', '.join(CORRECTORS)}")
+    if c.name == "none":
+        return
+    _require(m.name in CORRECTED_METHODS, "corrector.name",
+             f"corrector={c.name} corrects delayed gradients; method {m.name!r} has none "
+             f"(valid with {', '.join(CORRECTED_METHODS)}); use corrector=none")
+    if c.name in ("predict", "lookahead", "dc"):
+        _require(m.stash == "weights" and m.name != "fr", "corrector.name",
+                 f"corrector={c.name} works on the stashed weights; method {m.name!r} with method.stash={m.stash} "
+                 "re-runs the forward on the live weights (use method.stash=weights, or corrector=lr_by_delay)")
+    if c.name in ("predict", "lookahead"):
+        _require(cfg.optim.name == "sgd" and cfg.optim.momentum > 0, "corrector.name",
+                 f"corrector={c.name} extrapolates along SGD's momentum buffer; it needs optim=sgd with "
+                 f"optim.momentum > 0 (got optim={cfg.optim.name}, momentum {cfg.optim.momentum})")
+    _require(c.dc_lambda >= 0, "corrector.dc_lambda", f"{c.dc_lambda!r} must be ≥ 0")
+    _require(0 <= c.dc_momentum < 1, "corrector.dc_momentum", f"{c.dc_momentum!r} must be in [0, 1)")
+    _require(isinstance(c.anneal_steps, int) and c.anneal_steps >= 1, "corrector.anneal_steps",
+             f"{c.anneal_steps!r} must be an integer ≥ 1")

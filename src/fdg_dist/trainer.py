@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import checkpoint, data, models, partition, schedule
+from fdg_dist import checkpoint, correctors, data, models, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, DeviceClock, EpochResult, Executor, HostClock
@@ -94,7 +94,8 @@ def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: l
     scheduler = build_scheduler(cfg.sched, optimizer, t.epochs)
     stage = Stage(module, k, K, optimizer, scheduler, beta=m.beta, stash="recompute" if m.name == "fr" else m.stash,
                   accum_steps=m.accum_steps, aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
-                  device=device, grad_sync=grad_sync, nan_policy=t.nan_policy, memory_format=fmt)
+                  device=device, grad_sync=grad_sync, nan_policy=t.nan_policy, memory_format=fmt,
+                  corrector=correctors.build(cfg.corrector, correctors.weight_delay(m.name, k, K, m.accum_steps)))
     wire_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     boundary = Boundary(tuple(built.shapes[0][1:]), tuple(built.shapes[1][1:]), wire_dtype)
     return stage, boundary, built
@@ -123,7 +124,7 @@ class Trainer:
         transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
         clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
         self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps,
-                                 clock=clock)
+                                 clock=clock, probe_every=cfg.logging.staleness_every_steps)
         self.train_data, self.test_data = self._load_data()
         self.is_reporter = self.k == self.K - 1 and ctx.replica == 0
         self.log = RunLog(cfg, run_dir, module=self.k, replica=ctx.replica, reporter=self.is_reporter,
