@@ -28,6 +28,7 @@ CORRECTED_METHODS = ("fdg", "adl", "ddg", "fr")  # methods whose modules apply d
 @dataclass
 class ModelConfig:
     name: str = "resnet20"
+    variant: str = "ours"  # ours | official (the FDG authors' definition: models/official.py)
 
 
 @dataclass
@@ -203,6 +204,10 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     m, p, t = cfg.method, cfg.pipeline, cfg.trainer
     _require(cfg.model.name in models.names(), "model.name",
              f"unknown model {cfg.model.name!r}; valid: {', '.join(models.names())}")
+    _require(cfg.model.variant in models.VARIANTS, "model.variant",
+             f"{cfg.model.variant!r} is not one of {', '.join(models.VARIANTS)}")
+    _require(cfg.model.variant == "ours" or cfg.model.name in models.official.NAMES, "model.variant",
+             f"variant=official exists for {', '.join(models.official.NAMES)}, not {cfg.model.name!r}")
     _require(cfg.data.name in DATASETS, "data.name", f"unknown dataset {cfg.data.name!r}; valid: {', '.join(DATASETS)}")
     _require(m.name in METHODS, "method.name", f"unknown method {m.name!r}; valid: {', '.join(METHODS)}")
     _require(m.stash in STASH_MODES, "method.stash", f"{m.stash!r} is not one of {', '.join(STASH_MODES)}")

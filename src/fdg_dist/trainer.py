@@ -54,7 +54,7 @@ def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None
     times, identical on every rank) replace counted FLOPs as the cost an automatic split balances.
     """
     seed_everything(cfg.trainer.seed)
-    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
+    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, variant=cfg.model.variant)
     sample = (1, 3, cfg.data.image_size, cfg.data.image_size)
     split = cfg.pipeline.split if K > 1 else "auto"
     costs = seconds if seconds is not None else partition.block_costs(blocks, sample)
@@ -71,7 +71,7 @@ def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None
 def split_table(cfg: Config, bounds: list[int], seconds: list[float] | None = None) -> str:
     """The split table printed at start (built on the meta device: no weights, no memory)."""
     K = len(bounds) - 1
-    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta")
+    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta", variant=cfg.model.variant)
     depths = [stash_depth(cfg.method.name, j, K) for j in range(K)]
     stash = "recompute" if cfg.method.name == "fr" else cfg.method.stash
     return partition.describe(blocks, bounds, (1, 3, cfg.data.image_size, cfg.data.image_size), cfg.trainer.batch_size,
@@ -146,7 +146,7 @@ class Trainer:
             if path.exists():
                 seconds[0] = json.loads(path.read_text())["seconds"]
             else:
-                blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
+                blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, variant=cfg.model.variant)
                 shape = (cfg.trainer.batch_size // ctx.R, 3, cfg.data.image_size, cfg.data.image_size)
                 seconds[0] = partition.measured_block_costs(blocks, shape, ctx.device, precision=cfg.trainer.precision,
                                                             channels_last=cfg.trainer.channels_last)
