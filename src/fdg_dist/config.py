@@ -14,7 +14,7 @@ from typing import Any
 
 METHODS = ("fdg", "bp", "ddg", "fr", "dgl", "adl", "dp")
 SHRINKING_METHODS = ("fdg", "adl")
-STASH_MODES = ("weights", "recompute")
+STASH_MODES = ("weights", "recompute", "mixed")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("multistep", "cosine", "constant")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")

@@ -88,6 +88,9 @@ class Simulation:
         if snapshot is None:  # replay the forward with the current weights, statistics untouched
             snapshot = copy.deepcopy(self.modules[k])
             out = snapshot(x)
+        elif self.stash_mode == "mixed":  # PyTorch 1.0: the optimizer had updated the graph's weights in place
+            for used, live in zip(snapshot.parameters(), self.modules[k].parameters(), strict=True):
+                used.data.copy_(live.data)
         scale = self.beta / self.M
         out.backward(grad * scale if scale != 1.0 else grad)
         applied = []

@@ -8,7 +8,10 @@ pytorch #37573, and on old PyTorch silently mixed weights).  The delayed backwar
 exactly the weights the forward used; its gradient is then applied to the live weights.
 
 ``recompute`` keeps only the input and re-runs the forward with the *current* weights at backward
-time (features replay): one forward more, one weight copy less.
+time (features replay): one forward more, one weight copy less.  ``mixed`` reproduces the FDG authors'
+code under PyTorch 1.0, whose optimizer updated the weights saved in the forward's graph in place: the
+backward keeps the stored activations but uses the weights as they are at backward time (the weight
+gradients are those of the stored activations; the gradients sent upstream go through the new weights).
 
 A staleness corrector (``correctors``) acts at three points only: it may move a snapshot before the
 forward runs on it, correct the gradient back-propagated through it, and set the LR of the step; the
@@ -116,7 +119,7 @@ class Stage:
             return out, stats, None
         if keep_for_backward:
             x = x.detach().requires_grad_(self.sends_grad)
-            if self.stash_mode == "weights":
+            if self.stash_mode in ("weights", "mixed"):
                 params = self._snapshot()
                 with self.autocast:
                     out = functional_call(self.module, params, (x,))
@@ -177,6 +180,8 @@ class Stage:
             buffers = {n: b.clone() for n, b in self.module.named_buffers()}
             with self.autocast:
                 out = functional_call(self.module, {**params, **buffers}, (x,))
+        elif self.stash_mode == "mixed":  # the live weights under the stored graph, unseen by autograd's versions
+            torch._foreach_copy_([params[n].data for n in params], [p.detach() for _, p in self.module.named_parameters()])
         scale = self.beta / self.accum_steps
         grad = grad_out.to(out.dtype) * scale if scale != 1.0 else grad_out.to(out.dtype)
         names = [n for n, p in params.items() if p.requires_grad]

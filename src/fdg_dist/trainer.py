@@ -119,7 +119,7 @@ class Trainer:
         self.bounds = built.bounds
         if ctx.rank == 0:
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
-                     "stashed weights" if m.stash == "weights" else "recompute", split_table(cfg, self.bounds, seconds))
+                     {"weights": "stashed weights", "mixed": "stored activations, live weights"}.get(m.stash, m.stash), split_table(cfg, self.bounds, seconds))
         wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
         transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
         clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
