@@ -44,6 +44,7 @@ class DataConfig:
     test_subset: int | None = None
     augment: bool = True
     cache: bool = True  # decode small ImageFolder images once, keep them in memory
+    std: list[float] | None = None  # per-channel normalisation std instead of the dataset's (parity runs)
 
 
 @dataclass
@@ -265,6 +266,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(cfg.checkpoint.every_epochs >= 1, "checkpoint.every_epochs", f"{cfg.checkpoint.every_epochs!r} must be ≥ 1")
     _require(cfg.logging.progress in ("auto", "always", "never"), "logging.progress",
              f"{cfg.logging.progress!r} is not one of auto, always, never")
+    _require(cfg.data.std is None or (len(cfg.data.std) == 3 and all(v > 0 for v in cfg.data.std)), "data.std",
+             f"{cfg.data.std!r} must be null or 3 positive per-channel values, e.g. [0.2023, 0.1994, 0.2010]")
     _require(cfg.data.num_classes >= 2, "data.num_classes", f"{cfg.data.num_classes!r} must be ≥ 2")
     if cfg.data.name == "imagefolder":
         _require(cfg.data.root not in (None, "", "???"), "data.root",

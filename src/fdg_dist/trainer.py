@@ -124,7 +124,8 @@ class Trainer:
         transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
         clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
         self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps,
-                                 clock=clock, probe_every=cfg.logging.staleness_every_steps)
+                                 clock=clock,  # staleness probes feed TensorBoard only: none without it
+                                 probe_every=cfg.logging.staleness_every_steps if cfg.logging.tensorboard else 0)
         self.train_data, self.test_data = self._load_data()
         self.is_reporter = self.k == self.K - 1 and ctx.replica == 0
         self.log = RunLog(cfg, run_dir, module=self.k, replica=ctx.replica, reporter=self.is_reporter,
