@@ -19,7 +19,7 @@ point() {  # point NAME OVERRIDES...
 }
 
 extra=("$@")
-for seed in 0 1; do
+for seed in 0 1; do  # one seed's whole table before the next seed
     point bp-s$seed pipeline.k=1 trainer.seed=$seed
     for k in 4 3 2; do
         point fdg-k$k-b1-s$seed pipeline.k=$k trainer.seed=$seed
@@ -29,8 +29,6 @@ for seed in 0 1; do
             point fdg-k$k-b1-$c-s$seed pipeline.k=$k corrector=$c trainer.seed=$seed
         done
     done
-done
-for seed in 0 1; do
     for k in 2 3; do
         for beta in 0.5 0.2; do
             point fdg-k$k-b$beta-s$seed pipeline.k=$k method.beta=$beta trainer.seed=$seed
