@@ -91,6 +91,6 @@ def test_by_k_table_and_staleness_per_module(tmp_path: Path) -> None:
     assert rows["fdg β=1"] == ["–", "35.00 [34.00, 36.00] (+4.00)"]
     assert rows["fdg β=1 +predict"] == ["–", "31.00 [31.00] (+0.00)"]
     stale = (out / "staleness.md").read_text()
-    assert "| fdg β=1 K=2 | 0.850 / 0.0200 / 2 | 1.000 / 0.0100 / 1 |" in stale  # median of the two seeds
-    assert "| fdg β=1 K=2 +predict | 0.990 / 0.0200 / 2 |" in stale
+    assert "| fdg β=1 K=2 | 0.850 / 0.0200 / 2.0 | 1.000 / 0.0100 / 1.0 |" in stale  # median of the two seeds
+    assert "| fdg β=1 K=2 +predict | 0.990 / 0.0200 / 2.0 |" in stale
     assert (out / "staleness.png").read_bytes().startswith(PNG_MAGIC)

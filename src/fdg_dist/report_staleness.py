@@ -55,7 +55,7 @@ def table(settings: dict[str, dict[int, dict[str, float]]]) -> str:
              "mean over probes, median over seeds", "",
              "| setting | " + " | ".join(f"module {k}" for k in range(K)) + " |", "|---|" + "---:|" * K]
     for name, modules in settings.items():
-        cells = [f"{m['local_cosine']:.3f} / {m['weight_distance']:.4f} / {m['delay_steps']:.0f}"
+        cells = [f"{m['local_cosine']:.3f} / {m['weight_distance']:.4f} / {m['delay_steps']:.1f}"
                  if (m := modules.get(k)) else "–" for k in range(K)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [""])
