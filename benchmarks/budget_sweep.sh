@@ -29,12 +29,15 @@ for seed in 0 1; do  # one seed's whole table before the next seed
             point fdg-k$k-b1-$c-s$seed pipeline.k=$k corrector=$c trainer.seed=$seed
         done
     done
-    for k in 2 3; do
+    for k in 2 3 4; do
         for beta in 0.5 0.2; do
             point fdg-k$k-b$beta-s$seed pipeline.k=$k method.beta=$beta trainer.seed=$seed
         done
     done
     for c in predict lookahead lr_by_delay dc; do
         point fdg-k2-b1-$c-s$seed pipeline.k=2 corrector=$c trainer.seed=$seed
+    done
+    for k in 2 3 4; do  # the best β with the best corrector (both chosen on seed 0's table)
+        point fdg-k$k-b0.2-lr_by_delay-s$seed pipeline.k=$k method.beta=0.2 corrector=lr_by_delay trainer.seed=$seed
     done
 done
