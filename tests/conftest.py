@@ -83,7 +83,9 @@ def _reference_run(cfg: Config, replica: int, mean: GradientMean | None) -> Call
     schedulers = [build_scheduler(cfg.sched, o, cfg.trainer.epochs) for o in optimizers]
     sim = Simulation(modules, optimizers, method=cfg.method.name, beta=cfg.method.beta, stash=cfg.method.stash,
                      accum_steps=cfg.method.accum_steps, aux_heads=aux,
-                     grad_sync=None if mean is None else functools.partial(mean, replica))
+                     grad_sync=None if mean is None else functools.partial(mean, replica),
+                     corrector=cfg.corrector.name, dc_lambda=cfg.corrector.dc_lambda,
+                     dc_momentum=cfg.corrector.dc_momentum, anneal_steps=cfg.corrector.anneal_steps)
     train_set, _ = data.load(cfg.data, cfg.trainer.seed)
     loader = data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
                           seed=cfg.trainer.seed, shard=(replica, cfg.pipeline.replicas))

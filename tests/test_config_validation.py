@@ -242,3 +242,15 @@ def test_torchrun_world_size_mismatch_is_rejected_by_every_rank(tmp_path: Path) 
     assert proc.returncode != 0
     assert proc.stderr.count("invalid configuration: pipeline.k: the launcher started 2 processes") == 2, proc.stderr
     assert not (tmp_path / "run" / "train.log").exists()
+
+
+def test_official_variant_only_where_the_authors_have_it() -> None:
+
+    cfg = small_config(**{"model.variant": "official"})
+    with pytest.raises(ConfigError, match="model.variant: variant=official exists for resnet20"):
+        validate(cfg)
+    cfg.model.name = "resnet20"
+    validate(cfg)
+    cfg.model.variant = "paper"
+    with pytest.raises(ConfigError, match="model.variant: 'paper' is not one of ours, official"):
+        validate(cfg)

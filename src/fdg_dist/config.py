@@ -16,7 +16,7 @@ from typing import Any
 
 METHODS = ("fdg", "bp", "ddg", "fr", "dgl", "adl", "dp")
 SHRINKING_METHODS = ("fdg", "adl")
-STASH_MODES = ("weights", "recompute")
+STASH_MODES = ("weights", "recompute", "mixed")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("multistep", "cosine", "constant")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
@@ -25,11 +25,14 @@ NAN_POLICIES = ("stop", "skip_step", "off")
 BACKENDS = ("auto", "nccl", "gloo")
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 MIN_TIMEOUT_S = 1.0
+CORRECTORS = ("none", "predict", "lookahead", "lr_by_delay", "dc")
+CORRECTED_METHODS = ("fdg", "adl", "ddg", "fr")  # methods whose modules apply delayed gradients
 
 
 @dataclass
 class ModelConfig:
     name: str = "resnet20"
+    variant: str = "ours"  # ours | official (the FDG authors' definition: models/official.py)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class DataConfig:
     test_subset: int | None = None
     augment: bool = True
     cache: bool = True  # decode small ImageFolder images once, keep them in memory
+    std: list[float] | None = None  # per-channel normalisation std instead of the dataset's (parity runs)
 
 
 @dataclass
@@ -54,6 +58,16 @@ class MethodConfig:
     stash: str = "weights"
     accum_steps: int = 1  # adl
     aux_channels: int = 128  # dgl auxiliary head width
+
+
+@dataclass
+class CorrectorConfig:
+    """Staleness corrector beside each module's optimizer step (``correctors.py``); ``none`` is the paper's FDG."""
+
+    name: str = "none"
+    dc_lambda: float = 2.0  # dc: DC-ASGD-a's λ0
+    dc_momentum: float = 0.95  # dc: decay of the gradient's mean square (DC-ASGD-a's m)
+    anneal_steps: int = 500  # lr_by_delay: module steps until the LR is back at the schedule's
 
 
 @dataclass
@@ -116,6 +130,7 @@ class LoggingConfig:
     progress: str = "auto"  # auto (a bar on a terminal, else plain lines), always (bar), lines, never
     progress_every_s: float = 30.0  # seconds between plain progress lines
     log_every_steps: int = 20
+    staleness_every_steps: int = 100  # staleness/ probes (one extra forward+backward per module); 0: off
     trace: bool = False
 
 
@@ -124,6 +139,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -264,6 +280,10 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(cfg.model.name in models.names(), "model.name",
              f"unknown model {cfg.model.name!r}; valid: {', '.join(models.names())}")
 
+    _require(cfg.model.variant in models.VARIANTS, "model.variant",
+             f"{cfg.model.variant!r} is not one of {', '.join(models.VARIANTS)}")
+    _require(cfg.model.variant == "ours" or cfg.model.name in models.official.NAMES, "model.variant",
+             f"variant=official exists for {', '.join(models.official.NAMES)}, not {cfg.model.name!r}")
     _require(d.name in DATASETS, "data.name", f"unknown dataset {d.name!r}; valid: {', '.join(DATASETS)}")
     _require(d.num_classes >= 2, "data.num_classes", f"{d.num_classes!r} must be ≥ 2")
     _require(d.name not in CIFAR_CLASSES or d.num_classes == CIFAR_CLASSES[d.name], "data.num_classes",
@@ -290,6 +310,7 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
 
     _require(p.k >= 1, "pipeline.k", f"{p.k!r} must be an integer ≥ 1 (number of modules)")
     _require(p.replicas >= 1, "pipeline.replicas", f"{p.replicas!r} must be an integer ≥ 1")
+    _validate_corrector(cfg)
     if num_blocks is None:
         num_blocks = len(models.build_blocks(cfg.model.name, d.num_classes, device="meta"))
     stages = 1 if m.name == "dp" else p.k
@@ -355,6 +376,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
              f"{cfg.logging.progress_every_s!r} must be ≥ 0 seconds")
     _require(cfg.logging.log_every_steps >= 1, "logging.log_every_steps",
              f"{cfg.logging.log_every_steps!r} must be ≥ 1")
+    _require(d.std is None or (len(d.std) == 3 and all(v > 0 for v in d.std)), "data.std",
+             f"{d.std!r} must be null or 3 positive per-channel values, e.g. [0.2023, 0.1994, 0.2010]")
     if d.name == "imagefolder":
         _require(d.root not in (None, "", "???"), "data.root",
                  "is required for data=imagefolder: a folder with train/ and val/ (or test/), e.g. data.root=/data/cifar10")
@@ -363,6 +386,31 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
                  f"{d.root!r} is not a directory; imagefolder needs data.root with train/ and val/ (or test/)")
         _require((root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()), "data.root",
                  f"{root} must hold train/ and val/ or test/ subdirectories (one folder per class)")
+    _require(isinstance(cfg.logging.staleness_every_steps, int) and cfg.logging.staleness_every_steps >= 0,
+             "logging.staleness_every_steps", f"{cfg.logging.staleness_every_steps!r} must be an integer ≥ 0 (0: off)")
     _require(cfg.resume in ("auto", "never") or Path(cfg.resume).is_dir(), "resume",
              f"{cfg.resume!r} must be auto, never, or an existing checkpoint directory "
              f"(<run dir>/{cfg.checkpoint.dir}/epochNNNN, or a run directory)")
+
+
+def _validate_corrector(cfg: Config) -> None:
+    """A corrector needs delayed gradients; weight-based ones need the stashed weights and SGD's velocity."""
+    c, m = cfg.corrector, cfg.method
+    _require(c.name in CORRECTORS, "corrector.name", f"unknown corrector {c.name!r}; valid: {', '.join(CORRECTORS)}")
+    if c.name == "none":
+        return
+    _require(m.name in CORRECTED_METHODS, "corrector.name",
+             f"corrector={c.name} corrects delayed gradients; method {m.name!r} has none "
+             f"(valid with {', '.join(CORRECTED_METHODS)}); use corrector=none")
+    if c.name in ("predict", "lookahead", "dc"):
+        _require(m.stash == "weights" and m.name != "fr", "corrector.name",
+                 f"corrector={c.name} works on the stashed weights; method {m.name!r} with method.stash={m.stash} "
+                 "re-runs the forward on the live weights (use method.stash=weights, or corrector=lr_by_delay)")
+    if c.name in ("predict", "lookahead"):
+        _require(cfg.optim.name == "sgd" and cfg.optim.momentum > 0, "corrector.name",
+                 f"corrector={c.name} extrapolates along SGD's momentum buffer; it needs optim=sgd with "
+                 f"optim.momentum > 0 (got optim={cfg.optim.name}, momentum {cfg.optim.momentum})")
+    _require(c.dc_lambda >= 0, "corrector.dc_lambda", f"{c.dc_lambda!r} must be ≥ 0")
+    _require(0 <= c.dc_momentum < 1, "corrector.dc_momentum", f"{c.dc_momentum!r} must be in [0, 1)")
+    _require(isinstance(c.anneal_steps, int) and c.anneal_steps >= 1, "corrector.anneal_steps",
+             f"{c.anneal_steps!r} must be an integer ≥ 1")

@@ -24,6 +24,7 @@ from typing import TextIO
 
 import torch
 
+from fdg_dist import staleness as staleness_probe
 from fdg_dist.checkpoint import atomic_write
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult, Event
@@ -274,6 +275,7 @@ class RunLog:
             w.add_scalar("module/grad_norm", norm, first + i)
         for i, ratio in ratios.items():
             w.add_scalar("module/update_ratio", ratio, first + i)
+        self._staleness_tags(w, events, first)
         stale = staleness(events)
         summary = timing.to_dict()
         for tag, value in (
@@ -288,6 +290,15 @@ class RunLog:
                 ("memory/peak_mb", peak_memory_mb(self.device))):
             w.add_scalar(tag, value, steps)
         w.flush()
+
+    @staticmethod
+    def _staleness_tags(w, events: list[Event], first: int) -> None:
+        """``staleness/<tag>`` at every probed step (``staleness.py``), read in one transfer."""
+        infos = [e.step for e in events if e.step is not None]
+        probes = [(first + i, s.staleness) for i, s in enumerate(infos) if s.staleness is not None]
+        for tag, points in staleness_probe.series(probes).items():
+            for step, value in points:
+                w.add_scalar(f"staleness/{tag}", value, step)
 
     def finish(self, *, wall_s: float, best_error: float, steps: int, stop: Stop) -> dict | None:
         """Write ``result.json``, the HParams summary (at the module's final step ``steps``) and the
@@ -309,7 +320,8 @@ class RunLog:
             "final_test_loss": self.last["test_loss"] if self.last else None,
             "wall_time_s": wall_s,
             "k": cfg.pipeline.k, "replicas": cfg.pipeline.replicas, "beta": cfg.method.beta,
-            "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
+            "method": cfg.method.name, "corrector": cfg.corrector.name, "model": cfg.model.name,
+            "data": cfg.data.name,
             "seed": cfg.trainer.seed, "epochs": stop.epochs, "steps": stop.steps, "stop_reason": stop.reason,
             "epochs_planned": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps,
             "batch_size": cfg.trainer.batch_size,
@@ -322,7 +334,7 @@ class RunLog:
         from torch.utils.tensorboard.summary import hparams
 
         cfg = self.cfg
-        params = {"method": cfg.method.name, "beta": cfg.method.beta, "k": cfg.pipeline.k,
+        params = {"method": cfg.method.name, "corrector": cfg.corrector.name, "beta": cfg.method.beta, "k": cfg.pipeline.k,
                   "replicas": cfg.pipeline.replicas, "model": cfg.model.name, "data": cfg.data.name,
                   "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "batch_size": cfg.trainer.batch_size,
                   "seed": cfg.trainer.seed}

@@ -8,7 +8,14 @@ pytorch #37573, and on old PyTorch silently mixed weights).  The delayed backwar
 exactly the weights the forward used; its gradient is then applied to the live weights.
 
 ``recompute`` keeps only the input and re-runs the forward with the *current* weights at backward
-time (features replay): one forward more, one weight copy less.
+time (features replay): one forward more, one weight copy less.  ``mixed`` reproduces the FDG authors'
+code under PyTorch 1.0, whose optimizer updated the weights saved in the forward's graph in place: the
+backward keeps the stored activations but uses the weights as they are at backward time (the weight
+gradients are those of the stored activations; the gradients sent upstream go through the new weights).
+
+A staleness corrector (``correctors``) acts at three points only: it may move a snapshot before the
+forward runs on it, correct the gradient back-propagated through it, and set the LR of the step; the
+staleness probe (``staleness``) measures the gradient about to be applied at log intervals.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fdg_dist import models
+from fdg_dist import models, staleness
+from fdg_dist.correctors import Corrector
 from fdg_dist.finite import FiniteWatch
 
 
@@ -31,6 +39,7 @@ class _Stashed:
     x: torch.Tensor  # module input (requires grad when it came from another module)
     out: torch.Tensor | None  # module output with its graph (weights mode)
     params: dict[str, torch.Tensor] | None  # weights the forward used (weights mode)
+    steps: int = 0  # this module's optimizer steps when the forward ran (for the staleness probe)
 
 
 @dataclass
@@ -39,6 +48,7 @@ class StepInfo:
 
     grad_norm: torch.Tensor
     update_ratio: torch.Tensor | None
+    staleness: staleness.Probe | None = None  # at staleness-probe steps only
 
 
 @dataclass
@@ -64,7 +74,8 @@ class Stage:
                  sends_grad: bool = True, precision: str = "fp32", device: torch.device | str = "cpu",
                  grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
                  nan_policy: str = "stop",
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 corrector: Corrector | None = None) -> None:
         self.module = module
         self.index = index
         self.num_stages = num_stages
@@ -88,6 +99,8 @@ class Stage:
         self.steps = 0
         self.pending_backwards = 0  # backwards accumulated into .grad since the last step
         self.loss_fn = nn.CrossEntropyLoss()
+        self.corrector = corrector or Corrector()
+        self.probe: staleness.Probe | None = None  # measured at a backward, handed out by the next step
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: int, x: torch.Tensor, labels: torch.Tensor, *, train: bool,
@@ -107,15 +120,15 @@ class Stage:
             return out, stats, None
         if keep_for_backward:
             x = x.detach().requires_grad_(self.sends_grad)
-            if self.stash_mode == "weights":
+            if self.stash_mode in ("weights", "mixed"):
                 params = self._snapshot()
                 with self.autocast:
                     out = functional_call(self.module, params, (x,))
-                self.stash[batch] = _Stashed(x, out, params)
+                self.stash[batch] = _Stashed(x, out, params, self.steps)
             else:
                 with torch.no_grad(), self.autocast:
                     out = self.module(x)
-                self.stash[batch] = _Stashed(x, None, None)
+                self.stash[batch] = _Stashed(x, None, None, self.steps)
             self.max_stash = max(self.max_stash, len(self.stash))
             return out.detach(), None, None
         x = x.detach().requires_grad_(self.sends_grad)
@@ -139,6 +152,7 @@ class Stage:
                 views[n] = flat.as_strided(p.shape, p.stride(), offset)
                 offset += p.numel()
             torch._foreach_copy_([views[n] for n, _ in group], [p.detach() for _, p in group])
+        self.corrector.shift([views[n] for n, _ in named], [p for _, p in named], self.optimizer)
         return {n: views[n].requires_grad_(p.requires_grad) for n, p in named}
 
     def _stats(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None = None) -> BatchStats:
@@ -153,11 +167,12 @@ class Stage:
         self.pending_backwards += 1
 
     # ----------------------------------------------------------------- backward
-    def backward(self, batch: int, grad_out: torch.Tensor) -> torch.Tensor | None:
+    def backward(self, batch: int, grad_out: torch.Tensor, *, probe: bool = False) -> torch.Tensor | None:
         """Back-propagate β · grad_out through batch ``batch``'s stashed forward.
 
-        Returns the gradient for the previous module (None for module 0).  Parameter gradients are
-        accumulated into ``.grad`` of the live parameters.
+        Returns the gradient for the previous module (None for module 0).  Parameter gradients (after
+        the corrector) are accumulated into ``.grad`` of the live parameters.  ``probe`` measures the
+        first gradient of a step against the local fresh one (``staleness``) for the next step to report.
         """
         entry = self.stash.pop(batch)
         x, out, params = entry.x, entry.out, entry.params
@@ -166,13 +181,19 @@ class Stage:
             buffers = {n: b.clone() for n, b in self.module.named_buffers()}
             with self.autocast:
                 out = functional_call(self.module, {**params, **buffers}, (x,))
+        elif self.stash_mode == "mixed":  # the live weights under the stored graph, unseen by autograd's versions
+            torch._foreach_copy_([params[n].data for n in params], [p.detach() for _, p in self.module.named_parameters()])
         scale = self.beta / self.accum_steps
         grad = grad_out.to(out.dtype) * scale if scale != 1.0 else grad_out.to(out.dtype)
         names = [n for n, p in params.items() if p.requires_grad]
         inputs = [params[n] for n in names] + ([x] if x.requires_grad else [])
         grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
         live = dict(self.module.named_parameters())
-        for name, g in zip(names, grads, strict=False):
+        applied = self.corrector.correct(list(grads[:len(names)]), [params[n] for n in names],
+                                         [live[n] for n in names], self.optimizer)
+        if probe and self.pending_backwards == 0:
+            self.probe = self._measure_staleness(entry, x, grad, names, applied, params, live)
+        for name, g in zip(names, applied, strict=True):
             if g is None:
                 continue
             p = live[name]
@@ -180,13 +201,30 @@ class Stage:
         self.pending_backwards += 1
         return grads[-1] if x.requires_grad else None
 
+    def _measure_staleness(self, entry: _Stashed, x: torch.Tensor, grad: torch.Tensor, names: list[str],
+                           applied: list[torch.Tensor | None], params: dict[str, torch.Tensor],
+                           live: dict[str, nn.Parameter]) -> staleness.Probe:
+        """The gradient about to be applied against the same ``grad`` back-propagated through the live weights
+        (one more forward and backward; BatchNorm statistics of the live module untouched)."""
+        buffers = {n: b.clone() for n, b in self.module.named_buffers()}
+        with self.autocast:
+            out = functional_call(self.module, {**live, **buffers}, (x.detach(),))
+        fresh = torch.autograd.grad(out, [live[n] for n in names], grad, allow_unused=True)
+        pairs = [(a, f) for a, f in zip(applied, fresh, strict=True) if a is not None and f is not None]
+        cosine, ratio = staleness.compare([a for a, _ in pairs], [f for _, f in pairs])
+        moved = staleness.distance([params[n] for n in names], [live[n] for n in names])
+        return staleness.Probe(self.steps - entry.steps, moved, cosine, ratio)
+
     # --------------------------------------------------------------------- step
-    def step(self, *, measure: bool = False) -> StepInfo:
+    def step(self, *, measure: bool = False, probe: bool = False) -> StepInfo:
         """Apply the accumulated gradient (averaged over replicas first).
 
         The gradient norm stays a device tensor (no host sync); ``measure`` also computes the
-        update/weight ratio, which needs a copy of the weights, so callers ask only at log intervals.
+        update/weight ratio, which needs a copy of the weights, so callers ask only at log intervals;
+        ``probe`` hands out the staleness measured at this step's backward (fresh by construction where
+        the loss was back-propagated at once).
         """
+        probed, self.probe = self.probe, None
         params = [p for p in self.parameters() if p.grad is not None]
         if self.grad_sync is not None:
             self.grad_sync([p.grad for p in params])
@@ -199,7 +237,8 @@ class Stage:
         self.finite.watch(norm, f"non-finite gradient in module {self.index} at its step {self.steps}")
         self.finite.publish()
         before = [p.detach().clone() for p in params] if measure else None
-        self.optimizer.step()
+        with self.corrector.step_lr(self.optimizer, self.steps):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         self.pending_backwards = 0
@@ -208,7 +247,8 @@ class Stage:
             delta = torch.stack([torch.linalg.vector_norm((p.detach() - b).float()) for p, b in zip(params, before)])
             weight = torch.stack([torch.linalg.vector_norm(b.float()) for b in before])
             ratio = torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(weight).clamp_min(1e-12)
-        return StepInfo(norm, ratio)
+        own_loss = self.is_last or self.aux_head is not None
+        return StepInfo(norm, ratio, (probed or (staleness.FRESH if own_loss else None)) if probe else None)
 
     # -------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

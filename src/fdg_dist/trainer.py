@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import checkpoint, data, inference, models, partition, schedule
+from fdg_dist import checkpoint, correctors, data, inference, models, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
@@ -81,7 +81,7 @@ def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None
     times, identical on every rank) replace counted FLOPs as the cost an automatic split balances.
     """
     seed_everything(cfg.trainer.seed)
-    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
+    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, variant=cfg.model.variant)
     sample = (1, 3, cfg.data.image_size, cfg.data.image_size)
     split = cfg.pipeline.split if K > 1 else "auto"
     costs = seconds if seconds is not None else partition.block_costs(blocks, sample)
@@ -98,7 +98,7 @@ def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None
 def split_table(cfg: Config, bounds: list[int], seconds: list[float] | None = None) -> str:
     """The split table printed at start (built on the meta device: no weights, no memory)."""
     K = len(bounds) - 1
-    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta")
+    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta", variant=cfg.model.variant)
     depths = [stash_depth(cfg.method.name, j, K) for j in range(K)]
     stash = "recompute" if cfg.method.name == "fr" else cfg.method.stash
     return partition.describe(blocks, bounds, (1, 3, cfg.data.image_size, cfg.data.image_size), cfg.trainer.batch_size,
@@ -121,7 +121,8 @@ def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: l
     scheduler = build_scheduler(cfg.sched, optimizer, t.epochs)
     stage = Stage(module, k, K, optimizer, scheduler, beta=m.beta, stash="recompute" if m.name == "fr" else m.stash,
                   accum_steps=m.accum_steps, aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
-                  device=device, grad_sync=grad_sync, nan_policy=t.nan_policy, memory_format=fmt)
+                  device=device, grad_sync=grad_sync, nan_policy=t.nan_policy, memory_format=fmt,
+                  corrector=correctors.build(cfg.corrector, correctors.weight_delay(m.name, k, K, m.accum_steps)))
     wire_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     boundary = Boundary(tuple(built.shapes[0][1:]), tuple(built.shapes[1][1:]), wire_dtype)
     return stage, boundary, built
@@ -145,12 +146,13 @@ class Trainer:
         self.bounds = built.bounds
         if ctx.rank == 0:
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
-                     "stashed weights" if m.stash == "weights" else "recompute", split_table(cfg, self.bounds, seconds))
+                     {"weights": "stashed weights", "mixed": "stored activations, live weights"}.get(m.stash, m.stash), split_table(cfg, self.bounds, seconds))
         wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
         transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
         clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
         self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps,
-                                 clock=clock)
+                                 clock=clock,  # staleness probes feed TensorBoard only: none without it
+                                 probe_every=cfg.logging.staleness_every_steps if cfg.logging.tensorboard else 0)
         self.train_data, self.test_data = self._load_data()
         self.is_reporter = self.k == self.K - 1 and ctx.replica == 0
         self.log = RunLog(cfg, run_dir, module=self.k, replica=ctx.replica, reporter=self.is_reporter,
@@ -174,7 +176,7 @@ class Trainer:
             if path.exists():
                 seconds[0] = json.loads(path.read_text())["seconds"]
             else:
-                blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
+                blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, variant=cfg.model.variant)
                 shape = (cfg.trainer.batch_size // ctx.R, 3, cfg.data.image_size, cfg.data.image_size)
                 seconds[0] = partition.measured_block_costs(blocks, shape, ctx.device, precision=cfg.trainer.precision,
                                                             channels_last=cfg.trainer.channels_last)

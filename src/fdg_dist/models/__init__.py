@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fdg_dist.models import official
 from fdg_dist.models.layers import init_weights
 from fdg_dist.models.resnet18 import resnet18_blocks
 from fdg_dist.models.resnet_cifar import DEPTHS, resnet_cifar_blocks
@@ -43,27 +44,36 @@ def names() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def build_blocks(name: str, num_classes: int, device: str | torch.device | None = None) -> list[nn.Module]:
+VARIANTS = ("ours", "official")
+
+
+def build_blocks(name: str, num_classes: int, device: str | torch.device | None = None,
+                 variant: str = "ours") -> list[nn.Module]:
     """The model ``name`` as an ordered list of blocks: stem, each residual block, head.
 
     On ``device="meta"`` the blocks are created directly there (no memory, for shape inference and
     parameter counting). Otherwise they are created and initialised on the CPU and then moved, so the
-    initial weights for a given ``torch.manual_seed`` do not depend on the device.
+    initial weights for a given ``torch.manual_seed`` do not depend on the device.  ``variant="official"``
+    is the FDG authors' definition of the same model (``official.py``), with the same block boundaries.
     """
     if name not in _FACTORIES:
         raise ValueError(f"model.name={name!r} is not a known model; valid names: {', '.join(names())}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     build_on = device if device.type == "meta" else torch.device("cpu")
     with build_on:
-        blocks = _FACTORIES[name](num_classes)
-        for block in blocks:
-            init_weights(block)
+        if variant == "official":
+            blocks = official.blocks(name, num_classes)
+        else:
+            blocks = _FACTORIES[name](num_classes)
+            for block in blocks:
+                init_weights(block)
     return [block.to(device) for block in blocks]
 
 
-def build(name: str, num_classes: int, device: str | torch.device | None = None) -> nn.Sequential:
+def build(name: str, num_classes: int, device: str | torch.device | None = None,
+          variant: str = "ours") -> nn.Sequential:
     """The unsplit model; its ``state_dict`` keys are the canonical checkpoint keys."""
-    return nn.Sequential(*build_blocks(name, num_classes, device))
+    return nn.Sequential(*build_blocks(name, num_classes, device, variant))
 
 
 def aux_head(in_shape: torch.Size | tuple[int, ...], num_classes: int, width: int = 128) -> nn.Module:
