@@ -132,6 +132,20 @@ ROWS = [
     Row("progress", "logging.progress", {"logging.progress": "sometimes"}),
     Row("log_every_steps=0", "logging.log_every_steps", {"logging.log_every_steps": 0}),
     Row("resume-path", "resume", {"resume": "/nonexistent/run"}),
+    Row("progress_every_s<0", "logging.progress_every_s", {"logging.progress_every_s": -1.0}),
+    Row("staleness_every_steps<0", "logging.staleness_every_steps", {"logging.staleness_every_steps": -1}),
+    # parity variants and correctors
+    Row("variant-unknown", "model.variant", {"model.variant": "theirs"}),
+    Row("variant-official-tiny", "model.variant", {"model.variant": "official"}),
+    Row("std-two-values", "data.std", {"data.std": (0.2, 0.2)}),
+    Row("corrector-unknown", "corrector.name", {"corrector.name": "magic"}),
+    Row("corrector-with-bp", "corrector.name", {"corrector.name": "predict", "method.name": "bp"}),
+    Row("predict-recompute", "corrector.name", {"corrector.name": "predict", "method.stash": "recompute"}),
+    Row("predict-adam", "corrector.name", {"corrector.name": "predict", "optim.name": "adam", "optim.lr": 0.001,
+                                            "optim.momentum": 0.0}),
+    Row("dc_lambda<0", "corrector.dc_lambda", {"corrector.name": "dc", "corrector.dc_lambda": -1.0}),
+    Row("dc_momentum=1", "corrector.dc_momentum", {"corrector.name": "dc", "corrector.dc_momentum": 1.0}),
+    Row("anneal_steps=0", "corrector.anneal_steps", {"corrector.name": "lr_by_delay", "corrector.anneal_steps": 0}),
 ]
 
 
