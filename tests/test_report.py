@@ -63,7 +63,8 @@ def test_report_goes_inside_the_runs_folder_by_default(sweep: Path, tmp_path: Pa
     monkeypatch.chdir(cwd)
     main([str(runs)])
     assert (runs / "report" / "report.md").is_file() and not list(cwd.iterdir())
-    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {runs / 'report' / 'report.md'} and 4 plots beside it"
+    out = runs / "report"
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out / 'report.md'}, {out / 'by_k.md'} and the plots beside them"
     shutil.rmtree(runs / "report")
     main([str(runs / "0"), str(runs / "1")])  # several folders: their common folder
     assert (runs / "report" / "report.md").is_file() and not list(cwd.iterdir())
