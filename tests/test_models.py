@@ -28,7 +28,7 @@ def _num_params(module: nn.Module) -> int:
 
 
 def test_names_sorted_and_complete() -> None:
-    assert models.names() == sorted([*EXPECTED_PARAMS, "tiny"])
+    assert models.names() == sorted([*EXPECTED_PARAMS, "tiny", "gpt", "torchvision", "custom"])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
@@ -104,5 +104,10 @@ def test_aux_head_shapes() -> None:
     assert any(isinstance(m, nn.BatchNorm2d) for m in head.modules())
     flat = models.aux_head((4, 64), 100)
     assert flat(torch.randn(4, 64)).shape == (4, 100)
+    tokens = torch.randn(4, 5, 8)  # (N, T, C): per token for next-token labels, else of the mean token
+    assert models.aux_head((4, 5, 8), 10, per_token=True)(tokens).shape == (4, 5, 10)
+    assert models.aux_head((4, 5, 8), 10)(tokens).shape == (4, 10)
     with pytest.raises(ValueError):
-        models.aux_head((4, 3, 8), 10)
+        models.aux_head((4, 3, 8, 8, 2), 10)
+    with pytest.raises(ValueError, match="per-token"):
+        models.aux_head((4, 64), 10, per_token=True)

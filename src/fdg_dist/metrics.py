@@ -21,6 +21,7 @@ from typing import TextIO
 
 import torch
 
+from fdg_dist import loss
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult, Event
 from fdg_dist.schedule import Kind
@@ -118,6 +119,13 @@ def step_series(events: Sequence[Event]) -> tuple[list[float], dict[int, float]]
     return values[:len(infos)], dict(zip(measured, values[len(infos):]))
 
 
+def language_metrics(train: EpochResult, test: EpochResult) -> dict[str, float]:
+    """What language models are compared by: bits per character (per token: per byte for byte-level text)
+    and the validation perplexity per token; losses are mean nats per token."""
+    return {"train_bpc": loss.bits(train.loss), "test_bpc": loss.bits(test.loss),
+            "test_perplexity": math.exp(min(test.loss, 700.0))}  # exp overflows a float beyond ~709
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank so far: CUDA allocations on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
@@ -206,12 +214,21 @@ class RunLog:
         row = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_error": train.error,
                "test_loss": test.loss, "test_error": test.error, "epoch_time_s": seconds,
                "samples_per_s": samples / seconds if seconds > 0 else 0.0}
+        text = self._language(train, test)
+        row.update(text)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.last = row
         log.info("epoch %3d  lr %.4g  train loss %.4f err %.2f%%  test loss %.4f err %.2f%%  %.1fs  %.0f samples/s",
                  epoch, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
                  row["samples_per_s"])
+        if text:
+            log.info("epoch %3d  bits/char train %.3f test %.3f  test perplexity %.2f", epoch, text["train_bpc"],
+                     text["test_bpc"], text["test_perplexity"])
+
+    def _language(self, train: EpochResult, test: EpochResult) -> dict[str, float]:
+        """Bits per character and perplexity for text data, nothing otherwise."""
+        return language_metrics(train, test) if self.cfg.data.name == "text" else {}
 
     def _tensorboard(self, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
                      events: list[Event], steps: int) -> None:
@@ -220,6 +237,8 @@ class RunLog:
             for tag, value in (("train/loss", train.loss), ("train/error", train.error),
                                ("test/loss", test.loss), ("test/error", test.error)):
                 w.add_scalar(tag, value, steps)
+            for name, value in self._language(train, test).items():  # train_bpc -> train/bpc
+                w.add_scalar(name.replace("_", "/", 1), value, steps)
         norms, ratios = step_series(events)
         first = steps - len(norms) + 1  # module step number of the epoch's first step
         for i, norm in enumerate(norms):
@@ -257,6 +276,7 @@ class RunLog:
             "final_test_error": self.last["test_error"] if self.last else None,
             "best_test_error": best_error if math.isfinite(best_error) else None,
             "final_test_loss": self.last["test_loss"] if self.last else None,
+            **({"final_test_bpc": self.last["test_bpc"]} if self.last and "test_bpc" in self.last else {}),
             "wall_time_s": wall_s,
             "k": cfg.pipeline.k, "replicas": cfg.pipeline.replicas, "beta": cfg.method.beta,
             "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,

@@ -13,6 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fdg_dist import loss
+from fdg_dist.optim import LRSchedule
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -22,7 +25,8 @@ class Simulation:
     def __init__(self, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer], *,
                  method: str = "fdg", beta: float = 1.0, stash: str = "weights", accum_steps: int = 1,
                  aux_heads: Sequence[nn.Module | None] | None = None,
-                 grad_sync: Callable[[int, list[torch.Tensor]], None] | None = None) -> None:
+                 grad_sync: Callable[[int, list[torch.Tensor]], None] | None = None,
+                 schedules: Sequence[LRSchedule] | None = None) -> None:
         self.modules = list(modules)
         self.optimizers = list(optimizers)
         self.K = len(self.modules)
@@ -32,7 +36,7 @@ class Simulation:
         self.M = accum_steps
         self.aux_heads = list(aux_heads) if aux_heads is not None else [None] * self.K
         self.grad_sync = grad_sync  # replicas: (module, its gradients) -> average them in place, as Stage.step
-        self.loss = nn.CrossEntropyLoss()
+        self.schedules = schedules  # advanced after every step by the batches it applied (per-batch schedules)
         self.backwards = [0] * self.K
         self.step_log: list[tuple[int, int, int]] = []  # (module, tick, last batch applied)
 
@@ -73,8 +77,8 @@ class Simulation:
         x = x.detach().requires_grad_(sends_grad and k > 0)
         out = live(x)
         logits = out if k == self.K - 1 else self.aux_heads[k](out)
-        loss = self.loss(logits, y)
-        (loss / self.M if self.M > 1 else loss).backward()
+        value = loss.cross_entropy(logits, y)
+        (value / self.M if self.M > 1 else value).backward()
         self._maybe_step(k, tick, batch, n_batches)
         return out.detach(), x.grad
 
@@ -86,6 +90,8 @@ class Simulation:
                                    if p.grad is not None])
             self.optimizers[k].step()
             self.optimizers[k].zero_grad(set_to_none=True)
+            if self.schedules is not None:
+                self.schedules[k].advance(self.backwards[k])
             self.step_log.append((k, tick, batch))
             self.backwards[k] = 0
 

@@ -8,21 +8,26 @@ pytorch #37573, and on old PyTorch silently mixed weights).  The delayed backwar
 exactly the weights the forward used; its gradient is then applied to the live weights.
 
 ``recompute`` keeps only the input and re-runs the forward with the *current* weights at backward
-time (features replay): one forward more, one weight copy less.
+time (features replay): one forward more, one weight copy less.  The replay draws the same random
+numbers as the forward it replays (dropout masks, stochastic depth), as ``torch.utils.checkpoint`` does,
+so the gradient belongs to the activation that was sent on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from fdg_dist import models
+from fdg_dist import loss, models
 from fdg_dist.finite import FiniteWatch
+from fdg_dist.optim import LRSchedule
+
+RngState = tuple[torch.Tensor, torch.Tensor | None]  # CPU generator, and the stage's CUDA generator
 
 
 @dataclass
@@ -30,6 +35,7 @@ class _Stashed:
     x: torch.Tensor  # module input (requires grad when it came from another module)
     out: torch.Tensor | None  # module output with its graph (weights mode)
     params: dict[str, torch.Tensor] | None  # weights the forward used (weights mode)
+    rng: RngState | None = None  # random state the forward started from (recompute mode)
 
 
 @dataclass
@@ -42,7 +48,8 @@ class StepInfo:
 
 @dataclass
 class BatchStats:
-    """Summed loss and error count of one batch, kept on the device until logging asks."""
+    """Summed loss and error count of one batch, kept on the device until logging asks; ``samples`` counts
+    labels (tokens for a language model), so ``loss_sum / samples`` is the mean loss per label."""
 
     loss_sum: torch.Tensor
     errors: torch.Tensor
@@ -58,7 +65,7 @@ class Stage:
     """
 
     def __init__(self, module: nn.Module, index: int, num_stages: int, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, beta: float = 1.0,
+                 scheduler: LRSchedule | None, *, beta: float = 1.0,
                  stash: str = "weights", accum_steps: int = 1, aux_head: nn.Module | None = None,
                  sends_grad: bool = True, precision: str = "fp32", device: torch.device | str = "cpu",
                  grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
@@ -86,7 +93,6 @@ class Stage:
         self.max_stash = 0
         self.steps = 0
         self.pending_backwards = 0  # backwards accumulated into .grad since the last step
-        self.loss_fn = nn.CrossEntropyLoss()
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: int, x: torch.Tensor, labels: torch.Tensor, *, train: bool,
@@ -112,18 +118,19 @@ class Stage:
                     out = functional_call(self.module, params, (x,))
                 self.stash[batch] = _Stashed(x, out, params)
             else:
+                rng = self._rng_state()
                 with torch.no_grad(), self.autocast:
                     out = self.module(x)
-                self.stash[batch] = _Stashed(x, None, None)
+                self.stash[batch] = _Stashed(x, None, None, rng)
             self.max_stash = max(self.max_stash, len(self.stash))
             return out.detach(), None, None
         x = x.detach().requires_grad_(self.sends_grad)
         with self.autocast:
             out = self.module(x)
             logits = out if self.is_last else self.aux_head(out)
-            loss = self.loss_fn(logits.float(), labels)
-        self._accumulate_scaled(loss)
-        return out.detach(), self._stats(logits.detach(), labels, loss.detach()), x.grad
+            batch_loss = loss.cross_entropy(logits.float(), labels)
+        self._accumulate_scaled(batch_loss)
+        return out.detach(), self._stats(logits.detach(), labels, batch_loss.detach()), x.grad
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         """The weights a stashed forward runs on: one buffer per dtype filled by one fused copy, with every
@@ -140,15 +147,29 @@ class Stage:
             torch._foreach_copy_([views[n] for n, _ in group], [p.detach() for _, p in group])
         return {n: views[n].requires_grad_(p.requires_grad) for n, p in named}
 
-    def _stats(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None = None) -> BatchStats:
-        if loss is None:
-            loss = self.loss_fn(logits.float(), labels)
-        n = labels.shape[0]
-        errors = (logits.argmax(dim=1) != labels).sum()
-        return BatchStats(loss.detach().float() * n, errors, n)
+    def _stats(self, logits: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor | None = None) -> BatchStats:
+        if mean is None:
+            mean = loss.cross_entropy(logits.float(), labels)
+        n = labels.numel()
+        return BatchStats(mean.detach().float() * n, loss.errors(logits, labels), n)
 
-    def _accumulate_scaled(self, loss: torch.Tensor) -> None:
-        (loss / self.accum_steps if self.accum_steps > 1 else loss).backward()
+    def _rng_state(self) -> RngState:
+        """Where the random number generators stand (host values only: no device sync)."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    @contextmanager
+    def _replaying(self, state: RngState) -> Iterator[None]:
+        """Run with the generators at ``state``, then put them back where they were."""
+        cpu, cuda = state
+        with torch.random.fork_rng(devices=[self.device] if cuda is not None else []):
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+            yield
+
+    def _accumulate_scaled(self, value: torch.Tensor) -> None:
+        (value / self.accum_steps if self.accum_steps > 1 else value).backward()
         self.pending_backwards += 1
 
     # ----------------------------------------------------------------- backward
@@ -163,7 +184,7 @@ class Stage:
         if out is None:  # recompute with the current weights; BN statistics are not updated twice
             params = {n: p for n, p in self.module.named_parameters()}
             buffers = {n: b.clone() for n, b in self.module.named_buffers()}
-            with self.autocast:
+            with self._replaying(entry.rng), self.autocast:
                 out = functional_call(self.module, {**params, **buffers}, (x,))
         scale = self.beta / self.accum_steps
         grad = grad_out.to(out.dtype) * scale if scale != 1.0 else grad_out.to(out.dtype)
@@ -187,27 +208,34 @@ class Stage:
         update/weight ratio, which needs a copy of the weights, so callers ask only at log intervals.
         """
         params = [p for p in self.parameters() if p.grad is not None]
+        applied, self.pending_backwards = self.pending_backwards, 0
         if self.grad_sync is not None:
             self.grad_sync([p.grad for p in params])
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
                                                      for p in params])) if params else torch.zeros((), device=self.device)
         if self.nan_policy == "skip_step" and not torch.isfinite(norm):  # skipping needs the answer now: a host sync
             self.optimizer.zero_grad(set_to_none=True)
-            self.pending_backwards = 0
+            self._advance_schedule(applied)
             return StepInfo(norm, None)
         self.finite.watch(norm, f"non-finite gradient in module {self.index} at its step {self.steps}")
         self.finite.publish()
         before = [p.detach().clone() for p in params] if measure else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._advance_schedule(applied)
         self.steps += 1
-        self.pending_backwards = 0
         ratio = None
         if before is not None:
             delta = torch.stack([torch.linalg.vector_norm((p.detach() - b).float()) for p, b in zip(params, before)])
             weight = torch.stack([torch.linalg.vector_norm(b.float()) for b in before])
             ratio = torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(weight).clamp_min(1e-12)
         return StepInfo(norm, ratio)
+
+    def _advance_schedule(self, batches: int) -> None:
+        """A per-batch LR schedule moves on by the batches this step applied (skipped or not), so every module
+        uses the same LR for the same batches whatever its accumulation; epoch-wise ones wait for the epoch end."""
+        if self.scheduler is not None:
+            self.scheduler.advance(batches)
 
     def parameters(self) -> list[nn.Parameter]:
         """Everything this stage's optimizer owns (module and, for DGL, its auxiliary head)."""
