@@ -228,11 +228,15 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(isinstance(p.replicas, int) and p.replicas >= 1, "pipeline.replicas", f"{p.replicas!r} must be an integer ≥ 1")
     if cfg.data.name == "text":
         _validate_text(cfg.data)
+    groups = num_blocks  # places an automatic split can put a module
     if num_blocks is None:
-        num_blocks = _validate_model(cfg)
+        num_blocks, groups = _validate_model(cfg)
     stages = 1 if m.name == "dp" else p.k
     _require(stages <= num_blocks, "pipeline.k",
              f"K={p.k} modules but model {cfg.model.name!r} has only {num_blocks} blocks; use pipeline.k ≤ {num_blocks}")
+    _require(p.split != "auto" or stages <= groups, "pipeline.k",
+             f"K={p.k} modules but an automatic split of model {cfg.model.name!r} can make only {groups} (a module "
+             f"starts after a block with weights); use pipeline.k ≤ {groups} or give pipeline.split")
     _require(p.cost in ("flops", "time"), "pipeline.cost",
              f"{p.cost!r} is not one of flops (counted, the same on every machine), time (measured at start)")
     if p.split != "auto":
@@ -304,9 +308,10 @@ def _validate_text(d: DataConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _validate_model(cfg: Config) -> int:
+def _validate_model(cfg: Config) -> tuple[int, int]:
     """Build the model on the meta device and pass it one sample of the data: it must build, take the
-    data's input and return one logit vector per label.  Returns its number of blocks."""
+    data's input and return one logit vector per label.  Returns its number of blocks and how many modules
+    an automatic split can make of them."""
     from fdg_dist import data, models, partition
 
     name = f"model._target_={cfg.model._target_}" if cfg.model.name == "custom" else f"model={cfg.model.name}"
@@ -326,4 +331,4 @@ def _validate_model(cfg: Config) -> int:
     want = (1, *spec.label_shape, cfg.data.num_classes)
     _require(out == want, "model", f"{name} returns {out} for one sample of data={cfg.data.name}; training needs "
                                    f"{want}: one logit per class (data.num_classes) for every label")
-    return len(blocks)
+    return len(blocks), len(partition.weighted_starts(blocks)) + 1

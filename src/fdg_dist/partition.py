@@ -185,10 +185,19 @@ def _balanced_bounds(costs: Sequence[float], k: int) -> list[int]:
     return bounds[::-1]
 
 
-def split_points(costs: Sequence[float], k: int, split: str | Sequence[int]) -> list[int]:
+def weighted_starts(blocks: Sequence[nn.Module]) -> list[int]:
+    """Where an automatic split may start a module: after a block with weights, if weights follow.  A module
+    without any (a lone Flatten, ReLU or pooling block) would have nothing to train."""
+    weighted = [any(True for _ in b.parameters()) for b in blocks]
+    return [j for j in range(1, len(blocks)) if weighted[j - 1] and any(weighted[j:])]
+
+
+def split_points(costs: Sequence[float], k: int, split: str | Sequence[int],
+                 starts: Sequence[int] | None = None) -> list[int]:
     """Bounds ``[0, s1, ..., s_{K-1}, n]``; module i holds blocks ``bounds[i]:bounds[i+1]``.
 
-    ``split="auto"`` balances by cost; a list of K-1 block indices is used as given.
+    ``split="auto"`` balances by cost, starting modules only at ``starts`` (default: any block; see
+    ``weighted_starts``); a list of K-1 block indices is used as given.
     """
     n = len(costs)
     if not 1 <= k <= n:
@@ -196,7 +205,13 @@ def split_points(costs: Sequence[float], k: int, split: str | Sequence[int]) -> 
     if isinstance(split, str):
         if split != "auto":
             raise ValueError(f"pipeline.split={split!r} must be 'auto' or a list of {k - 1} block indices")
-        return _balanced_bounds(costs, k)
+        if starts is None:
+            return _balanced_bounds(costs, k)
+        groups = [0, *starts, n]  # blocks [groups[i], groups[i+1]) always stay together
+        if k > len(groups) - 1:
+            raise ValueError(f"pipeline.k={k}: an automatic split has only {len(groups) - 1} places to put modules "
+                             f"(a module starts after a block with weights); use pipeline.k ≤ {len(groups) - 1}")
+        return [groups[i] for i in _balanced_bounds(_module_costs(costs, groups), k)]
     points = list(split)
     bounds = [0, *points, n]
     if (

@@ -59,7 +59,7 @@ def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None
     sample = (1, *spec.shape)
     split = cfg.pipeline.split if K > 1 else "auto"
     costs = seconds if seconds is not None else partition.block_costs(blocks, sample, spec.dtype)
-    bounds = partition.split_points(costs, K, split)
+    bounds = partition.split_points(costs, K, split, partition.weighted_starts(blocks))
     shapes = partition.boundary_shapes(blocks, sample, spec.dtype)
     module = nn.Sequential(OrderedDict((str(i), blocks[i]) for i in range(bounds[k], bounds[k + 1])))
     aux = None
@@ -95,6 +95,11 @@ def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: l
     module = built.module.to(device, memory_format=fmt)
     aux = built.aux_head.to(device, memory_format=fmt) if built.aux_head is not None else None
     params = list(module.parameters()) + (list(aux.parameters()) if aux is not None else [])
+    if not params:
+        a, b = built.bounds[k], built.bounds[k + 1]
+        raise ValueError(f"pipeline.split: module {k} (blocks [{a}, {b}) of the split {built.bounds}) has no weights to "
+                         "train; choose split points (pipeline.split) or a smaller pipeline.k so that every module "
+                         "holds a layer with weights")
     optimizer = build_optimizer(cfg.optim, params)
     scheduler = build_scheduler(cfg.sched, optimizer, t.epochs, total_batches)
     stage = Stage(module, k, K, optimizer, scheduler, beta=m.beta, stash="recompute" if m.name == "fr" else m.stash,

@@ -151,7 +151,11 @@ def torchvision_model(num_classes: int, *, arch: str, image_size: int | None = N
                          f"{', '.join(arch_names())}")
     if image_size is not None and arch.startswith("vit_"):
         kwargs["image_size"] = image_size
-    model = tv.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    try:
+        model = tv.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"model: torchvision's {arch} does not take {sorted(kwargs)} ({e}); every model.<key> but "
+                         "arch and image_size goes to its constructor") from None
     try:
         cut = [item for name, module in _layout(model) for item in _flatten(name, module)]
     except ValueError as e:
