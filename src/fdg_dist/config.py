@@ -39,6 +39,16 @@ class ModelConfig:
         fixed = {key: raw[key] for key in ("name", "_target_") if key in raw}
         return cls(**fixed, args={key: value for key, value in raw.items() if key not in fixed})
 
+    @property
+    def label(self) -> str:
+        """What logs, result.json and TensorBoard call the model: the zoo name, ``torchvision:<arch>`` or
+        ``custom:<target>``."""
+        if self.name == "torchvision":
+            return f"torchvision:{self.args.get('arch')}"
+        if self.name == "custom":
+            return f"custom:{self._target_}"
+        return self.name
+
     def to_dict(self) -> dict[str, Any]:
         """The YAML form again (``from_dict`` inverts it): what workers receive and checkpoints fingerprint."""
         return {"name": self.name, **({"_target_": self._target_} if self._target_ is not None else {}), **self.args}

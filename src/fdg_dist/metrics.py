@@ -279,7 +279,7 @@ class RunLog:
             **({"final_test_bpc": self.last["test_bpc"]} if self.last and "test_bpc" in self.last else {}),
             "wall_time_s": wall_s,
             "k": cfg.pipeline.k, "replicas": cfg.pipeline.replicas, "beta": cfg.method.beta,
-            "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
+            "method": cfg.method.name, "model": cfg.model.label, "data": cfg.data.name,
             "seed": cfg.trainer.seed, "epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size,
         }
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -291,7 +291,7 @@ class RunLog:
 
         cfg = self.cfg
         params = {"method": cfg.method.name, "beta": cfg.method.beta, "k": cfg.pipeline.k,
-                  "replicas": cfg.pipeline.replicas, "model": cfg.model.name, "data": cfg.data.name,
+                  "replicas": cfg.pipeline.replicas, "model": cfg.model.label, "data": cfg.data.name,
                   "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "batch_size": cfg.trainer.batch_size,
                   "seed": cfg.trainer.seed}
         metrics = {f"hparams/{name}": result[name] for name in ("final_test_error", "best_test_error")

@@ -87,6 +87,11 @@ class LRSchedule:
             for _ in range(batches):
                 self.scheduler.step()
 
+    @property
+    def last_epoch(self) -> int:
+        """Where the schedule stands: epochs ended (epoch-wise) or batches applied (per batch)."""
+        return self.scheduler.last_epoch
+
     def state_dict(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
 

@@ -136,7 +136,7 @@ class Trainer:
                                                   total_batches=run_batches(cfg, len(self._train_sizes())))
         self.bounds = built.bounds
         if ctx.rank == 0:
-            log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
+            log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.label, self.K,
                      "stashed weights" if m.stash == "weights" else "recompute", split_table(cfg, self.bounds, seconds))
         wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
         transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
