@@ -229,3 +229,25 @@ def test_pipeline_on_text_equals_reference_and_reports_bits_per_char(text: Path,
     events = EventAccumulator(str(run_dir / "tb" / "module1"))
     events.Reload()
     assert {"train/bpc", "test/bpc", "test/perplexity"} <= set(events.Tags()["scalars"])
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="tinyshakespeare is not in ../shared/data")
+def test_shakespeare_preset_is_what_readme_says() -> None:
+    """The preset composes and validates on the real corpus (65 characters); its model and data as documented."""
+    from hydra import compose, initialize_config_dir
+
+    from fdg_dist.cli import config_from_hydra
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = config_from_hydra(compose("train", overrides=["experiment=shakespeare_char_gpt",
+                                                            f"data.root={SHAKESPEARE}"]))
+    validate(cfg)
+    assert (cfg.model.name, cfg.model.args) == ("gpt", {"layers": 4, "width": 128, "heads": 4, "context": 64})
+    assert (cfg.data.tokens, cfg.data.num_classes, cfg.data.context, cfg.pipeline.k) == ("char", 65, 64, 2)
+    assert (cfg.optim.name, cfg.sched.name, cfg.method.name) == ("adamw", "step_cosine", "fdg")
+    train, _ = data.load(cfg.data, 0)
+    assert len(train) // cfg.trainer.batch_size + 1 == 491  # batches per epoch, as the preset's comment says
+    assert sum(p.numel() for p in models.build(cfg.model, 65).parameters()) == 818_176

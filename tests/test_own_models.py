@@ -242,3 +242,14 @@ def test_automatic_split_never_leaves_a_module_without_weights(my_model) -> None
     cfg.pipeline.k = 4
     with pytest.raises(ConfigError, match=r"^pipeline\.k: K=4 modules but an automatic split .* only 3"):
         validate(cfg)
+
+
+def test_model_arguments_round_trip_through_the_workers_dict() -> None:
+    """Builder arguments sit beside model.name as in the YAML; workers and checkpoints see the same form."""
+    raw = {**small_config().to_dict(), "model": {"name": "custom", "_target_": "my_model.mlp", "width": 64}}
+    cfg = Config.from_dict(raw)
+    assert (cfg.model._target_, cfg.model.args, cfg.model.label) == ("my_model.mlp", {"width": 64}, "custom:my_model.mlp")
+    assert cfg.to_dict()["model"] == raw["model"] and Config.from_dict(cfg.to_dict()) == cfg
+    assert small_config().to_dict()["model"] == {"name": "tiny"}  # zoo models: as before
+    with pytest.raises(ConfigError, match=r"data\.widht"):
+        Config.from_dict({**raw, "data": {"widht": 3}})  # other sections still reject unknown keys
