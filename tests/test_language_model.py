@@ -251,3 +251,13 @@ def test_shakespeare_preset_is_what_readme_says() -> None:
     train, _ = data.load(cfg.data, 0)
     assert len(train) // cfg.trainer.batch_size + 1 == 491  # batches per epoch, as the preset's comment says
     assert sum(p.numel() for p in models.build(cfg.model, 65).parameters()) == 818_176
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_data_parallel_on_text_equals_full_batch_training(text: Path, run_dir: Path) -> None:
+    """method=dp: two replicas of the whole GPT, 8 of every 16 sequences each, mean gradient (bitwise the
+    unsplit model on whole batches for two replicas; the GPT has no batch statistics)."""
+    cfg = lm_config(text, **{"method.name": "dp", "pipeline.k": 2, "trainer.max_steps": 4})
+    run_pipeline(cfg, run_dir)
+    assert_same_weights(final_state(run_dir), data_parallel_reference(cfg, replicas=2))
