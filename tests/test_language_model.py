@@ -247,7 +247,7 @@ def test_shakespeare_preset_is_what_readme_says() -> None:
     validate(cfg)
     assert (cfg.model.name, cfg.model.args) == ("gpt", {"layers": 4, "width": 128, "heads": 4, "context": 64})
     assert (cfg.data.tokens, cfg.data.num_classes, cfg.data.context, cfg.pipeline.k) == ("char", 65, 64, 2)
-    assert (cfg.optim.name, cfg.sched.name, cfg.method.name) == ("adamw", "step_cosine", "fdg")
+    assert (cfg.optim.name, cfg.optim.lr, cfg.sched.name, cfg.method.name) == ("adamw", 2e-3, "step_cosine", "fdg")
     train, _ = data.load(cfg.data, 0)
     assert len(train) // cfg.trainer.batch_size + 1 == 491  # batches per epoch, as the preset's comment says
     assert sum(p.numel() for p in models.build(cfg.model, 65).parameters()) == 818_176
