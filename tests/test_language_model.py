@@ -24,9 +24,10 @@ from conftest import (
     write_text,
 )
 from emulated import merged_state, run_emulated
+from test_checkpoint import _fit, world1  # noqa: F401  (world1 is a fixture)
 from torch import nn
 
-from fdg_dist import data, loss, models, optim
+from fdg_dist import checkpoint, data, loss, models, optim
 from fdg_dist.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedConfig, validate
 from fdg_dist.stage import Stage
 from fdg_dist.trainer import split_table
@@ -261,3 +262,27 @@ def test_data_parallel_on_text_equals_full_batch_training(text: Path, run_dir: P
     cfg = lm_config(text, **{"method.name": "dp", "pipeline.k": 2, "trainer.max_steps": 4})
     run_pipeline(cfg, run_dir)
     assert_same_weights(final_state(run_dir), data_parallel_reference(cfg, replicas=2))
+
+
+def test_resume_continues_the_per_batch_schedule_bitwise(world1, text: Path, tmp_path: Path,  # noqa: F811
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that dies right after its first epoch's checkpoint and is started again ends equal to one that
+    never stopped: the per-batch LR schedule resumes at its batch, AdamW's moments and the text's epoch
+    offsets with it."""
+    cfg = lm_config(text, **{"pipeline.k": 1, "checkpoint.enabled": True})
+    cfg.resume = "auto"
+    _fit(cfg, world1, tmp_path / "straight")
+    save = checkpoint.save
+
+    def save_then_die(trainer, epoch: int):
+        save(trainer, epoch)
+        raise RuntimeError("killed after the checkpoint")
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        _fit(cfg, world1, tmp_path / "resumed")
+    monkeypatch.setattr(checkpoint, "save", save)
+    _fit(cfg, world1, tmp_path / "resumed")
+    assert_same_weights(final_state(tmp_path / "resumed"), final_state(tmp_path / "straight"))
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["lr"] == pytest.approx(3e-4)
