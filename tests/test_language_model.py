@@ -208,6 +208,16 @@ def test_split_table_shows_batch_context_width_on_the_wire(text: Path) -> None:
     assert "Embedding" not in table and "0 .. 1" in table and "2 .. 3" in table
 
 
+def test_measured_split_times_token_inputs() -> None:
+    """pipeline.cost=time feeds block 0 integer tokens (a float input would fail the embedding)."""
+    from fdg_dist import partition
+
+    blocks = models.build_blocks(ModelConfig("gpt", args={"context": 16, "layers": 2, "width": 16, "heads": 2}), 40)
+    seconds = partition.measured_block_costs(blocks, (4, 16), torch.device("cpu"), repeats=1, warmup=0,
+                                             dtype=torch.int64)
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 def test_pipeline_on_text_equals_reference_and_reports_bits_per_char(text: Path, run_dir: Path) -> None:
