@@ -101,7 +101,7 @@ def _generator(*parts: int | str) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
+def load(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet] | tuple[TextSet, TextSet]:
     """(train, test) for ``cfg.name``, each cut to ``cfg.train_subset`` / ``cfg.test_subset`` if set."""
     if cfg.name == "text":
         return _text(cfg)
