@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, readme_example, write_text
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -45,10 +45,24 @@ def hydra_conf() -> Iterator[None]:
 
 
 @pytest.fixture
-def composed(hydra_conf: None, image_root: Path) -> Callable[..., Config]:
-    """``compose`` → ``Config`` → ``validate``, as ``fdg-train`` does; imagefolder gets a valid root."""
+def partners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Options that only validate beside another: a language model and its text, an own model's function."""
+    text = write_text(tmp_path / "input.txt")
+    (tmp_path / "my_model.py").write_text(readme_example()[0])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    corpus = [f"data.root={text}", "data.tokens=char", f"data.num_classes={len(set(text.read_text()))}",
+              "data.context=16"]
+    return {"model=gpt": ["data=text", *corpus], "data=text": ["model=gpt", *corpus[1:], f"data.root={text}"],
+            "model=custom": ["model._target_=my_model.mlp"]}
+
+
+@pytest.fixture
+def composed(hydra_conf: None, image_root: Path, partners: dict[str, list[str]]) -> Callable[..., Config]:
+    """``compose`` → ``Config`` → ``validate``, as ``fdg-train`` does; imagefolder gets a valid root, options
+    that need a partner get it."""
 
     def run(*overrides: str) -> Config:
+        overrides = tuple(o for first in overrides for o in (first, *partners.get(first, [])))
         raw = compose("train", overrides=list(overrides), return_hydra_config=False)
         cfg = config_from_hydra(raw)
         if cfg.data.name == "imagefolder" and not any(o.startswith("data.root=") for o in overrides):
@@ -90,7 +104,7 @@ def test_defaults_are_the_papers_setting(composed: Callable[..., Config]) -> Non
 
 
 def test_the_papers_rows_have_presets() -> None:
-    assert set(PAPER_ROWS) | {"quick_synthetic", "budget_cifar10_resnet20"} == set(PRESETS)
+    assert set(PAPER_ROWS) | {"quick_synthetic", "budget_cifar10_resnet20", "shakespeare_char_gpt"} == set(PRESETS)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_ROWS))

@@ -28,11 +28,13 @@ from fdg_dist.transport import Envelope, Transport
 
 @dataclass(frozen=True)
 class Boundary:
-    """Per-sample activation shapes at this module's input and output, and the dtype on the wire."""
+    """Per-sample activation shapes at this module's input and output, the dtype on the wire, and the
+    per-sample label shape (``()`` for a class, ``(T,)`` for next-token targets)."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
+    label_shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -278,5 +280,5 @@ class Executor:
         shape = self.boundary.out_shape if mine_is_lower else self.boundary.in_shape
         main = Envelope(m.kind, phase, epoch, m.batch, self.boundary.dtype, (n, *shape))
         if downstream:
-            return [main, Envelope("labels", phase, epoch, m.batch, torch.int64, (n,))]
+            return [main, Envelope("labels", phase, epoch, m.batch, torch.int64, (n, *self.boundary.label_shape))]
         return [main]

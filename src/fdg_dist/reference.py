@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fdg_dist import loss
+from fdg_dist.optim import LRSchedule
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -29,7 +32,8 @@ class Simulation:
                  aux_heads: Sequence[nn.Module | None] | None = None,
                  grad_sync: Callable[[int, list[torch.Tensor]], None] | None = None,
                  corrector: str = "none", dc_lambda: float = 2.0, dc_momentum: float = 0.95,
-                 anneal_steps: int = 500, probe_every: int = 0) -> None:
+                 anneal_steps: int = 500, probe_every: int = 0,
+                 schedules: Sequence[LRSchedule] | None = None) -> None:
         self.modules = list(modules)
         self.optimizers = list(optimizers)
         self.K = len(self.modules)
@@ -39,7 +43,7 @@ class Simulation:
         self.M = accum_steps
         self.aux_heads = list(aux_heads) if aux_heads is not None else [None] * self.K
         self.grad_sync = grad_sync  # replicas: (module, its gradients) -> average them in place, as Stage.step
-        self.loss = nn.CrossEntropyLoss()
+        self.schedules = schedules  # advanced after every step by the batches it applied (per-batch schedules)
         self.backwards = [0] * self.K
         self.step_log: list[tuple[int, int, int]] = []  # (module, tick, last batch applied)
         self.corrector = corrector
@@ -146,8 +150,8 @@ class Simulation:
         x = x.detach().requires_grad_(sends_grad and k > 0)
         out = live(x)
         logits = out if k == self.K - 1 else self.aux_heads[k](out)
-        loss = self.loss(logits, y)
-        (loss / self.M if self.M > 1 else loss).backward()
+        value = loss.cross_entropy(logits, y)
+        (value / self.M if self.M > 1 else value).backward()
         self._maybe_step(k, tick, batch, n_batches)
         return out.detach(), x.grad
 
@@ -168,6 +172,8 @@ class Simulation:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             self.steps[k] += 1
+            if self.schedules is not None:
+                self.schedules[k].advance(self.backwards[k])
             self.step_log.append((k, tick, batch))
             self.backwards[k] = 0
 
