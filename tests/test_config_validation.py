@@ -134,6 +134,21 @@ ROWS = [
     Row("resume-path", "resume", {"resume": "/nonexistent/run"}),
     Row("progress_every_s<0", "logging.progress_every_s", {"logging.progress_every_s": -1.0}),
     Row("staleness_every_steps<0", "logging.staleness_every_steps", {"logging.staleness_every_steps": -1}),
+    # models and text (each model is built on the meta device and given one sample of the data)
+    Row("auto-split-weightless-blocks", "pipeline.k", {"model.name": "torchvision", "model.args": {"arch": "resnet18"},
+                                                       "pipeline.k": 13}),
+    Row("gpt-without-text", "model.name", {"model.name": "gpt"}),
+    Row("custom-not-importable", "model._target_", {"model.name": "custom", "model._target_": "no_such_module.fn"}),
+    Row("model-rejects-input", "model", {"model.name": "torchvision",
+                                         "model.args": {"arch": "vit_b_16", "image_size": 64}}),
+    Row("model-wrong-output", "model", {"model.name": "custom", "model._target_": f"{__name__}.two_logits"}),
+    Row("text-tokens", "data.tokens", {"data.name": "text", "data.tokens": "word"}),
+    Row("text-context=0", "data.context", {"data.name": "text", "data.context": 0}),
+    Row("text-val_fraction=1", "data.val_fraction", {"data.name": "text", "data.val_fraction": 1.0}),
+    Row("text-missing-file", "data.root", {"data.name": "text", "data.root": "/nonexistent/input.txt"}),
+    Row("eps=0", "optim.eps", {"optim.eps": 0.0}),
+    Row("warmup_steps<0", "sched.warmup_steps", {"sched.warmup_steps": -1}),
+    Row("min_lr_ratio>1", "sched.min_lr_ratio", {"sched.min_lr_ratio": 1.5}),
     # parity variants and correctors
     Row("variant-unknown", "model.variant", {"model.variant": "theirs"}),
     Row("variant-official-tiny", "model.variant", {"model.variant": "official"}),
@@ -147,6 +162,11 @@ ROWS = [
     Row("dc_momentum=1", "corrector.dc_momentum", {"corrector.name": "dc", "corrector.dc_momentum": 1.0}),
     Row("anneal_steps=0", "corrector.anneal_steps", {"corrector.name": "lr_by_delay", "corrector.anneal_steps": 0}),
 ]
+
+
+def two_logits(num_classes: int = 10) -> list[torch.nn.Module]:
+    """A model=custom target whose output does not match the data (2 logits for 10 classes)."""
+    return [torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2)]
 
 
 def _apply(cfg: Config, overrides: dict[str, object]) -> None:

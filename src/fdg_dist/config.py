@@ -257,6 +257,8 @@ def _has_type(value: Any, hint: Any) -> bool:
     if origin is tuple:
         return (isinstance(value, (list, tuple)) and len(value) == len(args)
                 and all(_has_type(v, a) for v, a in zip(value, args)))
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
     raise TypeError(f"no type check for annotation {hint!r}")
 
 
@@ -268,7 +270,7 @@ def _type_name(hint: Any) -> str:
         return f"a list of {_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s, e.g. [1,2]"
     if typing.get_origin(hint) is tuple:
         return f"a list of {len(args)} numbers, e.g. [0.9,0.999]"
-    if dataclasses.is_dataclass(hint):
+    if dataclasses.is_dataclass(hint) or typing.get_origin(hint) is dict:
         return "a group of settings (key: value)"
     return {Any: "anything", bool: "true or false", int: "an integer", float: "a number", str: "a string",
             type(None): "null"}[hint]
@@ -487,13 +489,13 @@ def _validate_model(cfg: Config) -> tuple[int, int]:
     try:
         blocks = models.build_blocks(cfg.model, cfg.data.num_classes, device="meta")
     except Exception as e:  # a custom model's own code may raise anything
-        message = str(e) if str(e).startswith("model") else f"{name} failed to build: {type(e).__name__}: {e}"
+        message = str(e) if str(e).startswith("model") else f"model: {name} failed to build: {type(e).__name__}: {e}"
         raise ConfigError(message) from None
     spec = data.sample_spec(cfg.data)
     try:
         out = tuple(partition.boundary_shapes(blocks, (1, *spec.shape), spec.dtype)[-1])
     except Exception as e:
-        raise ConfigError(f"{name} cannot take data={cfg.data.name}'s input ({spec.dtype} of shape "
+        raise ConfigError(f"model: {name} cannot take data={cfg.data.name}'s input ({spec.dtype} of shape "
                           f"{(1, *spec.shape)}): {type(e).__name__}: {e}") from None
     want = (1, *spec.label_shape, cfg.data.num_classes)
     _require(out == want, "model", f"{name} returns {out} for one sample of data={cfg.data.name}; training needs "

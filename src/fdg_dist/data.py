@@ -366,7 +366,7 @@ def text_tokens(cfg: DataConfig) -> tuple[torch.Tensor, list[str] | None]:
     """
     path = Path(cfg.root) if cfg.root else None
     if path is None or not path.is_file():
-        raise FileNotFoundError(f"data.root={cfg.root!r}: data=text needs data.root to be a text file")
+        raise FileNotFoundError(f"data.root: {cfg.root!r} is not a file; data=text needs data.root to be a text file")
     raw = path.read_bytes()
     if cfg.tokens == "byte":
         ids, vocab = torch.frombuffer(bytearray(raw), dtype=torch.uint8), None
@@ -375,7 +375,7 @@ def text_tokens(cfg: DataConfig) -> tuple[torch.Tensor, list[str] | None]:
         try:
             codes = np.frombuffer(raw.decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
         except UnicodeDecodeError as e:
-            raise ValueError(f"data.root={cfg.root!r} is not UTF-8 text ({e}); use data.tokens=byte") from None
+            raise ValueError(f"data.root: {cfg.root!r} is not UTF-8 text ({e}); use data.tokens=byte") from None
         points, inverse = np.unique(codes, return_inverse=True)
         vocab = [chr(c) for c in points]
         size = len(vocab)

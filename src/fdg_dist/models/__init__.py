@@ -155,7 +155,7 @@ def _custom(target: str | None, num_classes: int, args: Mapping[str, Any]) -> Bl
     try:
         fn = get_method(target)
     except Exception as e:  # hydra wraps ImportError and AttributeError alike
-        raise ValueError(f"model._target_={target!r} cannot be imported ({e}); its module must be importable from "
+        raise ValueError(f"model._target_: {target!r} cannot be imported ({' '.join(str(e).split())}); its module must be importable from "
                          "the working directory or PYTHONPATH") from None
     extra = {}
     try:
@@ -166,13 +166,13 @@ def _custom(target: str | None, num_classes: int, args: Mapping[str, Any]) -> Bl
     out = instantiate({"_target_": target, **args}, _convert_="all", **extra)
     if isinstance(out, nn.Sequential):
         if type(out).forward is not nn.Sequential.forward:
-            raise ValueError(f"model._target_={target} returned a {type(out).__name__} with its own forward, "
+            raise ValueError(f"model._target_: {target} returned a {type(out).__name__} with its own forward, "
                              f"so cutting it between its children may change what it computes: {_CUSTOM_HINT}")
         named = list(out.named_children())
         return BlockModel([m for _, m in named], [f"{n}." for n, _ in named], out)
     if isinstance(out, (list, tuple, nn.ModuleList)) and len(out) and all(isinstance(b, nn.Module) for b in out):
         return BlockModel.of(list(out))
-    raise ValueError(f"model._target_={target} returned {type(out).__name__}, which cannot be cut into pipeline "
+    raise ValueError(f"model._target_: {target} returned {type(out).__name__}, which cannot be cut into pipeline "
                      f"modules: {_CUSTOM_HINT}")
 
 
