@@ -36,9 +36,9 @@ class ModelConfig:
     ``model`` is an argument of that builder (``model.arch``, ``model.width``, ...), kept in ``args``."""
 
     name: str = "resnet20"
-    variant: str = "ours"  # ours | official (the FDG authors' definition: models/official.py)
     _target_: str | None = None  # model=custom: "pkg.module.fn" returning blocks (called by hydra.utils.instantiate)
     args: dict[str, Any] = field(default_factory=dict)
+    variant: str = "ours"  # ours | official (the FDG authors' definition: models/official.py)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
