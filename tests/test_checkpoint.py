@@ -282,6 +282,7 @@ def test_incomplete_checkpoint_without_manifest_is_skipped(copy: Path) -> None:
     ({"pipeline.k": 2}, "pipeline.k: checkpoint 3, this run 2"),
     ({"model.name": "resnet20"}, "model.name: checkpoint 'tiny', this run 'resnet20'"),
     ({"optim.lr": 0.1}, "optim.lr: checkpoint 0.05, this run 0.1"),
+    ({"corrector.name": "predict"}, "corrector.name: checkpoint 'none', this run 'predict'"),
 ])
 def test_checkpoint_of_another_configuration_is_refused(copy: Path, override: dict, named: str) -> None:
     for resume in ("auto", str(copy), str(_newest(copy))):

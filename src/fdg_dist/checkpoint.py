@@ -47,7 +47,7 @@ _EPOCH_DIR = re.compile(r"epoch(\d{4,})(?:-tick(\d{6,}))?")
 # What a checkpoint's numbers depend on.  Where and how data is read (root, download, cache) does not
 # change them, nor do the epoch count, logging or the launcher settings.  How the split was chosen
 # does not matter either: every rank checkpoint records its block bounds, which are compared exactly.
-_FINGERPRINT_SECTIONS = ("model", "data", "method", "optim", "sched", "pipeline")
+_FINGERPRINT_SECTIONS = ("model", "data", "method", "corrector", "optim", "sched", "pipeline")
 _FINGERPRINT_KEYS = ("trainer.batch_size", "trainer.seed", "trainer.precision")
 _NEUTRAL_KEYS = ("data.root", "data.download", "data.cache", "pipeline.split", "pipeline.cost")
 
