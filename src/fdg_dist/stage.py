@@ -225,6 +225,7 @@ class Stage:
             "grads": {n: p.grad.detach() for n, p in self._named_parameters() if p.grad is not None},
             "stash": {b: {"x": e.x.detach(), "params": None if e.params is None else
                           {n: t.detach() for n, t in e.params.items()}} for b, e in self.stash.items()},
+            "param_names": self.param_names(),  # the optimizer's parameter order: re-cutting maps by name
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -260,6 +261,10 @@ class Stage:
         if self.aux_head is not None:
             named += [(f"aux_head.{n}", p) for n, p in self.aux_head.named_parameters()]
         return named
+
+    def param_names(self) -> list[str]:
+        """Names of ``parameters()``, in order: the unsplit model's keys, then ``aux_head.*`` for DGL."""
+        return [n for n, _ in self._named_parameters()]
 
     def parameters(self) -> list[nn.Parameter]:
         """Everything this stage's optimizer owns (module and, for DGL, its auxiliary head)."""
