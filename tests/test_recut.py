@@ -41,28 +41,33 @@ def _log(run_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------ bp K=2 -> export -> K=3
+def _bp(K: int, epochs: int = 2, **kw: object) -> Config:
+    """The LR drops after epochs 1 and 3: a resume that lost the schedule's position would miss the second."""
+    return _config(**{"method.name": "bp", "pipeline.k": K, "trainer.epochs": epochs, "sched.milestones": [1, 3],
+                      **kw})
+
+
 @pytest.fixture(scope="module")
 def bp_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """bp K=2 trained 2 epochs; its last checkpoint exported to state.pt and imported into a new run
-    directory, which then trains 2 more epochs as bp K=3 (resume=auto finds the imported checkpoint)."""
+    """bp K=2 trained 4 epochs; its checkpoint after epoch 2 exported to state.pt and imported into a new run
+    directory, which then trains epochs 3 and 4 as bp K=3 (resume=auto finds the imported checkpoint)."""
     base = tmp_path_factory.mktemp("bp")
     first, second, exported = base / "k2", base / "k3", base / "state.pt"
-    run_pipeline(_config(**{"method.name": "bp", "pipeline.k": 2, "trainer.epochs": 2}), first)
-    convert.main(["export", str(first), str(exported)])
+    run_pipeline(_bp(2, epochs=4), first)
+    convert.main(["export", str(first / "checkpoints" / "epoch0001"), str(exported)])
     convert.main(["import", str(exported), str(second)])
-    run_pipeline(_config(**{"method.name": "bp", "pipeline.k": 3, "trainer.epochs": 4}), second)
+    run_pipeline(_bp(3, epochs=4), second)
     return first, second, exported
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 def test_bp_k2_resumed_as_k3_equals_four_epochs_of_backpropagation(bp_runs: tuple[Path, Path, Path]) -> None:
-    """Bitwise equal to single-process back-propagation over 4 epochs, which bp K=2 trained 4 epochs equals
-    bitwise (test_methods).  Without the momentum buffers or the LR schedule's position (the LR drops after
-    epoch 1) the weights would differ."""
-    _, second, _ = bp_runs
-    want = data_parallel_reference(_config(**{"method.name": "bp", "pipeline.k": 2, "trainer.epochs": 4}), replicas=1)
-    assert_same_weights(final_state(second), want)
+    """Bitwise equal to bp K=2 trained 4 epochs, and to single-process back-propagation.  Without the momentum
+    buffers or the LR schedule's position the weights would differ."""
+    first, second, _ = bp_runs
+    assert_same_weights(final_state(second), final_state(first))
+    assert_same_weights(final_state(second), data_parallel_reference(_bp(2, epochs=4), replicas=1))
     log = _log(second)
     assert "re-cut checkpoint" in log and "(unsplit (bp)) as bp, K=3, 1 replica(s), blocks [0, " in log
     assert "not carried over: random generators" in log
@@ -77,7 +82,7 @@ def test_exported_file_is_the_unsplit_model_and_optimizer_for_plain_torch(bp_run
     ``set_optimizer_state_dict``; the hash file is sha256sum's format; import equals the gathered state."""
     first, second, exported = bp_runs
     state = torch.load(exported, weights_only=True)
-    cfg = _config(**{"method.name": "bp", "pipeline.k": 2})
+    cfg = _bp(2, epochs=2)
     model = models.build(cfg.model.name, cfg.data.num_classes)
     model.load_state_dict(state["model"])  # strict: exactly the unsplit model's keys
     opt = build_optimizer(cfg.optim, model.parameters())
@@ -107,15 +112,16 @@ def bp_copy(bp_runs: tuple[Path, Path, Path], tmp_path: Path) -> Path:
 @pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_another_k_is_accepted_but_another_model_or_optimizer_is_refused_naming_the_key(bp_copy: Path) -> None:
-    recorded = _config(**{"method.name": "bp", "pipeline.k": 2})
-    for change in ({"pipeline.k": 3}, {"pipeline.k": 4, "pipeline.split": [1, 3, 5]}, {"method.name": "fdg"},
+    recorded = _bp(2)
+    for change in ({"pipeline.k": 3}, {"pipeline.k": 4, "pipeline.split": [1, 3, 5]},
+                   {"method.name": "adl", "method.beta": 0.5, "method.accum_steps": 2},
                    {"method.name": "dgl", "pipeline.replicas": 2}, {"method.name": "dp", "pipeline.k": 1}):
-        cfg = _config(**{"method.name": "bp", "pipeline.k": 2, **change})
-        assert choose(cfg, bp_copy) == bp_copy / "checkpoints" / "epoch0001", change
+        cfg = _bp(2, **change)
+        assert choose(cfg, bp_copy) == bp_copy / "checkpoints" / "epoch0003", change
         rundir.check_start(cfg, bp_copy, recorded=recorded, restarted=False)  # what fdg-train checks first
     for change, named in (({"optim.name": "adam"}, "optim.name: checkpoint 'sgd', this run 'adam'"),
                           ({"model.name": "resnet20"}, "model.name: checkpoint 'tiny', this run 'resnet20'")):
-        cfg = _config(**{"method.name": "fdg", "pipeline.k": 3, **change})
+        cfg = _bp(3, **{"method.name": "fdg", **change})
         with pytest.raises(CheckpointError, match="different configuration") as err:
             choose(cfg, bp_copy)
         assert named in str(err.value) and "pipeline.k" not in str(err.value).split(";")[0]
@@ -125,15 +131,15 @@ def test_another_k_is_accepted_but_another_model_or_optimizer_is_refused_naming_
 @pytest.mark.timeout(60)
 def test_a_mid_epoch_cut_is_not_re_cut(bp_copy: Path) -> None:
     """A cut holds stashes and messages of its own split: another K is refused, the same one accepted."""
-    cut = bp_copy / "checkpoints" / "epoch0002-tick000003"
-    (bp_copy / "checkpoints" / "epoch0001").rename(cut)
+    cut = bp_copy / "checkpoints" / "epoch0004-tick000003"
+    (bp_copy / "checkpoints" / "epoch0003").rename(cut)
     manifest = json.loads((cut / MANIFEST).read_text())
-    (cut / MANIFEST).write_text(json.dumps({**manifest, "epoch": 2, "tick": 3}))
-    assert choose(_config(**{"method.name": "bp", "pipeline.k": 2}), bp_copy) == cut
+    (cut / MANIFEST).write_text(json.dumps({**manifest, "epoch": 4, "tick": 3}))
+    assert choose(_bp(2), bp_copy) == cut
     for change in ({"pipeline.k": 3}, {"method.name": "fdg"}):
-        with pytest.raises(CheckpointError, match=r"cut mid-epoch \(after tick 3 of epoch 3\).*cannot be re-cut.*"
+        with pytest.raises(CheckpointError, match=r"cut mid-epoch \(after tick 3 of epoch 5\).*cannot be re-cut.*"
                                                   r"resume it first with the configuration that wrote it"):
-            choose(_config(**{"method.name": "bp", "pipeline.k": 2, **change}), bp_copy)
+            choose(_bp(2, **change), bp_copy)
     with pytest.raises(CheckpointError, match="cut mid-epoch"):
         convert.export(cut, bp_copy / "x.pt")
 
@@ -142,11 +148,11 @@ def test_a_mid_epoch_cut_is_not_re_cut(bp_copy: Path) -> None:
 @pytest.mark.timeout(60)
 def test_damaged_checkpoints_and_files_are_refused_never_half_loaded(
         bp_copy: Path, bp_runs: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    newest = bp_copy / "checkpoints" / "epoch0001"
+    newest = bp_copy / "checkpoints" / "epoch0003"
     path = newest / "module1-replica0.pt"
     data = path.read_bytes()
     path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
-    cfg = _config(**{"method.name": "bp", "pipeline.k": 3})
+    cfg = _bp(3, epochs=4)
     cfg.resume = str(newest)
     with pytest.raises(CheckpointError, match="module1-replica0.pt is corrupt"):
         choose(cfg, bp_copy)
@@ -193,9 +199,12 @@ def test_dp_and_pipeline_replicas_convert_both_ways(tmp_path: Path) -> None:
     (resume=auto): bitwise the data-parallel reference of 3 epochs (every replica holds replica 0's BatchNorm
     statistics at an epoch end, the reference keeps shard 0's)."""
     run = tmp_path / "run"
-    run_pipeline(_config(**{"method.name": "dp", "pipeline.k": 2, "trainer.epochs": 1}), run)
-    run_pipeline(_config(**{"method.name": "bp", "pipeline.k": 2, "pipeline.replicas": 2, "trainer.epochs": 2}), run)
-    cfg = _config(**{"method.name": "dp", "pipeline.k": 2, "trainer.epochs": 3})
+    def config(**kw: object) -> Config:  # the LR drops after epoch 2, which the schedule's position decides
+        return _config(**{"sched.milestones": [2], **kw})
+
+    run_pipeline(config(**{"method.name": "dp", "pipeline.k": 2, "trainer.epochs": 1}), run)
+    run_pipeline(config(**{"method.name": "bp", "pipeline.k": 2, "pipeline.replicas": 2, "trainer.epochs": 2}), run)
+    cfg = config(**{"method.name": "dp", "pipeline.k": 2, "trainer.epochs": 3})
     run_pipeline(cfg, run)
     assert_same_weights(final_state(run), data_parallel_reference(cfg, replicas=2))
     recuts = [line for line in _log(run).splitlines() if "re-cut checkpoint" in line]
