@@ -10,8 +10,12 @@ manifest, or whose files fail their hash, is not a checkpoint: a flipped byte lo
 wrong values, so the hash is checked before loading.
 
 What a rank's file holds is its trainer's ``state_dict()`` (state belongs to its owner); this module
-only files, hashes, checks and prunes it.  Every load passes ``weights_only=True``: states are tensors
-and plain types.  Nothing read from a checkpoint is ever instantiated: its configuration is only compared.
+only files, hashes, checks and prunes it.  A drained checkpoint of another split, K, number of replicas or
+method is re-cut: every rank reads the module files of replica 0, gathers them into one unsplit state and
+takes its part (``unsplit``); a directory holding one ``unsplit.pt`` (``fdg-checkpoint import``) is read
+directly.  A mid-epoch cut holds its split's stashes and messages in flight: it resumes only as it was.
+Every load passes ``weights_only=True``: states are tensors and plain types.  Nothing read from a checkpoint
+is ever instantiated: its configuration is only compared.
 """
 
 from __future__ import annotations
@@ -145,6 +149,8 @@ def _recuttable(key: str) -> bool:
     """Whether a resume may change this fingerprint key: a drained checkpoint is re-cut for another number of
     modules, of replicas, or another method (the split itself is neutral: it is read from the files)."""
     return key.startswith("method.") or key in ("pipeline.k", "pipeline.replicas")
+
+
 # ------------------------------------------------------------------------ save
 def save(trainer: Trainer, epoch: int, tick: int | None = None) -> Path:
     """Write this rank's state at the end of ``epoch`` (or cut after ``tick``); rank 0 commits the manifest
@@ -354,30 +360,31 @@ def _read(path: Path) -> dict[str, Any]:
 def _load(trainer: Trainer, directory: Path) -> None:
     path = directory / file_name(trainer.k, trainer.ctx.replica)
     state = _read(path)
-    if state.get("config_hash") != config_hash(fingerprint(trainer.cfg)) or state.get("module") != trainer.k:
-        raise CheckpointError(f"{path} belongs to another configuration or module than module {trainer.k} of this run")
-    if state["bounds"] != trainer.bounds:
-        raise CheckpointError(f"{path} holds the model split at blocks {state['bounds']}, this run splits at "
-                              f"{trainer.bounds}; resume with pipeline.split={state['bounds'][1:-1]}")
+    if (state.get("config_hash") != config_hash(fingerprint(trainer.cfg)) or state.get("module") != trainer.k
+            or state.get("bounds") != trainer.bounds):  # the manifest said otherwise: an inconsistent checkpoint
+        raise CheckpointError(f"{path} belongs to another configuration, split or module than module {trainer.k} of "
+                              "this run, unlike its manifest says")
     trainer.load_state_dict(state)
 
 
 # ------------------------------------------------------------- another layout
 def _layout(manifest: dict[str, Any], directory: Path) -> str:
-    """How a checkpoint (or this run: the same keys) is cut, in words; two layouts are equal when their words are."""
+    """How a checkpoint (or a run: ``_run_layout``) is cut, in words; two layouts are equal when their words are."""
     if manifest.get("layout") == unsplit.FILE:
         return f"unsplit ({manifest['method']})"
     bounds = manifest.get("bounds") or _read(directory / file_name(0, 0))["bounds"]
     method = manifest["method"] if "method" in manifest else manifest["config"].get("method.name")
-    return (f"{method}, K={manifest['k']}, "
-            f"{manifest['replicas']} replica(s), blocks {bounds}")
+    return f"{method}, K={manifest['k']}, {manifest['replicas']} replica(s), blocks {bounds}"
+
+
+def _run_layout(trainer: Trainer) -> dict[str, Any]:
+    return {"k": trainer.K, "replicas": trainer.ctx.R, "bounds": trainer.bounds, "method": trainer.cfg.method.name}
 
 
 def _needs_recut(directory: Path, trainer: Trainer) -> bool:
     """Whether ``directory`` was written by another layout (split, K, replicas, method) than this run's."""
     manifest = json.loads((directory / MANIFEST).read_text())
-    mine = _layout({"k": trainer.K, "replicas": trainer.ctx.R, "bounds": trainer.bounds,
-                    "method": trainer.cfg.method.name}, directory)
+    mine = _layout(_run_layout(trainer), directory)
     theirs = _layout(manifest, directory)
     if theirs == mine and manifest.get("config_hash") == config_hash(fingerprint(trainer.cfg)):
         return False
@@ -428,10 +435,9 @@ def _recut(trainer: Trainer, directory: Path) -> None:
         raise CheckpointError(f"checkpoint {directory} cannot be re-cut for module {trainer.k}: {e}") from e
     if trainer.ctx.rank == 0:
         manifest = json.loads((directory / MANIFEST).read_text())
-        mine = _layout({"k": trainer.K, "replicas": trainer.ctx.R, "bounds": trainer.bounds, "method": cfg.method.name},
-                       directory)
         log.info("re-cut checkpoint %s (%s) as %s: weights, buffers, optimizer state per parameter, LR schedule "
-                 "and counters carried over", directory, _layout(manifest, directory), mine)
+                 "and counters carried over", directory, _layout(manifest, directory),
+                 _layout(_run_layout(trainer), directory))
         log.info("not carried over: %s", "; ".join(unsplit.not_carried(state, cfg.method.name, trainer.bounds,
                                                                        cfg.method.aux_channels)))
 
