@@ -17,16 +17,18 @@ from conftest import (
     assert_same_weights,
     data_parallel_reference,
     final_state,
+    lm_config,
     reference_state,
     run_pipeline,
     small_config,
+    write_text,
 )
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 from fdg_dist import checkpoint, convert, models, rundir, unsplit
 from fdg_dist.checkpoint import MANIFEST, CheckpointError, choose
 from fdg_dist.config import Config
-from fdg_dist.optim import build_optimizer
+from fdg_dist.optim import build_optimizer, step_factor
 from fdg_dist.trainer import build_stage
 
 
@@ -213,14 +215,20 @@ def test_dp_and_pipeline_replicas_convert_both_ways(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- the unsplit state, in process
-def _trained_stages(cfg: Config) -> list[tuple[dict, object]]:
-    """(trainer-like state, stage) of every module of ``cfg`` after one local step each (DGL: every module has a
-    loss), so every parameter has optimizer state."""
+def _trained_stages(cfg: Config, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                    total_batches: int | None = None) -> list[tuple[dict, object]]:
+    """(trainer-like state, stage) of every module of ``cfg`` after one local step each (on its own loss, or a
+    gradient of ones without one), so every parameter has optimizer state; ``x``, ``y``: one batch (images by
+    default)."""
     K, out = cfg.pipeline.k, []
-    x, y = torch.randn(4, 3, 32, 32), torch.arange(4) % cfg.data.num_classes
+    if x is None:
+        x, y = torch.randn(4, 3, 32, 32), torch.arange(4) % cfg.data.num_classes
     for k in range(K):
-        stage, _, built = build_stage(cfg, K, k, torch.device("cpu"))
-        x, _, _ = stage.forward(0, x, y, train=True, keep_for_backward=False)
+        stage, _, built = build_stage(cfg, K, k, torch.device("cpu"), total_batches=total_batches)
+        own_loss = stage.is_last or stage.aux_head is not None
+        x, _, _ = stage.forward(0, x, y, train=True, keep_for_backward=not own_loss)
+        if not own_loss:
+            stage.backward(0, torch.ones_like(x))
         stage.step()
         state = {"module": k, "bounds": built.bounds, "next_epoch": 3, "global_step": 17, "cut": None,
                  "stage": stage.state_dict()}
@@ -228,8 +236,15 @@ def _trained_stages(cfg: Config) -> list[tuple[dict, object]]:
     return out
 
 
-def test_gather_then_cut_to_the_same_layout_gives_back_every_module_state() -> None:
-    cfg = _config(**{"method.name": "dgl", "pipeline.k": 3})
+def _same_optimizer_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], key
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])  # adamw: two parameter groups (decay, no decay)
+def test_gather_then_cut_to_the_same_layout_gives_back_every_module_state(optim: str) -> None:
+    cfg = _config(**{"method.name": "dgl", "pipeline.k": 3, "optim.name": optim, "optim.weight_decay": 0.1})
     trained = _trained_stages(cfg)
     state = unsplit.gather([s for s, _ in trained], checkpoint.fingerprint(cfg), replicas=1)
     unsplit.check(state)
@@ -242,9 +257,41 @@ def test_gather_then_cut_to_the_same_layout_gives_back_every_module_state() -> N
         for part in ("module", "aux_head"):
             assert_same_weights(again[part] or {}, saved["stage"][part] or {})
         assert again["optimizer"]["param_groups"] == saved["stage"]["optimizer"]["param_groups"]
+        assert again["optimizer"]["state"].keys() == saved["stage"]["optimizer"]["state"].keys()
         for index, entry in saved["stage"]["optimizer"]["state"].items():
-            assert torch.equal(again["optimizer"]["state"][index]["momentum_buffer"], entry["momentum_buffer"])
+            _same_optimizer_state(again["optimizer"]["state"][index], entry)
+        assert again["scheduler"] == saved["stage"]["scheduler"]
         assert again["steps"] == 1 and again["param_names"] == saved["stage"]["param_names"]
+
+
+def test_adamw_groups_and_a_per_batch_schedule_follow_every_parameter_to_another_k(tmp_path: Path) -> None:
+    """A GPT split after its embedding (module 0: weight matrices only, one AdamW group) re-cut as one module
+    (two groups): every parameter keeps its moments and its group's weight decay, and the per-batch schedule
+    moves every group's LR, not only those module 0 had."""
+    text = write_text(tmp_path / "input.txt")
+    total = 40
+    cfg = lm_config(text, **{"method.name": "bp", "pipeline.k": 2, "pipeline.split": [1]})
+    tokens = torch.arange(64).reshape(4, 16) % cfg.data.num_classes
+    trained = _trained_stages(cfg, tokens, tokens.roll(-1, 1), total_batches=total)
+    assert len(trained[0][0]["stage"]["optimizer"]["param_groups"]) == 1
+    state = unsplit.gather([s for s, _ in trained], checkpoint.fingerprint(cfg), replicas=1)
+    assert sorted(g["weight_decay"] for g in state["optimizer"]["param_groups"]) == [0.0, 0.1]
+    source = {n: (p, st.optimizer.state[p]) for _, st in trained for n, p in st.module.named_parameters()}
+    for group in state["optimizer"]["param_groups"]:  # by name, as torch's set_optimizer_state_dict reads it
+        for name in group["params"]:
+            assert group["weight_decay"] == (0.1 if source[name][0].dim() >= 2 else 0.0), name
+            _same_optimizer_state(state["optimizer"]["state"][name], source[name][1])
+
+    one = lm_config(text, **{"method.name": "bp", "pipeline.k": 1})
+    stage, _, _ = build_stage(one, 1, 0, torch.device("cpu"), total_batches=total)
+    stage.load_state_dict(unsplit.cut(state, stage, boundary=None, aux_channels=one.method.aux_channels))
+    for name, p in stage.module.named_parameters():
+        group = next(g for g in stage.optimizer.param_groups if any(q is p for q in g["params"]))
+        assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0), name
+        _same_optimizer_state(stage.optimizer.state[p], source[name][1])
+    stage.scheduler.advance(1)  # a step applied one batch: the run's batch 2 (0-based)
+    want = one.optim.lr * step_factor(one.sched, 2, total)
+    assert [g["lr"] for g in stage.optimizer.param_groups] == pytest.approx([want, want], rel=1e-12)
 
 
 def test_dgl_heads_follow_their_boundary_and_are_said_when_lost() -> None:

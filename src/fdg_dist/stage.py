@@ -333,8 +333,10 @@ class Stage:
             self.scheduler.advance(batches)
 
     def param_names(self) -> list[str]:
-        """Names of ``parameters()``, in order: the unsplit model's keys, then ``aux_head.*`` for DGL."""
-        return [n for n, _ in self._named_parameters()]
+        """Names of the optimizer's parameters in its ``state_dict``'s index order (group by group): the unsplit
+        model's keys, ``aux_head.*`` for DGL's head."""
+        name = {id(p): n for n, p in self._named_parameters()}
+        return [name[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def parameters(self) -> list[nn.Parameter]:
         """Everything this stage's optimizer owns (module and, for DGL, its auxiliary head)."""

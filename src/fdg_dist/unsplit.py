@@ -4,11 +4,14 @@ for another split, number of modules, of replicas, or another method.
 Every epoch ends drained (no stash, no message in flight, every gradient applied), every module's
 weights keep the unsplit model's keys, and optimizer state is per parameter: so what a run of K modules
 holds at an epoch end is, without loss, the unsplit model's ``state_dict``, the optimizer state of each
-parameter by name, the optimizer's hyper-parameters, the LR schedule's position and the counters.
+parameter by name, the optimizer's parameter groups, the LR schedule's position and the counters.
 ``gather`` builds that from the module states of replica 0 (DDP keeps the replicas' weights and optimizer
 state equal, and the epoch's evaluation gave every replica replica 0's BatchNorm statistics); ``cut`` gives a
 stage of any layout its part.  DGL's auxiliary heads are kept by the block boundary they sit on: a new split
 that keeps a boundary keeps its head, a new boundary gets a fresh one, and leaving dgl drops them.
+Parameter groups (AdamW's decay / no-decay split) are known by their settings other than the LR, which the
+schedule moves: every module builds its groups by the same rule per parameter, so a stage of any layout finds
+each of its groups among the checkpoint's.
 
 The optimizer's state uses ``torch.distributed.checkpoint.state_dict``'s layout (``{"state": {fqn: …},
 "param_groups": [{…, "params": [fqn, …]}]}``), so an exported state loads anywhere with
@@ -44,9 +47,8 @@ def gather(states: Sequence[dict[str, Any]], config: dict[str, Any], replicas: i
     """
     model: dict[str, torch.Tensor] = {}
     opt_state: dict[str, Any] = {}
-    params: list[str] = []
+    groups: list[dict[str, Any]] = []  # the modules' groups merged by settings, parameters by name
     heads: dict[str, Any] = {}
-    hyper: dict[str, Any] | None = None
     bounds = states[0]["bounds"]
     for k, state in enumerate(states):
         stage = state["stage"]
@@ -58,24 +60,22 @@ def gather(states: Sequence[dict[str, Any]], config: dict[str, Any], replicas: i
         if names is None:
             raise UnsplitError("written by an older fdg_dist (no parameter names): resume it with the split that "
                                "wrote it once; the checkpoints of that run can then be re-cut")
-        groups = stage["optimizer"]["param_groups"]
-        if len(groups) != 1 or len(groups[0]["params"]) != len(names):
+        own = stage["optimizer"]["param_groups"]
+        if sorted(i for g in own for i in g["params"]) != list(range(len(names))):
             raise UnsplitError(f"module {k}'s optimizer does not match its parameters")
-        mine = {key: v for key, v in groups[0].items() if key != "params"}
-        if hyper is not None and mine != hyper:
-            raise UnsplitError(f"module {k}'s optimizer settings differ from module 0's: {mine} vs {hyper}")
-        hyper = mine
         model.update(stage["module"])
         head_state: dict[str, Any] = {}
-        for index, name in zip(groups[0]["params"], names, strict=True):
-            found = stage["optimizer"]["state"].get(index)
-            if name.startswith(AUX):
+        for group in own:
+            merged = _group_for(groups, group)
+            for index in group["params"]:
+                name, found = names[index], stage["optimizer"]["state"].get(index)
+                if name.startswith(AUX):
+                    if found is not None:
+                        head_state[name.removeprefix(AUX)] = found
+                    continue
+                merged["params"].append(name)
                 if found is not None:
-                    head_state[name.removeprefix(AUX)] = found
-                continue
-            params.append(name)
-            if found is not None:
-                opt_state[name] = found
+                    opt_state[name] = found
         if stage["aux_head"] is not None:
             heads[str(bounds[k + 1])] = {"model": stage["aux_head"], "optimizer": head_state}
     first = states[0]
@@ -84,7 +84,7 @@ def gather(states: Sequence[dict[str, Any]], config: dict[str, Any], replicas: i
         "source": {"method": config.get("method.name"), "k": len(states), "replicas": replicas, "bounds": bounds},
         "next_epoch": first["next_epoch"], "global_step": first["global_step"], "steps": first["stage"]["steps"],
         "model": model,
-        "optimizer": {"state": opt_state, "param_groups": [{**(hyper or {}), "params": params}]},
+        "optimizer": {"state": opt_state, "param_groups": [g for g in groups if g["params"]]},
         "scheduler": first["stage"]["scheduler"],
         "aux_heads": heads,
     }
@@ -98,8 +98,22 @@ def check(state: Any) -> None:
     missing = [key for key in _KEYS if key not in state]
     if missing:
         raise UnsplitError(f"has no {missing[0]!r} entry")
-    if len(state["optimizer"].get("param_groups", [])) != 1:
-        raise UnsplitError("optimizer: exactly one parameter group expected (every module uses one)")
+    if not state["optimizer"].get("param_groups"):
+        raise UnsplitError("optimizer: no parameter group")
+
+
+def _settings(group: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a parameter group across layouts: its settings but the LR (the schedule moves it)."""
+    return {key: v for key, v in group.items() if key not in ("params", "lr")}
+
+
+def _group_for(groups: list[dict[str, Any]], group: dict[str, Any]) -> dict[str, Any]:
+    """The group among ``groups`` with ``group``'s settings, appended (without parameters) if none has them."""
+    found = next((g for g in groups if _settings(g) == _settings(group)), None)
+    if found is None:
+        found = {**{key: v for key, v in group.items() if key != "params"}, "params": []}
+        groups.append(found)
+    return found
 
 
 def head(state: dict[str, Any], boundary: int, aux_channels: int) -> dict[str, Any] | None:
@@ -123,7 +137,8 @@ def cut(state: dict[str, Any], stage: Stage, *, boundary: int | None, aux_channe
             raise UnsplitError(f"model: {name!r} has shape {tuple(state['model'][name].shape)}, this run's "
                                f"{tuple(tensor.shape)}")
     kept = head(state, boundary, aux_channels) if stage.aux_head is not None and boundary is not None else None
-    live = dict(zip(stage.param_names(), stage.parameters(), strict=True))
+    ordered = [p for group in stage.optimizer.param_groups for p in group["params"]]  # its state_dict's indices
+    live = dict(zip(stage.param_names(), ordered, strict=True))
     opt_state: dict[int, Any] = {}
     for index, (name, param) in enumerate(live.items()):
         if name.startswith(AUX):
@@ -137,17 +152,33 @@ def cut(state: dict[str, Any], stage: Stage, *, boundary: int | None, aux_channe
                 raise UnsplitError(f"optimizer: {key} of {name!r} has shape {tuple(value.shape)}, the parameter "
                                    f"{tuple(param.shape)}")
         opt_state[index] = found
-    hyper = {key: v for key, v in state["optimizer"]["param_groups"][0].items() if key != "params"}
+    groups = []
+    for group in stage.optimizer.state_dict()["param_groups"]:  # the stage's own groups, with the saved settings
+        saved = next((g for g in state["optimizer"]["param_groups"] if _settings(g) == _settings(group)), None)
+        if saved is None:
+            raise UnsplitError(f"optimizer: no parameter group with the settings {_settings(group)} (the "
+                               "checkpoint holds another optimizer)")
+        groups.append({**{key: v for key, v in saved.items() if key != "params"}, "params": group["params"]})
     aux = None
     if stage.aux_head is not None:
         aux = kept["model"] if kept is not None else stage.aux_head.state_dict()
     return {
         "module": {name: state["model"][name] for name in wanted},
         "aux_head": aux,
-        "optimizer": {"state": opt_state, "param_groups": [{**hyper, "params": list(range(len(live)))}]},
-        "scheduler": state["scheduler"],
+        "optimizer": {"state": opt_state, "param_groups": groups},
+        "scheduler": _schedule_for(state["scheduler"], groups),
         "steps": state["steps"], "pending_backwards": 0, "grads": {}, "stash": {},
     }
+
+
+def _schedule_for(schedule: dict[str, Any] | None, groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The saved schedule (module 0's) with its per-group lists for these groups: a stage may hold other groups
+    than module 0 (a module without biases has no no-decay group), and a list too short leaves a group's LR
+    unscheduled."""
+    if schedule is None or "base_lrs" not in schedule:
+        return schedule
+    return {**schedule, "base_lrs": [g["initial_lr"] for g in groups], "_last_lr": [g["lr"] for g in groups],
+            "lr_lambdas": [None] * len(groups)}
 
 
 def not_carried(state: dict[str, Any], method: str, bounds: list[int], aux_channels: int) -> list[str]:
