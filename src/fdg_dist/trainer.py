@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import checkpoint, correctors, data, inference, models, partition, schedule
+from fdg_dist import checkpoint, correctors, data, inference, models, partition, schedule, unsplit
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
@@ -326,6 +326,19 @@ class Trainer:
         self.start_epoch, self.global_step = state["next_epoch"], state["global_step"]
         self.cut = None if state["cut"] is None else Cut(**state["cut"])
         set_rng_state(state["rng"], self.ctx.device)
+
+    def load_unsplit(self, state: dict[str, Any]) -> None:
+        """This rank's part of an unsplit state (a checkpoint of another split, K, replicas or method, drained).
+
+        Random generators are streams of the old ranks, which the new ones do not correspond to: each rank is
+        reseeded from the seed, the epoch, its module and its replica instead (reproducible, never a replay).
+        """
+        boundary = self.bounds[self.k + 1] if self.stage.aux_head is not None else None
+        self.stage.load_state_dict(unsplit.cut(state, self.stage, boundary=boundary,
+                                               aux_channels=self.cfg.method.aux_channels))
+        self.start_epoch, self.global_step, self.cut = state["next_epoch"], state["global_step"], None
+        seed_everything(data.stable_seed(self.cfg.trainer.seed, "re-cut", self.start_epoch, self.k,
+                                         self.ctx.replica) % 2**32)
 
     def evaluate(self, epoch: int) -> EpochResult:
         if self.ctx.R > 1:  # replicas normalise alike: replica 0's BatchNorm statistics everywhere
