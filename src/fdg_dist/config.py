@@ -20,6 +20,7 @@ SCHEDULERS = ("multistep", "cosine", "constant")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip_step", "off")
+SPLIT_COSTS = ("auto", "flops", "time")
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -74,7 +75,7 @@ class SchedConfig:
 class PipelineConfig:
     k: int = 2
     split: Any = "auto"  # "auto" or a list of K-1 block indices where modules 1..K-1 start
-    cost: str = "flops"  # what "auto" balances: counted FLOPs (reproducible) or measured "time" (faster)
+    cost: str = "auto"  # what split "auto" balances: flops (counted), time (measured), auto (fastest for the device)
     replicas: int = 1
 
 
@@ -86,7 +87,7 @@ class TrainerConfig:
     max_steps: int | None = None
     seed: int = 0
     precision: str = "fp32"
-    channels_last: bool = False  # NHWC activations and conv weights: faster convolutions on CPUs and GPUs
+    channels_last: bool | str = "auto"  # NHWC activations and conv weights; auto: the fastest for the device
     threads: int | None = None  # intra-op threads per process (CPU)
     nan_policy: str = "stop"  # stop | skip_step | off (no finiteness checks: no host sync per step on a GPU)
     eval_every_epochs: int = 1
@@ -207,8 +208,9 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     stages = 1 if m.name == "dp" else p.k
     _require(stages <= num_blocks, "pipeline.k",
              f"K={p.k} modules but model {cfg.model.name!r} has only {num_blocks} blocks; use pipeline.k ≤ {num_blocks}")
-    _require(p.cost in ("flops", "time"), "pipeline.cost",
-             f"{p.cost!r} is not one of flops (counted, the same on every machine), time (measured at start)")
+    _require(p.cost in SPLIT_COSTS, "pipeline.cost",
+             f"{p.cost!r} is not one of auto (the fastest for the device), flops (counted, the same on every machine), "
+             "time (measured at start)")
     if p.split != "auto":
         split = list(p.split) if isinstance(p.split, (list, tuple)) else None
         _require(split is not None and all(isinstance(i, int) for i in split), "pipeline.split",
@@ -231,6 +233,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(t.max_steps is None or (isinstance(t.max_steps, int) and t.max_steps >= 1), "trainer.max_steps",
              f"{t.max_steps!r} must be null or an integer ≥ 1")
     _require(t.precision in PRECISIONS, "trainer.precision", f"{t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    _require(t.channels_last in (True, False, "auto"), "trainer.channels_last",
+             f"{t.channels_last!r} is not one of true (NHWC), false (NCHW), auto (the fastest for the device)")
     _require(t.nan_policy in NAN_POLICIES, "trainer.nan_policy", f"{t.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
     _require(cfg.optim.name in OPTIMIZERS, "optim.name", f"unknown optimizer {cfg.optim.name!r}; valid: {', '.join(OPTIMIZERS)}")
     _require(cfg.optim.lr > 0, "optim.lr", f"{cfg.optim.lr!r} must be > 0")

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from fdg_dist import models
+from fdg_dist import models, pace
 
 _META = torch.device("meta")
 
@@ -75,11 +75,11 @@ def _charged(shapes: Sequence[torch.Size], flops: Sequence[int]) -> list[float]:
     ]
 
 
-def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
+def measured_block_times(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
                          *, precision: str = "fp32", channels_last: bool = False, repeats: int = 5,
-                         warmup: int = 2) -> list[float]:
-    """Per-block seconds of one training forward + backward at ``input_shape``: the fastest of ``repeats``
-    rounds after ``warmup`` rounds.
+                         warmup: int = 2) -> list[pace.BlockTime]:
+    """Per-block seconds of one training forward, its backward and an SGD step of the block's parameters at
+    ``input_shape``: the fastest of ``repeats`` rounds after ``warmup`` rounds, each part on its own.
 
     Counted FLOPs miss what makes real stages unequal (memory-bound BatchNorm/ReLU on large early
     activations, kernel efficiency per layer shape), so this times the real thing.  Each block runs
@@ -92,26 +92,44 @@ def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fmt = models.memory_format(channels_last)
     probes = [copy.deepcopy(b).to(device, memory_format=fmt).train() for b in blocks]
+    # momentum and weight decay as in training; lr 0 so the copies do not drift between rounds
+    optimizers = [torch.optim.SGD(p.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+                  if any(True for _ in p.parameters()) else None for p in probes]
     inputs, x = [], torch.randn(tuple(input_shape), device=device)
     with torch.no_grad(), autocast:
         for probe in probes:
             inputs.append(models.to_layout(x, fmt))
             x = probe(inputs[-1])
-    rounds: list[list[float]] = []
+    rounds: list[list[tuple[float, float, float]]] = []
     for _ in range(warmup + repeats):
         seconds = []
-        for i, probe in enumerate(probes):
+        for i, (probe, optimizer) in enumerate(zip(probes, optimizers, strict=True)):
             inp = inputs[i].detach().requires_grad_(i > 0)
             sync()
             tic = time.perf_counter()
             with autocast:
                 out = probe(inp)
+            sync()
+            mid = time.perf_counter()
             out.backward(torch.ones_like(out))
             sync()
-            seconds.append(time.perf_counter() - tic)
+            end = time.perf_counter()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sync()
+            seconds.append((mid - tic, end - mid, time.perf_counter() - end))
             del inp, out  # free before the next block allocates, as a pipeline stage would
         rounds.append(seconds)
-    return [min(r[i] for r in rounds[warmup:]) for i in range(len(probes))]
+    return [pace.BlockTime(*(min(r[i][part] for r in rounds[warmup:]) for part in range(3)))
+            for i in range(len(probes))]
+
+
+def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
+                         **kwargs: object) -> list[float]:
+    """Per-block seconds of a training forward + backward + step (``measured_block_times`` summed): what a
+    balanced split by measured time balances."""
+    return [t.total for t in measured_block_times(blocks, input_shape, device, **kwargs)]
 
 
 def stash_bytes(blocks: Sequence[nn.Module], input_shape: Sequence[int], mode: str = "weights") -> int:
@@ -219,7 +237,8 @@ def describe(
 ) -> str:
     """Printable per-module table: blocks, parameters, GFLOPs per sample, activation sent downstream
     (at ``batch_size``), stash memory (depth x ``stash_bytes`` in fp32, measured) and, given measured
-    per-block ``seconds``, the module's forward + backward time; then the balance of what split it.
+    per-block ``seconds``, the module's training time (forward, backward, step); then the balance of what
+    split it.
     """
     k = len(bounds) - 1
     if len(stash_depths) != k:
@@ -231,7 +250,7 @@ def describe(
     rows = [
         f"{'module':>6} {'blocks':>9} {'params':>11} {'GFLOP/sample':>12} "
         f"{'sends (batch ' + str(batch_size) + ')':>24} {'MiB':>8} {'stash MiB':>10}"
-        + (f" {'fwd+bwd ms':>10}" if seconds is not None else "")
+        + (f" {'train ms':>10}" if seconds is not None else "")
     ]
     for i, (a, b) in enumerate(pairwise(bounds)):
         params = sum(p.numel() for blk in blocks[a:b] for p in blk.parameters())

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import checkpoint, data, models, partition, schedule
+from fdg_dist import checkpoint, data, models, partition, schedule, split_choice
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, DeviceClock, EpochResult, Executor, HostClock
@@ -46,19 +46,19 @@ class BuiltModule:
     shapes: list[torch.Size]  # input and output activation shape of module k (batch 1)
 
 
-def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None) -> BuiltModule:
+def build_module(cfg: Config, K: int, k: int, bounds: list[int] | None = None) -> BuiltModule:
     """Module k of the split model, from the same seed on every rank.
 
     Every rank builds the whole model and keeps its blocks, so the split is deterministic and the
-    weights equal those of the unsplit model built with that seed.  ``seconds`` (measured per-block
-    times, identical on every rank) replace counted FLOPs as the cost an automatic split balances.
+    weights equal those of the unsplit model built with that seed.  ``bounds`` (a split chosen by
+    ``split_choice``, identical on every rank) replaces ``pipeline.split`` balanced by counted FLOPs.
     """
     seed_everything(cfg.trainer.seed)
     blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
     sample = (1, 3, cfg.data.image_size, cfg.data.image_size)
-    split = cfg.pipeline.split if K > 1 else "auto"
-    costs = seconds if seconds is not None else partition.block_costs(blocks, sample)
-    bounds = partition.split_points(costs, K, split)
+    if bounds is None:
+        split = cfg.pipeline.split if K > 1 else "auto"
+        bounds = partition.split_points(partition.block_costs(blocks, sample), K, split)
     shapes = partition.boundary_shapes(blocks, sample)
     module = nn.Sequential(OrderedDict((str(i), blocks[i]) for i in range(bounds[k], bounds[k + 1])))
     aux = None
@@ -78,14 +78,14 @@ def split_table(cfg: Config, bounds: list[int], seconds: list[float] | None = No
                               depths, seconds=seconds, stash=stash)
 
 
-def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: list[float] | None = None,
+def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, bounds: list[int] | None = None,
                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None) -> tuple[Stage, Boundary, BuiltModule]:
     """Module k as a stage on ``device`` (weights, optimizer, LR schedule, method settings) and its boundary.
 
     The one place a config becomes a stage: the trainer, the emulated-NCCL tests and the benchmarks use it.
     """
     t, m = cfg.trainer, cfg.method
-    built = build_module(cfg, K, k, seconds)
+    built = build_module(cfg, K, k, bounds)
     fmt = models.memory_format(t.channels_last)
     module = built.module.to(device, memory_format=fmt)
     aux = built.aux_head.to(device, memory_format=fmt) if built.aux_head is not None else None
@@ -111,16 +111,23 @@ class Trainer:
         m = cfg.method
         self.k, self.K = ctx.module, ctx.K
         check_agreement(json.dumps(cfg.to_dict(), sort_keys=True, default=str), "configuration", ctx.header_group)
-        timed = cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1
-        seconds = self._measured_block_seconds() if timed else None
         sync = (lambda ps: allreduce_mean(ps, ctx.replica_group)) if ctx.R > 1 else None
-        self.stage, boundary, built = build_stage(cfg, self.K, self.k, ctx.device, seconds=seconds, grad_sync=sync)
+        wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
+        transport = Transport(wire, self.k, ctx.device, memory_format=models.memory_format(cfg.trainer.channels_last))
+        choice = None
+        if cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1:
+            def trial_stage(bounds: list[int]) -> tuple[Stage, Boundary]:
+                return build_stage(cfg, self.K, self.k, ctx.device, bounds=bounds, grad_sync=sync)[:2]
+            choice = split_choice.choose(cfg, ctx, run_dir, transport, trial_stage)
+        self.stage, boundary, built = build_stage(cfg, self.K, self.k, ctx.device,
+                                                  bounds=choice.bounds if choice else None, grad_sync=sync)
         self.bounds = built.bounds
         if ctx.rank == 0:
+            if choice is not None:
+                log.info("split %s by measured time: %s", self.bounds, choice.how)
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
-                     "stashed weights" if m.stash == "weights" else "recompute", split_table(cfg, self.bounds, seconds))
-        wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
-        transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
+                     "stashed weights" if m.stash == "weights" else "recompute",
+                     split_table(cfg, self.bounds, choice.block_seconds if choice else None))
         clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
         self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps,
                                  clock=clock)
@@ -131,27 +138,6 @@ class Trainer:
         self.global_step = 0
         self.start_epoch = 0
         self.trace = TraceWriter(run_dir, ctx.rank, self.k, time.perf_counter()) if cfg.logging.trace else None
-
-    def _measured_block_seconds(self) -> list[float]:
-        """Per-block training time, measured once by rank 0 and broadcast so every rank splits alike.
-
-        Kept in ``block_costs.json``: a restarted run reuses the split it started with (its checkpoints
-        hold that split's modules) instead of a new measurement that might move a boundary.
-        """
-        cfg, ctx = self.cfg, self.ctx
-        seconds: list[list[float] | None] = [None]
-        if ctx.rank == 0:
-            path = self.run_dir / "block_costs.json"
-            if path.exists():
-                seconds[0] = json.loads(path.read_text())["seconds"]
-            else:
-                blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
-                shape = (cfg.trainer.batch_size // ctx.R, 3, cfg.data.image_size, cfg.data.image_size)
-                seconds[0] = partition.measured_block_costs(blocks, shape, ctx.device, precision=cfg.trainer.precision,
-                                                            channels_last=cfg.trainer.channels_last)
-                checkpoint.atomic_write(json.dumps({"shape": shape, "seconds": seconds[0]}).encode(), path)
-        dist.broadcast_object_list(seconds, src=0, group=ctx.header_group)
-        return seconds[0]
 
     # -------------------------------------------------------------------- data
     def _load_data(self) -> tuple[data.Batches | None, data.Batches | None]:

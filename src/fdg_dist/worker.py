@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fdg_dist import distributed
+from fdg_dist import device_defaults, distributed
 from fdg_dist.config import Config
 from fdg_dist.trainer import Trainer
 
@@ -51,6 +51,9 @@ def run(raw: dict, run_dir: str) -> dict | None:
                            precision=cfg.trainer.precision)
     log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s)", rank, world, module, stages,
              replica, ctx.backend, ctx.device, threads)
+    for line in device_defaults.resolve(cfg, ctx.device):
+        if rank == 0:
+            log.info("default: %s", line)
     finished = False
     try:
         result = Trainer(cfg, ctx, Path(run_dir)).fit()

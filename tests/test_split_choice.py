@@ -1,0 +1,81 @@
+"""Defaults by device and the measured split: candidates, the trial in the real pipeline, the kept choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_same_weights, final_state, reference_state, run_pipeline, small_config
+
+from fdg_dist import device_defaults, models, split_choice
+from fdg_dist.config import Config
+from fdg_dist.pace import BlockTime
+from fdg_dist.partition import split_points
+
+
+def test_auto_settings_become_the_fastest_for_the_device_and_explicit_ones_stay() -> None:
+    cfg = Config()
+    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == ("auto", "auto")
+    lines = device_defaults.resolve(cfg, torch.device("cpu"))
+    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == (True, "time")
+    assert lines == ["trainer.channels_last=auto -> true on cpu (NHWC measured faster on the CPU)",
+                     "pipeline.cost=auto -> time on cpu (a measured split measured faster on the CPU than a FLOP split)"]
+    cfg = Config()
+    cfg.trainer.channels_last, cfg.pipeline.cost = False, "flops"
+    assert device_defaults.resolve(cfg, torch.device("cuda", 0)) == []
+    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == (False, "flops")
+    assert device_defaults.fastest("trainer.channels_last", "cuda") is True
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        models.memory_format("auto")
+
+
+def test_candidates_are_the_balanced_split_and_its_neighbours_fastest_predicted_first() -> None:
+    times = [BlockTime(0.1, 0.2, 0.0)] * 4 + [BlockTime(0.05, 0.1, 0.0)] * 8  # a costly first half
+    ranked = split_choice.rank_candidates(times, 2, "fdg", recompute=False)
+    balanced = split_points([t.total for t in times], 2, "auto")
+    assert ranked[0][0] == balanced
+    assert sorted(b[1] for b, _ in ranked) == [balanced[1] + d for d in range(-2, 3)]
+    periods = [p for _, p in ranked]
+    assert periods == sorted(periods) and ranked[0][1] == pytest.approx(max(0.3 * 4 - 0.0, 0.15 * 8) / 1.0, rel=0.2)
+    three = split_choice.rank_candidates(times, 3, "fdg", recompute=False)
+    assert all(0 < b[1] < b[2] < 12 for b, _ in three) and len(three) <= 25
+
+
+def test_the_trial_winner_is_the_fastest_median_and_a_tie_goes_to_the_better_predicted() -> None:
+    assert split_choice.decide([[0.30, 0.31], [0.29, 0.40], [0.28, 0.29]]) == 2
+    assert split_choice.decide([[0.30, 0.30], [0.30, 0.30]]) == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_a_default_run_tries_the_best_candidates_in_its_pipeline_and_a_restart_keeps_the_choice(tmp_path: Path) -> None:
+    """Defaults (auto): NHWC and a measured split on the CPU, said in the log; rank 0 measures, every rank tries
+    the same candidates and agrees; the choice is kept in split_choice.json, and a restart in that run
+    directory (resume=auto) builds its modules on the kept split, whatever a new measurement would say."""
+    cfg = small_config(**{"pipeline.k": 3, "trainer.epochs": 1, "trainer.channels_last": "auto",
+                          "pipeline.cost": "auto"})
+    fresh = tmp_path / "fresh"
+    run_pipeline(cfg, fresh)
+    log = (fresh / "train.log").read_text()
+    assert "default: trainer.channels_last=auto -> true on cpu" in log and "default: pipeline.cost=auto -> time" in log
+    record = json.loads((fresh / split_choice.FILE).read_text())
+    assert len(record["block_times"]) == 7 and record["shape"] == [16, 3, 32, 32]
+    tried = record["tried"]
+    assert len(tried) == split_choice.TRIALS
+    assert all(len(t["trial_s"]) == split_choice.ROUNDS and min(t["trial_s"]) > 0 for t in tried)
+    assert record["bounds"] == tried[split_choice.decide([t["trial_s"] for t in tried])]["bounds"]
+    assert json.loads((fresh / "split.json").read_text())["bounds"] == record["bounds"]
+    assert f"split {record['bounds']} by measured time: the fastest in this pipeline" in log
+
+    restarted = tmp_path / "restarted"  # a choice no measurement of these blocks would make
+    restarted.mkdir()
+    (restarted / split_choice.FILE).write_text(json.dumps({**record, "bounds": [0, 1, 2, 7]}))
+    kept = small_config(**{"pipeline.k": 3, "trainer.epochs": 1, "pipeline.cost": "time"})
+    kept.resume = "auto"
+    run_pipeline(kept, restarted)
+    assert json.loads((restarted / "split.json").read_text())["bounds"] == [0, 1, 2, 7]
+    assert "kept from" in (restarted / "train.log").read_text()
+    assert_same_weights(final_state(restarted), reference_state(small_config(**{"pipeline.k": 3, "trainer.epochs": 1,
+                                                                                 "pipeline.split": [1, 2]})))
