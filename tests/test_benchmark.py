@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark is a script direct
 import _workers  # noqa: E402
 import throughput  # noqa: E402
 
+pytestmark = pytest.mark.timeout(600)  # nine fresh processes and three split trials: slow on a loaded box
 K = 2
 
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import random
 from itertools import combinations, pairwise
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_weights, final_state, reference_state, run_pipeline, small_config
 from torch import nn
 
 from fdg_dist import models

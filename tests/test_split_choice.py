@@ -43,9 +43,11 @@ def test_candidates_are_the_balanced_split_and_its_neighbours_fastest_predicted_
     assert all(0 < b[1] < b[2] < 12 for b, _ in three) and len(three) <= 25
 
 
-def test_the_trial_winner_is_the_fastest_median_and_a_tie_goes_to_the_better_predicted() -> None:
-    assert split_choice.decide([[0.30, 0.31], [0.29, 0.40], [0.28, 0.29]]) == 2
-    assert split_choice.decide([[0.30, 0.30], [0.30, 0.30]]) == 0
+def test_the_trial_winner_is_the_fastest_median_and_near_ties_go_to_fewer_blocks_on_the_first_modules() -> None:
+    bounds = [[0, 12, 29], [0, 11, 29], [0, 13, 29]]
+    assert split_choice.decide(bounds, [[0.300, 0.310], [0.290, 0.400], [0.280, 0.290]]) == 2  # 0.285 wins by 5 %
+    assert split_choice.decide(bounds, [[0.300, 0.300], [0.303, 0.303], [0.330, 0.330]]) == 1  # within 2 %: [0, 11, 29]
+    assert split_choice.decide(bounds, [[0.300, 0.300], [0.310, 0.310], [0.330, 0.330]]) == 0  # 3.3 % slower: out
 
 
 @pytest.mark.multiprocess
@@ -65,7 +67,8 @@ def test_a_default_run_tries_the_best_candidates_in_its_pipeline_and_a_restart_k
     tried = record["tried"]
     assert len(tried) == split_choice.TRIALS
     assert all(len(t["trial_s"]) == split_choice.ROUNDS and min(t["trial_s"]) > 0 for t in tried)
-    assert record["bounds"] == tried[split_choice.decide([t["trial_s"] for t in tried])]["bounds"]
+    assert record["bounds"] == tried[split_choice.decide([t["bounds"] for t in tried],
+                                                         [t["trial_s"] for t in tried])]["bounds"]
     assert json.loads((fresh / "split.json").read_text())["bounds"] == record["bounds"]
     assert f"split {record['bounds']} by measured time: the fastest in this pipeline" in log
 

@@ -21,21 +21,33 @@ from fdg_dist.schedule import Kind
 
 @dataclass(frozen=True)
 class BlockTime:
-    """Seconds of one block at the training batch: its forward, its backward and its share of the optimizer step."""
+    """Seconds of one block at the training batch: its forward, its backward and its share of the optimizer step,
+    and one copy of its output (a message of it costs about two: out of the sender's memory, into the receiver's)."""
 
     forward: float
     backward: float
     step: float
+    copy_out: float = 0.0
 
     @property
     def total(self) -> float:
         return self.forward + self.backward + self.step
 
+    @property
+    def message(self) -> float:
+        return 2 * self.copy_out
+
 
 def module_times(blocks: Sequence[BlockTime], bounds: Sequence[int]) -> list[BlockTime]:
-    """Each module's summed block times."""
+    """Each module's summed block times; its output is its last block's."""
     return [BlockTime(sum(b.forward for b in blocks[lo:hi]), sum(b.backward for b in blocks[lo:hi]),
-                      sum(b.step for b in blocks[lo:hi])) for lo, hi in pairwise(bounds)]
+                      sum(b.step for b in blocks[lo:hi]), blocks[hi - 1].copy_out) for lo, hi in pairwise(bounds)]
+
+
+def split_period(method: str, blocks: Sequence[BlockTime], bounds: Sequence[int], *, recompute: bool = False) -> float:
+    """``period`` of the split ``bounds`` of measured blocks, each message costed from its tensor's copy time."""
+    modules = module_times(blocks, bounds)
+    return period(method, modules, [m.message for m in modules[:-1]], recompute=recompute)
 
 
 def start_times(method: str, modules: Sequence[BlockTime], message_s: Sequence[float], n_batches: int, *,

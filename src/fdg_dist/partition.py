@@ -78,8 +78,8 @@ def _charged(shapes: Sequence[torch.Size], flops: Sequence[int]) -> list[float]:
 def measured_block_times(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
                          *, precision: str = "fp32", channels_last: bool = False, repeats: int = 5,
                          warmup: int = 2) -> list[pace.BlockTime]:
-    """Per-block seconds of one training forward, its backward and an SGD step of the block's parameters at
-    ``input_shape``: the fastest of ``repeats`` rounds after ``warmup`` rounds, each part on its own.
+    """Per-block seconds of one training forward, its backward, an SGD step of the block's parameters and a copy
+    of its output at ``input_shape``: the fastest of ``repeats`` rounds after ``warmup`` rounds, each part on its own.
 
     Counted FLOPs miss what makes real stages unequal (memory-bound BatchNorm/ReLU on large early
     activations, kernel efficiency per layer shape), so this times the real thing.  Each block runs
@@ -100,7 +100,7 @@ def measured_block_times(blocks: Sequence[nn.Module], input_shape: Sequence[int]
         for probe in probes:
             inputs.append(models.to_layout(x, fmt))
             x = probe(inputs[-1])
-    rounds: list[list[tuple[float, float, float]]] = []
+    rounds: list[list[tuple[float, float, float, float]]] = []
     for _ in range(warmup + repeats):
         seconds = []
         for i, (probe, optimizer) in enumerate(zip(probes, optimizers, strict=True)):
@@ -114,14 +114,18 @@ def measured_block_times(blocks: Sequence[nn.Module], input_shape: Sequence[int]
             out.backward(torch.ones_like(out))
             sync()
             end = time.perf_counter()
+            stepped = end
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                sync()
+                stepped = time.perf_counter()
+            out.detach().clone()
             sync()
-            seconds.append((mid - tic, end - mid, time.perf_counter() - end))
+            seconds.append((mid - tic, end - mid, stepped - end, time.perf_counter() - stepped))
             del inp, out  # free before the next block allocates, as a pipeline stage would
         rounds.append(seconds)
-    return [pace.BlockTime(*(min(r[i][part] for r in rounds[warmup:]) for part in range(3)))
+    return [pace.BlockTime(*(min(r[i][part] for r in rounds[warmup:]) for part in range(4)))
             for i in range(len(probes))]
 
 

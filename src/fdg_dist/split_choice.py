@@ -8,10 +8,12 @@ it and two message times take longer than its own tick.  So every fresh run:
 1. rank 0 times every block's forward, backward and optimizer step at the training batch on its device
    (``partition.measured_block_times``);
 2. every rank ranks the same candidates — the balanced split and its neighbours, each boundary moved by
-   up to ``SPREAD`` blocks — by the steady-state time per batch ``pace.period`` predicts for them;
+   up to ``SPREAD`` blocks — by the steady-state time per batch ``pace.split_period`` predicts for them
+   (every message costed as two copies of its tensor);
 3. the best ``TRIALS`` run ``TRIAL_BATCHES`` synthetic batches each in the real pipeline (the run's own
    stages, messages and devices), in ``ROUNDS`` interleaved rounds, timed like the benchmark (the last
-   module's pace over the middle half of the batches); the fastest measured wins;
+   module's pace over the middle half of the batches); the fastest measured wins, and among candidates
+   within ``TIE`` of it (equal within the noise) a fixed rule, so fresh runs agree;
 4. rank 0 keeps the measurements, the trial and the choice in ``split_choice.json``: a restart in the run
    directory reuses the choice (its checkpoints hold that split's modules), the run log says what won.
 """
@@ -44,6 +46,7 @@ SPREAD = 2  # blocks each boundary of the balanced split may move
 TRIALS = 3  # candidates tried in the pipeline
 TRIAL_BATCHES = 16  # per candidate and round; the middle half is timed
 ROUNDS = 2
+TIE = 0.02  # candidates this close (relative seconds per batch) count as equally fast
 TRIAL_BUDGET_S = 60.0  # at most this long (predicted) in trials: fewer rounds or candidates, or none, beyond it
 
 BuildStage = Callable[[list[int]], tuple[Stage, Boundary]]
@@ -70,9 +73,9 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
     tried = ranked[:min(TRIALS, runs)] if runs >= 2 else []
     rounds = min(ROUNDS, runs // len(tried)) if tried else 0
     trial = _trial(cfg, ctx, transport, build, [b for b, _ in tried], rounds)
-    bounds = tried[decide(trial)][0] if tried else ranked[0][0]
+    bounds = tried[decide([b for b, _ in tried], trial)][0] if tried else ranked[0][0]
     if ctx.rank == 0:
-        record = {"shape": _batch_shape(cfg, ctx), "block_times": [[t.forward, t.backward, t.step] for t in times],
+        record = {"shape": _batch_shape(cfg, ctx), "block_times": [[t.forward, t.backward, t.step, t.copy_out] for t in times],
                   "tried": [{"bounds": b, "predicted_s": p, "trial_s": t} for (b, p), t in zip(tried, trial, strict=True)],
                   "bounds": bounds}
         checkpoint.atomic_write(json.dumps(record).encode(), run_dir / FILE)
@@ -84,10 +87,16 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
     return Choice(bounds, [t.total for t in times], f"{how}; kept in {FILE}")
 
 
-def decide(trial: list[list[float]]) -> int:
-    """Which tried candidate wins: the smallest median seconds per batch; a tie goes to the better predicted."""
+def decide(candidates: list[list[int]], trial: list[list[float]]) -> int:
+    """Which tried candidate wins: among those whose median seconds per batch is within ``TIE`` of the fastest,
+    the one with the fewest blocks on the first modules (lexicographically smallest bounds).
+
+    Candidates that close are equally fast within the trial's noise; a fixed rule among them (rather than
+    the noise) decides, so fresh runs agree, and it favours the early modules, which stash the most forwards.
+    """
     medians = [statistics.median(rounds) for rounds in trial]
-    return min(range(len(trial)), key=lambda i: (medians[i], i))
+    fastest = min(medians)
+    return min((i for i, m in enumerate(medians) if m <= fastest * (1 + TIE)), key=lambda i: candidates[i])
 
 
 def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
@@ -114,8 +123,7 @@ def rank_candidates(times: list[pace.BlockTime], K: int, method: str, recompute:
         bounds = [0, *(b + s for b, s in zip(base[1:-1], shift, strict=True)), n]
         if all(a < b for a, b in itertools.pairwise(bounds)):
             options.add(tuple(bounds))
-    message_s = [0.0] * (K - 1)
-    scored = [(list(b), pace.period(method, pace.module_times(times, b), message_s, recompute=recompute)) for b in options]
+    scored = [(list(b), pace.split_period(method, times, b, recompute=recompute)) for b in options]
     return sorted(scored, key=lambda c: (c[1], c[0]))
 
 
