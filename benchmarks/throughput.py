@@ -214,7 +214,8 @@ def median_run(variant_runs: list[Spec]) -> Spec:
         return failed[0]
     ranked = sorted(variant_runs, key=lambda r: r["samples_per_s"])
     chosen = ranked[(len(ranked) - 1) // 2]
-    return {**chosen, "repeats_samples_per_s": [r["samples_per_s"] for r in variant_runs]}
+    return {**chosen, "repeats_samples_per_s": [r["samples_per_s"] for r in variant_runs],
+            "repeats_bounds": [r.get("bounds") for r in variant_runs]}
 
 
 def _progress(label: str, r: Spec) -> None:
@@ -255,6 +256,8 @@ def table(results: dict[str, Spec], config: Spec, machine: Spec) -> str:
             rows.append(f"| {name} | failed | | | | | | | {r['error'].splitlines()[0][:120]} |")
             continue
         notes = f"{r['ranks']} rank(s) × " + ("1 GPU" if cuda else f"{r['threads_per_rank']} thread(s)")
+        if len({str(b) for b in r.get("repeats_bounds", [])}) > 1:
+            notes += ", split per repeat: " + " ".join(str(b) for b in r["repeats_bounds"])
         if "micro_batches" in r:
             notes += f", best M={r['micro_batches']} of " + ", ".join(
                 f"M={m}: {'—' if v is None else f'{v:.0f}'}" for m, v in r["by_micro_batches"].items())

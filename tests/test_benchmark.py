@@ -69,9 +69,10 @@ def test_pipelining_rows_name_their_micro_batches_and_share_the_split(results: d
 
 
 def test_repeats_report_the_median_run_whole_and_a_failure_wins() -> None:
-    runs = [{"samples_per_s": v, "peak_mem_mb": [v]} for v in (3.0, 1.0, 2.0, 4.0)]
-    assert throughput.median_run(runs) == {"samples_per_s": 2.0, "peak_mem_mb": [2.0],
-                                           "repeats_samples_per_s": [3.0, 1.0, 2.0, 4.0]}
+    runs = [{"samples_per_s": v, "peak_mem_mb": [v], "bounds": [0, int(v), 9]} for v in (3.0, 1.0, 2.0, 4.0)]
+    assert throughput.median_run(runs) == {"samples_per_s": 2.0, "peak_mem_mb": [2.0], "bounds": [0, 2, 9],
+                                           "repeats_samples_per_s": [3.0, 1.0, 2.0, 4.0],
+                                           "repeats_bounds": [[0, 3, 9], [0, 1, 9], [0, 2, 9], [0, 4, 9]]}
     failed = {"samples_per_s": None, "error": "timed out"}
     assert throughput.median_run([runs[0], failed]) is failed
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,20 +82,21 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
         how = f"the best predicted split (a trial in the pipeline would take more than {TRIAL_BUDGET_S:.0f} s)"
     else:
         how = (f"the fastest in this pipeline of the {len(tried)} best predicted splits (per batch: " + ", ".join(
-            f"{b[1:-1]} {1e3 * statistics.median(t):.0f} ms" for (b, _), t in zip(tried, trial, strict=True)) + ")")
+            f"{b[1:-1]} {1e3 * min(t):.0f} ms" for (b, _), t in zip(tried, trial, strict=True)) + ")")
     return Choice(bounds, [t.total for t in times], f"{how}; kept in {FILE}")
 
 
 def decide(candidates: list[list[int]], trial: list[list[float]]) -> int:
-    """Which tried candidate wins: among those whose median seconds per batch is within ``TIE`` of the fastest,
-    the one with the fewest blocks on the first modules (lexicographically smallest bounds).
+    """Which tried candidate wins: among those whose seconds per batch (the best of its rounds: interference
+    and the first run's warm-up only ever slow a round down) are within ``TIE`` of the fastest, the one with
+    the fewest blocks on the first modules (lexicographically smallest bounds).
 
     Candidates that close are equally fast within the trial's noise; a fixed rule among them (rather than
     the noise) decides, so fresh runs agree, and it favours the early modules, which stash the most forwards.
     """
-    medians = [statistics.median(rounds) for rounds in trial]
-    fastest = min(medians)
-    return min((i for i, m in enumerate(medians) if m <= fastest * (1 + TIE)), key=lambda i: candidates[i])
+    best = [min(rounds) for rounds in trial]
+    fastest = min(best)
+    return min((i for i, b in enumerate(best) if b <= fastest * (1 + TIE)), key=lambda i: candidates[i])
 
 
 def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
