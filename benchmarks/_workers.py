@@ -128,6 +128,7 @@ def single_process(spec: Spec) -> Spec:
     or one GPU."""
     device = device_of(spec)
     torch.set_num_threads(spec["threads"])
+    worker.keep_freed_memory()  # as our engine's workers do: equal conditions
     torch.manual_seed(spec["seed"])
     fmt = models.memory_format(spec["channels_last"])
     model = models.build(spec["model"], spec["num_classes"]).to(device, memory_format=fmt)
@@ -202,6 +203,7 @@ def pipelining_rank(spec: Spec) -> Spec:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     torch.set_num_threads(1)
+    worker.keep_freed_memory()  # as our engine's workers do: equal conditions
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = device_of(spec)
     timeout = timedelta(seconds=spec["timeout_s"])
