@@ -51,6 +51,7 @@ BAD = [
     ("batch=0", _set(**{"trainer.batch_size": 0}), None, "trainer.batch_size"),
     ("batch%replicas", _set(**{"pipeline.replicas": 3}), 6, "trainer.batch_size"),  # 16 over 3 replicas
     ("fp16", _set(**{"trainer.precision": "fp16"}), None, "trainer.precision"),
+    ("channels-last-unknown", _set(**{"trainer.channels_last": "nhwc"}), None, "trainer.channels_last"),
     ("backend", _set(**{"dist.backend": "mpi"}), None, "dist.backend"),
     ("timeout=0", _set(**{"dist.timeout_s": 0}), None, "dist.timeout_s"),
     ("max_steps=0", _set(**{"trainer.max_steps": 0}), None, "trainer.max_steps"),

