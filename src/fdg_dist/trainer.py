@@ -114,11 +114,8 @@ class Trainer:
         sync = (lambda ps: allreduce_mean(ps, ctx.replica_group)) if ctx.R > 1 else None
         wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
         transport = Transport(wire, self.k, ctx.device, memory_format=models.memory_format(cfg.trainer.channels_last))
-        choice = None
-        if cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1:
-            def trial_stage(bounds: list[int]) -> tuple[Stage, Boundary]:
-                return build_stage(cfg, self.K, self.k, ctx.device, bounds=bounds, grad_sync=sync)[:2]
-            choice = split_choice.choose(cfg, ctx, run_dir, transport, trial_stage)
+        measured = cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1
+        choice = self._choose_split(transport, sync) if measured else None
         self.stage, boundary, built = build_stage(cfg, self.K, self.k, ctx.device,
                                                   bounds=choice.bounds if choice else None, grad_sync=sync)
         self.bounds = built.bounds
@@ -138,6 +135,14 @@ class Trainer:
         self.global_step = 0
         self.start_epoch = 0
         self.trace = TraceWriter(run_dir, ctx.rank, self.k, time.perf_counter()) if cfg.logging.trace else None
+
+    def _choose_split(self, transport: Transport, sync: Callable[[list[torch.Tensor]], None] | None
+                      ) -> split_choice.Choice:
+        """``pipeline.cost=time``: measured, ranked, tried in this pipeline, kept in the run directory."""
+        def trial_stage(bounds: list[int]) -> tuple[Stage, Boundary]:
+            return build_stage(self.cfg, self.K, self.k, self.ctx.device, bounds=bounds, grad_sync=sync)[:2]
+
+        return split_choice.choose(self.cfg, self.ctx, self.run_dir, transport, trial_stage)
 
     # -------------------------------------------------------------------- data
     def _load_data(self) -> tuple[data.Batches | None, data.Batches | None]:
