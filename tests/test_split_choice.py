@@ -43,6 +43,14 @@ def test_candidates_are_the_balanced_split_and_its_neighbours_fastest_predicted_
     assert all(0 < b[1] < b[2] < 12 for b, _ in three) and len(three) <= 25
 
 
+def test_a_trial_compares_the_best_plausible_candidates_that_fit_its_budget() -> None:
+    ranked = [([0, 5, 11], 1.00), ([0, 4, 11], 1.05), ([0, 6, 11], 1.09), ([0, 3, 11], 1.30)]
+    assert split_choice.worth_trying(ranked, runs=10) == ranked[:3]
+    assert split_choice.worth_trying(ranked, runs=2) == ranked[:2]  # the budget affords two runs
+    assert split_choice.worth_trying(ranked, runs=1) == []
+    assert split_choice.worth_trying([ranked[0], ranked[3]], runs=10) == []  # the runner-up is 30 % slower
+
+
 def test_the_trial_winner_is_the_fastest_best_round_and_near_ties_go_to_fewer_blocks_on_the_first_modules() -> None:
     bounds = [[0, 12, 29], [0, 11, 29], [0, 13, 29]]
     assert split_choice.decide(bounds, [[0.300, 0.310], [0.400, 0.290], [0.280, 0.290]]) == 2  # 0.280 wins by 3.5 %
@@ -55,9 +63,12 @@ def test_the_trial_winner_is_the_fastest_best_round_and_near_ties_go_to_fewer_bl
 def test_a_default_run_tries_the_best_candidates_in_its_pipeline_and_a_restart_keeps_the_choice(tmp_path: Path) -> None:
     """Defaults (auto): NHWC and a measured split on the CPU, said in the log; rank 0 measures, every rank tries
     the same candidates and agrees; the choice is kept in split_choice.json, and a restart in that run
-    directory (resume=auto) builds its modules on the kept split, whatever a new measurement would say."""
+    directory (resume=auto) builds its modules on the kept split, whatever a new measurement would say.
+
+    Method bp: a locked pipeline runs every module in turn, so every candidate is predicted about as fast and
+    the best three are always tried (for fdg, candidates predicted more than 10 % slower are not)."""
     cfg = small_config(**{"pipeline.k": 3, "trainer.epochs": 1, "trainer.channels_last": "auto",
-                          "pipeline.cost": "auto"})
+                          "pipeline.cost": "auto", "method.name": "bp"})
     fresh = tmp_path / "fresh"
     run_pipeline(cfg, fresh)
     log = (fresh / "train.log").read_text()
@@ -66,6 +77,7 @@ def test_a_default_run_tries_the_best_candidates_in_its_pipeline_and_a_restart_k
     assert len(record["block_times"]) == 7 and record["shape"] == [16, 3, 32, 32]
     tried = record["tried"]
     assert len(tried) == split_choice.TRIALS
+    assert max(t["predicted_s"] for t in tried) <= min(t["predicted_s"] for t in tried) * (1 + split_choice.PLAUSIBLE)
     assert all(len(t["trial_s"]) == split_choice.ROUNDS and min(t["trial_s"]) > 0 for t in tried)
     assert record["bounds"] == tried[split_choice.decide([t["bounds"] for t in tried],
                                                          [t["trial_s"] for t in tried])]["bounds"]

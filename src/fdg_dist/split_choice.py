@@ -10,7 +10,8 @@ it and two message times take longer than its own tick.  So every fresh run:
 2. every rank ranks the same candidates — the balanced split and its neighbours, each boundary moved by
    up to ``SPREAD`` blocks — by the steady-state time per batch ``pace.split_period`` predicts for them
    (every message costed as two copies of its tensor);
-3. the best ``TRIALS`` run ``TRIAL_BATCHES`` synthetic batches each in the real pipeline (the run's own
+3. the best ``TRIALS`` (those predicted within ``PLAUSIBLE`` of the best: a noisy trial must not pick a
+   poor split) run ``TRIAL_BATCHES`` synthetic batches each in the real pipeline (the run's own
    stages, messages and devices), in ``ROUNDS`` interleaved rounds, timed like the benchmark (the last
    module's pace over the middle half of the batches); the fastest measured wins, and among candidates
    within ``TIE`` of it (equal within the noise) a fixed rule, so fresh runs agree;
@@ -45,6 +46,7 @@ SPREAD = 2  # blocks each boundary of the balanced split may move
 TRIALS = 3  # candidates tried in the pipeline
 TRIAL_BATCHES = 16  # per candidate and round; the middle half is timed
 ROUNDS = 2
+PLAUSIBLE = 0.10  # only candidates predicted within this of the best are tried: noise cannot pick a poor one
 TIE = 0.02  # candidates this close (relative seconds per batch) count as equally fast
 TRIAL_BUDGET_S = 60.0  # at most this long (predicted) in trials: fewer rounds or candidates, or none, beyond it
 
@@ -69,7 +71,7 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
     times = _measured(cfg, ctx)
     ranked = rank_candidates(times, ctx.K, cfg.method.name, cfg.method.stash == "recompute")
     runs = int(TRIAL_BUDGET_S // (TRIAL_BATCHES * ranked[0][1]))  # trial runs that fit the budget
-    tried = ranked[:min(TRIALS, runs)] if runs >= 2 else []
+    tried = worth_trying(ranked, runs)
     rounds = min(ROUNDS, runs // len(tried)) if tried else 0
     trial = _trial(cfg, ctx, transport, build, [b for b, _ in tried], rounds)
     bounds = tried[decide([b for b, _ in tried], trial)][0] if tried else ranked[0][0]
@@ -78,12 +80,21 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
                   "tried": [{"bounds": b, "predicted_s": p, "trial_s": t} for (b, p), t in zip(tried, trial, strict=True)],
                   "bounds": bounds}
         checkpoint.atomic_write(json.dumps(record).encode(), run_dir / FILE)
-    if not tried:
+    if runs < 2:
         how = f"the best predicted split (a trial in the pipeline would take more than {TRIAL_BUDGET_S:.0f} s)"
+    elif not tried:
+        how = f"the best predicted split (no other predicted within {100 * PLAUSIBLE:.0f} % of it)"
     else:
         how = (f"the fastest in this pipeline of the {len(tried)} best predicted splits (per batch: " + ", ".join(
             f"{b[1:-1]} {1e3 * min(t):.0f} ms" for (b, _), t in zip(tried, trial, strict=True)) + ")")
     return Choice(bounds, [t.total for t in times], f"{how}; kept in {FILE}")
+
+
+def worth_trying(ranked: list[tuple[list[int], float]], runs: int) -> list[tuple[list[int], float]]:
+    """The candidates a trial compares: the best ``TRIALS`` (fewer if only ``runs`` trial runs fit the budget)
+    predicted within ``PLAUSIBLE`` of the best; none if that leaves fewer than two."""
+    plausible = [c for c in ranked[:min(TRIALS, runs)] if c[1] <= ranked[0][1] * (1 + PLAUSIBLE)]
+    return plausible if len(plausible) >= 2 else []
 
 
 def decide(candidates: list[list[int]], trial: list[list[float]]) -> int:
