@@ -180,7 +180,7 @@ def consumes(action: Action, K: int) -> tuple[str, int] | None:
 @dataclass(frozen=True)
 class Step:
     """One schedule time of one rank: its actions (each with the message it takes), then the messages it
-    posts (sends it produced at this time, receives of what its neighbours produce at this time)."""
+    posts (sends it produced at this time, receives of what its neighbours produce at its next time)."""
 
     time: Time
     actions: list[tuple[Action, tuple[str, int] | None]]
@@ -203,8 +203,17 @@ def program(p: Plan, K: int) -> list[Step]:
     recvs: dict[Time, list[Message]] = {}
     for m in p.recvs:
         recvs.setdefault(m.time, []).append(m)
-    return [Step(t, [(a, consumes(a, K)) for a in actions.get(t, ())], sends.get(t, []), recvs.get(t, []))
-            for t in p.times()]
+    times = p.times()
+    if not times:
+        return []
+    # Each time's receives are posted one step early: gloo moves a message only once its receive is posted, so
+    # a receive posted right before the action that takes it made the rank wait for the whole transfer (4-18 ms
+    # for 8 MB on the loaded 2-core box, 0.04 ms posted early); a step early, it arrives during the previous
+    # action.  Every link still posts its receives in time order (NCCL's FIFO matching is unchanged).
+    posted = [recvs.get(t, []) for t in times[1:]] + [[]]
+    posted[0] = recvs.get(times[0], []) + posted[0]
+    return [Step(t, [(a, consumes(a, K)) for a in actions.get(t, ())], sends.get(t, []), early)
+            for t, early in zip(times, posted, strict=True)]
 
 
 def grid(method: str, K: int, n_batches: int, accum_steps: int = 1) -> str:
