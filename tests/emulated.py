@@ -47,29 +47,49 @@ def train_sizes(cfg: Config, n_train: int) -> list[list[int]]:
     return out
 
 
+@dataclass
+class StopAt:
+    """A StopCheck that cuts ``epoch`` after ``tick`` on every rank (what a signal does through ``preempt``)."""
+
+    epoch: int
+    tick: int
+    asked: list[int] = field(default_factory=list)
+
+    def at(self, tick: int) -> bool:
+        self.asked.append(tick)
+        return tick == self.tick
+
+    def close(self) -> None:
+        return None
+
+
 def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.plan, evaluate: bool = True,
                  batches: Callable[[int, bool], Batches] | None = None,
                  setup: Callable[[int, RankRun], None] | None = None,
-                 inside: Callable[[int], object] | None = None) -> list[RankRun]:
+                 inside: Callable[[int], object] | None = None,
+                 stop: StopAt | None = None,
+                 resume: tuple[int, list[dict], list] | None = None) -> list[RankRun]:
     """Train (and evaluate) ``cfg``'s K-module pipeline on one fabric; returns every rank's stage and results.
 
     ``plan`` replaces ``schedule.plan`` (to inject a faulty plan); ``batches(epoch, train)`` replaces
     module 0's data; ``setup(k, run)`` may patch a rank before it starts; ``inside(k)`` is a context
-    manager entered on rank k's thread around its whole run (dispatch modes are per thread).
+    manager entered on rank k's thread around its whole run (dispatch modes are per thread).  ``stop``
+    cuts an epoch (the run ends there, the cut in the last train result); ``resume=(epoch, stage
+    states, cuts)`` continues such a run.
     """
     torch.set_num_threads(1)
     K, dev = cfg.pipeline.k, torch.device(device)
+    train_set, test_set = data.load(cfg.data, cfg.trainer.seed)
+    epochs = train_sizes(cfg, len(train_set))
     runs = []
     for k in range(K):  # one after the other: building seeds the global RNG
-        stage, boundary, _ = build_stage(cfg, K, k, dev)
+        stage, boundary, _ = build_stage(cfg, K, k, dev, total_batches=sum(map(len, epochs)))
         runs.append(RankRun(stage, Executor(stage, None, boundary)))  # type: ignore[arg-type]
-    train_set, test_set = data.load(cfg.data, cfg.trainer.seed)
     loaders = {True: data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
                                   seed=cfg.trainer.seed, device=dev),
                False: data.Batches(test_set, cfg.trainer.eval_batch_size, train=False, augment=False,
                                    seed=cfg.trainer.seed, device=dev)}
     source = batches or (lambda epoch, train: loaders[train].epoch(epoch))
-    epochs = train_sizes(cfg, len(train_set))
     test_sizes = data.batch_sizes(len(test_set), cfg.trainer.eval_batch_size)
     m = cfg.method
 
@@ -79,11 +99,25 @@ def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.pl
             run.executor.transport = Transport(endpoint, k, dev, memory_format=run.stage.memory_format)
             if setup is not None:
                 setup(k, run)
+            cut = None
+            if resume is not None:
+                run.stage.load_state_dict(resume[1][k])
+                cut = resume[2][k]
             with inside(k) if inside is not None else nullcontext():
                 for epoch, sizes in enumerate(epochs):
+                    if resume is not None and epoch < resume[0]:
+                        continue
                     p = plan(m.name, k, K, len(sizes), train=True, accum_steps=m.accum_steps)
-                    run.train.append(run.executor.run(p, sizes, source(epoch, True) if k == 0 else None,
-                                                      epoch=epoch, train=True))
+                    data_iter = None
+                    if k == 0:
+                        first = 0 if cut is None else schedule.first_forward_after(p, cut.tick)
+                        data_iter = loaders[True].epoch(epoch, start_batch=first) if batches is None else \
+                            source(epoch, True)
+                    run.train.append(run.executor.run(p, sizes, data_iter, epoch=epoch, train=True, resume=cut,
+                                                      stop=stop if stop is not None and stop.epoch == epoch else None))
+                    cut = None
+                    if run.train[-1].stopped is not None:
+                        return run
                     run.stage.scheduler.step()
                     if evaluate:
                         p = plan(m.name, k, K, len(test_sizes), train=False)

@@ -19,9 +19,10 @@ import torch
 from conftest import run_pipeline, small_config
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from fdg_dist import checkpoint, distributed
-from fdg_dist.checkpoint import CheckpointError, atomic_save, choose, verify
+from fdg_dist import checkpoint, distributed, metrics
+from fdg_dist.checkpoint import MANIFEST, CheckpointError, atomic_save, choose, verify
 from fdg_dist.config import Config
+from fdg_dist.executor import EpochResult
 from fdg_dist.trainer import Trainer
 
 K = 3
@@ -82,7 +83,7 @@ def test_state_round_trip_restores_everything(world1, run_dir: Path) -> None:
     assert (trainer.start_epoch, trainer.global_step, trainer.stage.steps) == (2, 12, 12)
     saved = torch.load(run_dir / "checkpoints/epoch0001/module0-replica0.pt", weights_only=True)
     for name, tensor in trainer.stage.module.state_dict().items():
-        assert torch.equal(tensor, saved["model"][name]), name
+        assert torch.equal(tensor, saved["stage"]["module"][name]), name
     assert trainer.stage.optimizer.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
     assert trainer.stage.scheduler.last_epoch == 2
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])  # not the state building reseeded
@@ -108,6 +109,23 @@ def test_failed_write_is_a_clear_error_and_keeps_the_previous_checkpoint(
     assert choose(cfg, run_dir) == run_dir / "checkpoints/epoch0000"
 
 
+def test_epoch_of_a_killed_attempt_is_redone_and_its_leftovers_removed(
+        world1, run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What a kill during epoch 1's checkpoint leaves (a rank file, a writer's temporary file, no manifest)
+    is skipped with a warning, and the redone epoch's commit removes the temporary file."""
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    _fit(cfg, world1, run_dir)
+    epoch1 = run_dir / "checkpoints" / "epoch0001"
+    (epoch1 / MANIFEST).unlink()
+    leftover = epoch1 / ".module0-replica0.pt.tmp99999"
+    leftover.write_bytes(b"half a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="fdg_dist"):
+        _fit(cfg, world1, run_dir)
+    assert re.search(r"skipping checkpoint: \S*epoch0001 is incomplete", caplog.text), caplog.text
+    assert verify(epoch1)[1] is None
+    assert not leftover.exists()
+
+
 def test_keep_prunes_old_checkpoints(world1, run_dir: Path) -> None:
     _fit(_config(**{"pipeline.k": 1, "checkpoint.keep": 2}), world1, run_dir)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch0001", "epoch0002"]
@@ -130,6 +148,72 @@ def test_resume_never_starts_afresh_and_resets_metrics(world1, run_dir: Path) ->
     trainer = Trainer(cfg, world1, run_dir)
     assert checkpoint.restore(trainer) is None and trainer.start_epoch == 0
     assert (run_dir / "metrics.jsonl").read_text() == ""
+
+
+def test_resume_repairs_a_torn_last_metrics_line_and_says_so(world1, run_dir: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A crash (or a full disk) while a metrics line was appended left half a line: resume drops it, warns
+    naming the file, and continues; the file is then the uninterrupted run's."""
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    _fit(cfg, world1, run_dir)
+    path = run_dir / "metrics.jsonl"
+    whole = path.read_text()
+    path.write_text(whole + whole.splitlines()[-1][:25])  # a torn third line
+    trainer = Trainer(cfg, world1, run_dir)
+    with caplog.at_level(logging.WARNING, logger="fdg_dist"):
+        assert checkpoint.restore(trainer) == run_dir / "checkpoints" / "epoch0001"
+    assert path.read_text() == whole
+    assert f"{path}: dropped its last line, cut short" in caplog.text
+
+
+def test_a_damaged_metrics_line_before_the_last_is_named(world1, run_dir: Path) -> None:
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
+    _fit(cfg, world1, run_dir)
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(["{not json", *lines[1:]]) + "\n")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: line 1 is damaged"):
+        checkpoint.restore(Trainer(cfg, world1, run_dir))
+
+
+def test_a_crash_while_appending_metrics_leaves_the_previous_lines(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up half-way through writing epoch 1's line: metrics.jsonl keeps epoch 0's, whole."""
+    log = metrics.RunLog(small_config(), tmp_path, module=0, replica=0, reporter=True)
+    result = EpochResult(loss_sum=2.0, errors=1, samples=4)
+    log.epoch(0, lr=0.1, train=result, test=result, seconds=1.0, samples=4, events=[], steps=1)
+    path = tmp_path / "metrics.jsonl"
+    before = path.read_text()
+    real_open = open
+
+    class HalfWrite:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, data) -> int:
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str):
+            return getattr(self.f, name)
+
+    def filling_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return HalfWrite(f) if "metrics.jsonl" in str(file) and ("w" in mode or "a" in mode) else f
+
+    monkeypatch.setattr("builtins.open", filling_open)
+    with pytest.raises(OSError, match="No space left"):
+        log.epoch(1, lr=0.1, train=result, test=result, seconds=1.0, samples=4, events=[], steps=2)
+    monkeypatch.undo()
+    assert json.loads(before)["epoch"] == 0 and path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "timing"]  # no temporary file left
 
 
 # ------------------------------------------------------ checkpoints of a K=3 run
@@ -230,7 +314,7 @@ def test_auto_resume_skips_broken_checkpoints_and_ends_equal(k3_run: Path, copy:
     run_pipeline(_config(**{"pipeline.k": K}), copy)
     log = (copy / "train.log").read_text()
     assert "epoch0002/module0-replica0.pt is corrupt" in log and "epoch0001: module2-replica0.pt is missing" in log
-    assert "epoch0000 (next epoch 1)" in log
+    assert "epoch0000 (next epoch 2/" in log
     want, got = _final(k3_run), _final(copy)
     assert all(torch.equal(got[n], want[n]) for n in want)
     rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
@@ -245,7 +329,7 @@ def test_run_refuses_a_foreign_checkpoint_on_every_rank(copy: Path, tmp_path: Pa
     with pytest.raises(ChildFailedError):
         run_pipeline(cfg, tmp_path / "other")
     log = (tmp_path / "other" / "train.log").read_text()
-    assert log.count("CheckpointError") == 2, log  # both ranks, same decision
+    assert log.count("failed: CheckpointError") == 2, log  # both ranks, same decision (tracebacks follow)
     assert "pipeline.k: checkpoint 3, this run 2" in log
 
 
@@ -267,5 +351,6 @@ def test_resume_compares_the_split_itself_not_how_it_was_chosen(k3_run: Path, co
     with pytest.raises(ChildFailedError):
         run_pipeline(cfg, tmp_path / "moved")
     log = (tmp_path / "moved" / "train.log").read_text()
-    assert log.count(f"holds the model split at blocks {bounds}, this run splits at {[0, *moved, 7]}") == K, log
+    refused = f"holds the model split at blocks {bounds}, this run splits at {[0, *moved, 7]}"
+    assert sum("failed: CheckpointError" in line and refused in line for line in log.splitlines()) == K, log
     assert f"resume with pipeline.split={bounds[1:-1]}" in log

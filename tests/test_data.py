@@ -175,5 +175,64 @@ def test_imagefolder_decodes_png_and_rejects_mixed_sizes(tmp_path: Path) -> None
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and len(test) == 4
     assert train.images[0].eq(10).all() and train.images[3].eq(0).all()
     write_png(torch.zeros(3, 9, 9, dtype=torch.uint8), str(tmp_path / "train" / "a" / "odd.png"))
-    with pytest.raises(ValueError, match="differ in size"):
+    with pytest.raises(ValueError, match=r"odd\.png \(class folder 'a'\) is 9x9, unlike the others"):
         data.load(cfg, 0)
+
+
+def _jpeg_folder(root: Path) -> DataConfig:
+    """train/ and val/ with two classes of three 8x8 JPEGs each."""
+    from torchvision.io import write_jpeg
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                write_jpeg(torch.full((3, 8, 8), 40 * i, dtype=torch.uint8), str(root / split / cls / f"{i}.jpg"))
+    return DataConfig(name="imagefolder", root=str(root), num_classes=2, image_size=8)
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+@pytest.mark.parametrize("bad,content,reason", [
+    ("empty.jpg", b"", "the file is empty"),
+    ("notes.jpg", b"these are not pixels\n", "Unsupported image file"),
+    ("cut.jpg", None, "truncated"),  # a JPEG cut after its first 20 bytes: fails the batched decode
+])
+def test_a_bad_image_is_named_with_its_class_folder(tmp_path: Path, bad: str, content: bytes | None,
+                                                    reason: str) -> None:
+    cfg = _jpeg_folder(tmp_path)
+    good = (tmp_path / "train" / "dog" / "0.jpg").read_bytes()
+    (tmp_path / "train" / "dog" / bad).write_bytes(good[:20] if content is None else content)
+    with pytest.raises(ValueError) as err:
+        data.load(cfg, 0)
+    message = str(err.value)
+    assert f"{tmp_path / 'train' / 'dog' / bad} (class folder 'dog')" in message and reason in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_a_stray_image_of_another_size_is_named(tmp_path: Path) -> None:
+    from torchvision.io import write_jpeg
+
+    cfg = _jpeg_folder(tmp_path)
+    write_jpeg(torch.zeros(3, 64, 64, dtype=torch.uint8), str(tmp_path / "val" / "cat" / "big.jpg"))
+    with pytest.raises(ValueError, match=r"val/cat/big\.jpg \(class folder 'cat'\) is 64x64, unlike the others"
+                                         r" under .*val \(6 of 8x8, 1 of 64x64\)"):
+        data.load(cfg, 0)
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_an_empty_class_folder_is_named(tmp_path: Path) -> None:
+    cfg = _jpeg_folder(tmp_path)
+    (tmp_path / "train" / "emu").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"data.root: {tmp_path / 'train'}: .*emu"):
+        data.load(cfg, 0)
+
+
+def test_data_std_overrides_the_normalisation() -> None:
+    """data.std: the FDG authors' CIFAR-10 std (parity runs) replaces the dataset's in both splits."""
+    cfg = DataConfig(train_size=8, test_size=4)
+    train, test = data.load(cfg, 0)
+    cfg.std = [0.2023, 0.1994, 0.2010]
+    train2, test2 = data.load(cfg, 0)
+    assert train2.std == test2.std == (0.2023, 0.1994, 0.2010) != train.std
+    assert torch.equal(train2.images, train.images) and train2.mean == train.mean

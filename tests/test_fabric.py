@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_weights, data_parallel_reference, reference_state, small_config
-from emulated import merged_state, run_emulated
+from emulated import StopAt, merged_state, run_emulated
 
 from fdg_dist import data, models, schedule
+from fdg_dist.executor import Cut
 from fdg_dist.fabric import DeadlockError, Fabric, FabricError, replay
 from fdg_dist.transport import Link, Transport, TransportError, to_wire, wire_buffer
 
@@ -65,6 +66,15 @@ def test_every_method_through_nccl_rules_equals_its_reference(method: str, K: in
 def test_recompute_through_nccl_rules_equals_its_reference() -> None:
     cfg = _cfg("fdg", 3, **{"method.stash": "recompute"})
     assert_same_weights(merged_state(run_emulated(cfg)), reference_state(cfg))
+
+
+def test_mixed_stash_through_nccl_rules_equals_its_reference_and_differs_from_stashing() -> None:
+    """method.stash=mixed (the authors' code under PyTorch 1.0: stored activations, live weights at backward)."""
+    cfg = _cfg("fdg", 3, **{"method.stash": "mixed"})
+    got = merged_state(run_emulated(cfg, evaluate=False))
+    assert_same_weights(got, reference_state(cfg))
+    stashed = reference_state(_cfg("fdg", 3))
+    assert any(not torch.equal(got[n], stashed[n]) for n in stashed)
 
 
 def test_nhwc_and_bf16_cross_the_wire_under_nccl_rules() -> None:
@@ -226,3 +236,26 @@ def test_a_failed_rank_is_named_by_its_neighbour_as_a_lost_module() -> None:
         run_emulated(_cfg("fdg", 3), setup=die_after_two_backwards)
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "TransportError: lost module 1 (rank 1) while waiting for" in notes
+
+
+# ------------------------------------------------------------------------------------- cut and resume
+@pytest.mark.parametrize("method,K,tick", [("fdg", 3, 3), ("fdg", 2, 1), ("adl", 3, 4), ("ddg", 3, 2), ("dgl", 2, 3),
+                                          ("bp", 2, 4)])
+def test_an_epoch_cut_after_any_tick_resumes_bit_for_bit(method: str, K: int, tick: int, tmp_path) -> None:
+    """Stop every rank after the same tick mid-epoch (stash, accumulated gradients and messages in flight),
+    save each stage's state and cut through torch.save/load (weights_only, as a checkpoint), rebuild the
+    pipeline from them, finish: the final weights equal the uninterrupted run's bit for bit."""
+    cfg = _cfg(method, K)
+    want = merged_state(run_emulated(cfg, evaluate=False))
+    stop = StopAt(epoch=0, tick=tick)
+    first = run_emulated(cfg, evaluate=False, stop=stop)
+    cuts = [run.train[-1].stopped for run in first]
+    assert all(c is not None and c.tick == tick for c in cuts)
+    assert sum(len(run.stage.stash) for run in first) > 0 or method in ("dgl", "bp")  # something was in flight
+    saved = tmp_path / "cut.pt"
+    torch.save({"states": [run.stage.state_dict() for run in first], "cuts": [dataclasses.asdict(c) for c in cuts]},
+               saved)
+    loaded = torch.load(saved, weights_only=True)
+    second = run_emulated(cfg, evaluate=False,
+                          resume=(0, loaded["states"], [Cut(**c) for c in loaded["cuts"]]))
+    assert_same_weights(merged_state(second), want)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import small_config
@@ -134,12 +136,13 @@ def _fake_process_group(monkeypatch, calls: list[str]) -> None:
 def _fake_worker(monkeypatch, tmp_path, fit) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    ctx = distributed.Context(0, 1, 0, 0, 0, 1, 1, torch.device("cpu"), "nccl", None, None, {})
+    ctx = distributed.Context(0, 1, 0, 0, 0, 1, 1, torch.device("cpu"), "nccl", None, None, None, {})
     monkeypatch.setattr(distributed, "init", lambda *a, **kw: ctx)
+    monkeypatch.setattr(worker.rendezvous, "check_shared_run_dir", lambda *a: None)
 
     class Trainer:
         def __init__(self, *a) -> None:
-            pass
+            self.preemption = SimpleNamespace(install=lambda: None)  # no real signal handlers in pytest
 
         def fit(self):
             return fit()
@@ -168,16 +171,17 @@ def test_a_finished_run_destroys_its_process_groups(monkeypatch, tmp_path) -> No
     assert calls == ["destroy"]
 
 
-@pytest.mark.parametrize("setting,match", [
-    ({"available": False}, "dist.backend=nccl needs CUDA GPUs and this machine has none"),
-    ({"count": 2, "local_rank": 2}, r"local rank 2 needs GPU cuda:2 but only 2 GPU\(s\) are visible"),
-    ({"bf16": False, "precision": "bf16"}, "has no bfloat16 support; use trainer.precision=fp32"),
+@pytest.mark.parametrize("setting,key,match", [
+    ({"available": False}, "dist.backend", "nccl needs CUDA GPUs and torch sees none here"),
+    ({"count": 2, "local_rank": 2}, "dist.backend", r"3 processes on this machine but 2 GPU\(s\) visible"),
+    ({"bf16": False, "precision": "bf16"}, "trainer.precision", "has no bfloat16 support; use trainer.precision=fp32"),
 ])
-def test_what_the_machine_cannot_do_is_one_line_at_start(monkeypatch, setting, match) -> None:
+def test_what_the_machine_cannot_do_is_one_line_at_start(monkeypatch, setting, key, match) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: setting.get("available", True))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: setting.get("count", 4))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: setting.get("bf16", True))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
-    with pytest.raises(distributed.DeviceError, match=match):
+    with pytest.raises(distributed.DeviceError, match=match) as err:
         distributed.check_device("nccl", setting.get("local_rank", 0), setting.get("precision", "fp32"))
+    assert err.value.key == key
     assert distributed.check_device("gloo", 7, "bf16") == torch.device("cpu")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,10 +58,18 @@ def _job_results(sweep: Path) -> list[dict]:
 @pytest.mark.timeout(240)
 def test_sweep_over_beta_and_k_runs_four_jobs_and_feeds_the_report(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """``fdg-train -m method.beta=0.5,1.0 pipeline.k=2,3``: four jobs, four run directories, four results,
-    one fdg-report table with a column per job."""
+    """``fdg-train -m method.beta=0.5,1.0 pipeline.k=2,3``: four jobs, four run directories named by their
+    swept values (TensorBoard's run names), a header per job and a summary naming the fdg-report command,
+    four results, one fdg-report table with a column per job."""
     sweep = tmp_path / "sweep"
-    run_cli(tmp_path, "method.beta=0.5,1.0", "pipeline.k=2,3", f"hydra.sweep.dir={sweep}", multirun=True)
+    proc = run_cli(tmp_path, "method.beta=0.5,1.0", "pipeline.k=2,3", f"hydra.sweep.dir={sweep}", multirun=True)
+    names = ["0_beta=0.5,k=2", "1_beta=0.5,k=3", "2_beta=1.0,k=2", "3_beta=1.0,k=3"]
+    assert sorted(d.name for d in sweep.iterdir() if d.is_dir()) == names
+    for name in names:
+        assert f"=== sweep job {name[0]}: {sweep / name}" in proc.stderr
+    summary = proc.stderr[proc.stderr.index("sweep finished: 4 job(s)"):].splitlines()
+    assert [line.split()[0] for line in summary[2:6]] == names, summary
+    assert summary[6] == f"compare them: fdg-report {sweep}"
     results = _job_results(sweep)
     assert sorted((r["beta"], r["k"]) for r in results) == [(0.5, 2), (0.5, 3), (1.0, 2), (1.0, 3)]
     assert all(r["final_test_error"] is not None for r in results)
@@ -76,7 +86,8 @@ def test_two_torchrun_nodes_train_like_one(tmp_path: Path) -> None:
     directory whose final model equals the single-node launch of the same composed config, bitwise."""
     overrides = [*TINY_RUN, "pipeline.k=2", "trainer.epochs=2", "resume=never"]
     run_dir, port = tmp_path / "two_nodes", _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}  # torchrun's defaults
+    env["OMP_NUM_THREADS"] = "1"
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc_per_node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}",
@@ -109,6 +120,41 @@ def test_two_replicas_of_a_two_module_pipeline_equal_the_replicated_reference(ru
     assert_same_weights(final_state(run_dir), want)
     single = reference_state(small_config(**{"pipeline.k": 2}))
     assert any(not torch.equal(want[n], single[n]) for n in want), "replicas made no difference: test is vacuous"
+
+
+@pytest.mark.timeout(180)
+def test_slurm_script_stops_the_step_and_requeues_before_the_time_limit(tmp_path: Path) -> None:
+    """launch/slurm.sbatch on one "node" with stand-ins for srun (runs the task) and scontrol (records its
+    arguments): SLURM's signal before the time limit (SIGUSR1 to the batch script) reaches the workers as
+    SIGTERM through torchrun, and once they are gone the job is requeued under its own id."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                                  'SLURM_NODEID=0 exec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=sys.executable, OMP_NUM_THREADS="1", IFNAME="lo",
+               PORT=str(_free_port()), SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2",
+               SLURM_SUBMIT_DIR=str(REPO))
+    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), *TINY_RUN, "pipeline.k=2",
+                            "data.train_size=100000"], cwd=tmp_path, env=env, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "outputs" / "torchrun-4242" / "train.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "rank 1/2:" in log.read_text()):
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()[0][-3000:]
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@180 sends
+    try:
+        out = job.communicate(timeout=60)[0]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert "time limit in 3 minutes" in out and "SIGTERM" in out, out[-3000:]
 
 
 def test_slurm_launcher_config_composes() -> None:

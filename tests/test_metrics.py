@@ -16,7 +16,7 @@ from conftest import run_pipeline, small_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from fdg_dist.metrics import Timing, chain, show_progress, staleness
+from fdg_dist.metrics import Timing, chain, progress_style, staleness
 
 EPOCHS, BATCHES, LOG_EVERY = 2, 6, 4
 EPOCH_TAGS = ["module/lr", "module/staleness_ticks", "module/stash_max", "time/compute_s", "time/wait_input_s",
@@ -128,10 +128,10 @@ class _Stream(io.StringIO):
         return self.tty
 
 
-@pytest.mark.parametrize("mode,tty,shown", [("auto", True, True), ("auto", False, False), ("always", False, True),
-                                            ("never", True, False)])
-def test_progress_bar_only_where_asked(mode: str, tty: bool, shown: bool) -> None:
-    assert show_progress(mode, _Stream(tty)) is shown
+@pytest.mark.parametrize("mode,tty,style", [("auto", True, "bar"), ("auto", False, "lines"), ("always", False, "bar"),
+                                            ("lines", True, "lines"), ("never", True, "none"), ("never", False, "none")])
+def test_progress_bar_on_a_terminal_plain_lines_elsewhere(mode: str, tty: bool, style: str) -> None:
+    assert progress_style(mode, _Stream(tty)) == style
 
 
 def test_chain_calls_each_hook_and_drops_missing_ones() -> None:

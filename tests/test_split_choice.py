@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,6 +42,27 @@ def test_candidates_are_the_balanced_split_and_its_neighbours_fastest_predicted_
     assert periods == sorted(periods) and ranked[0][1] == pytest.approx(max(0.3 * 4 - 0.0, 0.15 * 8) / 1.0, rel=0.2)
     three = split_choice.rank_candidates(times, 3, "fdg", recompute=False)
     assert all(0 < b[1] < b[2] < 12 for b, _ in three) and len(three) <= 25
+
+
+def test_candidates_start_modules_only_where_a_module_has_weights_to_train() -> None:
+    """With ``starts`` (``partition.weighted_starts``) no candidate puts a boundary elsewhere, even when a
+    neighbour of the balanced split would be predicted faster."""
+    times = [BlockTime(0.1, 0.2, 0.0)] * 12
+    starts = [2, 4, 6, 8, 10]
+    ranked = split_choice.rank_candidates(times, 2, "fdg", recompute=False, starts=starts)
+    assert ranked and all(b[1] in starts for b, _ in ranked)
+    assert sorted(b[1] for b, _ in ranked) == [4, 6, 8]  # the balanced split 6 and its allowed neighbours
+
+
+def test_trial_batches_of_a_language_model_are_tokens_with_a_label_per_token() -> None:
+    """The trial feeds module 0 what the data would: int64 tokens (a float input fails the embedding)."""
+    cfg = Config()
+    cfg.data.name, cfg.data.context, cfg.data.num_classes, cfg.trainer.batch_size = "text", 16, 40, 8
+    shape = split_choice._batch_shape(cfg, SimpleNamespace(R=2))
+    assert shape == [4, 16]
+    x, y = next(split_choice._synthetic(cfg, shape, torch.device("cpu"), 1))
+    assert x.dtype == torch.int64 and x.shape == (4, 16) and int(x.min()) >= 0 and int(x.max()) < 40
+    assert y.shape == (4, 16)
 
 
 def test_a_trial_compares_the_best_plausible_candidates_that_fit_its_budget() -> None:

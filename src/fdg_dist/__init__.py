@@ -1,0 +1,20 @@
+"""fdg_dist: FDG training, one process per pipeline module.
+
+``fdg_dist.load_model(run_dir)`` returns a finished run's model and its input transform (see
+``fdg_dist.inference``).  It is imported on first use, so ``import fdg_dist.config`` (the CLI, the
+Hydra callbacks, ``fdg-report``) stays free of torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["load_model"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load_model":
+        from fdg_dist.inference import load_model
+
+        return load_model
+    raise AttributeError(f"module 'fdg_dist' has no attribute {name!r}")

@@ -1,14 +1,17 @@
-"""Checkpoints: per-rank files at epoch ends, a sha256 manifest as the commit marker, and resume.
+"""Checkpoints: per-rank files, a sha256 manifest as the commit marker, and resume.
 
 Layout: ``<run_dir>/<checkpoint.dir>/epoch{E:04d}/module{k}-replica{r}.pt`` plus ``manifest.json``,
-E being the 0-based epoch just finished (after the drain, so nothing is in flight).  Files are named
-by module and replica, never by RANK, which can change across elastic restarts.  Every rank writes
-its file atomically; global rank 0 writes the manifest (sha256 and size of every file) only once all
-ranks reported success.  A directory without a manifest, or whose files fail their hash, is not a
-checkpoint: a flipped byte loads silently with wrong values, so the hash is checked before loading.
+E being the 0-based epoch just finished (after the drain, so nothing is in flight), or
+``epoch{E:04d}-tick{T:06d}/`` for epoch E cut after tick T by a signal (``preempt``: the stashes and the
+messages in flight are in the files).  Files are named by module and replica, never by RANK, which can
+change across elastic restarts.  Every rank writes its file atomically; global rank 0 writes the
+manifest (sha256 and size of every file) only once all ranks reported success.  A directory without a
+manifest, or whose files fail their hash, is not a checkpoint: a flipped byte loads silently with
+wrong values, so the hash is checked before loading.
 
-Every load passes ``weights_only=True``; RNG states are stored as tensors and plain types for that.
-Nothing read from a checkpoint is ever instantiated: its configuration is only compared.
+What a rank's file holds is its trainer's ``state_dict()`` (state belongs to its owner); this module
+only files, hashes, checks and prunes it.  Every load passes ``weights_only=True``: states are tensors
+and plain types.  Nothing read from a checkpoint is ever instantiated: its configuration is only compared.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -26,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -40,8 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fdg_dist")
 
 MANIFEST = "manifest.json"
-FORMAT = 1
-_EPOCH_DIR = re.compile(r"epoch(\d{4,})")
+FORMAT = 2  # 2: the trainer's state_dict (stage state with stash, cut, RNG); 1: before mid-epoch cuts
+_EPOCH_DIR = re.compile(r"epoch(\d{4,})(?:-tick(\d{6,}))?")
 # What a checkpoint's numbers depend on.  Where and how data is read (root, download, cache) does not
 # change them, nor do the epoch count, logging or the launcher settings.  How the split was chosen
 # does not matter either: every rank checkpoint records its block bounds, which are compared exactly.
@@ -103,9 +105,16 @@ def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
     return run_dir / cfg.checkpoint.dir
 
 
+def directory_name(epoch: int, tick: int | None = None) -> str:
+    """``epoch0003`` after epoch 3, ``epoch0004-tick000017`` for epoch 4 cut after its tick 17."""
+    return f"epoch{epoch:04d}" + ("" if tick is None else f"-tick{tick:06d}")
+
+
 def epoch_dirs(root: Path) -> list[Path]:
-    """Epoch directories under ``root``, newest first (complete or not)."""
-    found = [(int(m.group(1)), d) for d in root.glob("epoch*") if d.is_dir() and (m := _EPOCH_DIR.fullmatch(d.name))]
+    """Checkpoint directories under ``root``, newest first (complete or not); a cut of epoch E is newer than
+    the end of epoch E-1 and older than the end of epoch E."""
+    found = [((int(m.group(1)), math.inf if m.group(2) is None else int(m.group(2))), d) for d in root.glob("epoch*")
+             if d.is_dir() and (m := _EPOCH_DIR.fullmatch(d.name))]
     return [d for _, d in sorted(found, reverse=True)]
 
 
@@ -131,51 +140,10 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
     return ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in keys)
 
 
-# ------------------------------------------------------------------------- RNG
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next],
-    }
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal.tolist()), gauss_next))
-
-
 # ------------------------------------------------------------------------ save
-def _rank_state(trainer: Trainer, epoch: int, chash: str) -> dict[str, Any]:
-    stage = trainer.stage
-    return {
-        "format": FORMAT,
-        "module": trainer.k,
-        "replica": trainer.ctx.replica,
-        "epoch": epoch,
-        "next_epoch": trainer.start_epoch,
-        "global_step": trainer.global_step,
-        "stage_steps": stage.steps,
-        "bounds": trainer.bounds,
-        "config_hash": chash,
-        "model": stage.module.state_dict(),
-        "aux_head": stage.aux_head.state_dict() if stage.aux_head is not None else None,
-        "optimizer": stage.optimizer.state_dict(),
-        "scheduler": stage.scheduler.state_dict(),
-        "rng": _rng_state(trainer.ctx.device),
-    }
-
-
-def save(trainer: Trainer, epoch: int) -> Path:
-    """Write this rank's state for ``epoch``; rank 0 commits the manifest once every rank succeeded.
+def save(trainer: Trainer, epoch: int, tick: int | None = None) -> Path:
+    """Write this rank's state at the end of ``epoch`` (or cut after ``tick``); rank 0 commits the manifest
+    once every rank succeeded.
 
     A failed write (disk full, read-only directory) on any rank raises ``CheckpointError`` on every
     rank, naming the rank's error; no manifest is written, so the previous checkpoint stays the newest.
@@ -184,25 +152,27 @@ def save(trainer: Trainer, epoch: int) -> Path:
     fp = fingerprint(cfg)
     chash = config_hash(fp)
     root = checkpoint_root(cfg, trainer.run_dir)
-    directory = root / f"epoch{epoch:04d}"
+    directory = root / directory_name(epoch, tick)
     name = file_name(trainer.k, ctx.replica)
+    state = {"format": FORMAT, "config_hash": chash, "epoch": epoch, "tick": tick, **trainer.state_dict()}
     try:
-        digest = atomic_save(_rank_state(trainer, epoch, chash), directory / name)
+        digest = atomic_save(state, directory / name)
         report: tuple[str, str | None, int, str | None] = (name, digest, (directory / name).stat().st_size, None)
     except OSError as e:
         report = (name, None, 0, f"module {trainer.k} replica {ctx.replica} could not write {directory / name}: {e}")
+    _kill_point(trainer.run_dir, trainer.k, epoch, "checkpoint")  # file written, manifest not: the riskiest moment
     reports: list[Any] | None = [None] * ctx.world_size if ctx.rank == 0 else None
     dist.gather_object(report, reports, dst=0, group=ctx.header_group)
     status: list[str | None] = [None]
     if reports is not None:
-        status[0] = _commit(reports, directory, epoch, trainer, fp, chash)
+        status[0] = _commit(reports, directory, epoch, tick, trainer, fp, chash)
     dist.broadcast_object_list(status, src=0, group=ctx.header_group)
     if status[0] is not None:
         raise CheckpointError(status[0])
     return directory
 
 
-def _commit(reports: list[Any], directory: Path, epoch: int, trainer: Trainer, fp: dict[str, Any],
+def _commit(reports: list[Any], directory: Path, epoch: int, tick: int | None, trainer: Trainer, fp: dict[str, Any],
             chash: str) -> str | None:
     """Rank 0: write the manifest if every rank wrote its file, then prune; returns an error or None."""
     previous = next((d.name for d in epoch_dirs(directory.parent) if (d / MANIFEST).exists() and d != directory), None)
@@ -211,7 +181,8 @@ def _commit(reports: list[Any], directory: Path, epoch: int, trainer: Trainer, f
     if failures:
         return f"checkpoint of epoch {epoch} not written: {'; '.join(failures)}{intact}"
     manifest = {
-        "format": FORMAT, "epoch": epoch, "next_epoch": trainer.start_epoch, "global_step": trainer.global_step,
+        "format": FORMAT, "epoch": epoch, "tick": tick, "next_epoch": trainer.start_epoch,
+        "global_step": trainer.global_step,
         "k": trainer.K, "replicas": trainer.ctx.R, "config_hash": chash, "config": fp,
         "files": {name: {"sha256": digest, "bytes": size} for name, digest, size, _ in reports},
     }
@@ -219,6 +190,8 @@ def _commit(reports: list[Any], directory: Path, epoch: int, trainer: Trainer, f
         atomic_write((json.dumps(manifest, indent=1) + "\n").encode(), directory / MANIFEST)
     except OSError as e:
         return f"checkpoint of epoch {epoch} not committed: cannot write {directory / MANIFEST}: {e}{intact}"
+    for leftover in directory.glob(".*.tmp*"):  # of writers killed in an earlier attempt at this epoch
+        leftover.unlink(missing_ok=True)
     log.info("checkpoint %s written (%d files)", directory, len(reports))
     try:
         prune(directory.parent, trainer.cfg.checkpoint.keep)
@@ -268,7 +241,7 @@ def _check_config(directory: Path, manifest: dict[str, Any], fp: dict[str, Any])
     if manifest.get("config_hash") != config_hash(fp):
         raise CheckpointError(f"checkpoint {directory} was written by a different configuration "
                               f"({_differences(manifest.get('config', {}), fp)}); resume it with that "
-                              f"configuration, or start afresh with resume=never or another run directory")
+                              f"configuration, or start this run in another directory (hydra.run.dir=...)")
 
 
 def _newest_complete(root: Path, fp: dict[str, Any]) -> Path | None:
@@ -338,35 +311,67 @@ def _load(trainer: Trainer, directory: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors have no common base class
         raise CheckpointError(f"{path} cannot be loaded: {type(e).__name__}: {e}") from e
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state.get('format')!r}; this fdg_dist reads format "
+                              f"{FORMAT}: resume it with the version that wrote it, or start afresh with resume=never")
     if state.get("config_hash") != config_hash(fingerprint(trainer.cfg)) or state.get("module") != trainer.k:
         raise CheckpointError(f"{path} belongs to another configuration or module than module {trainer.k} of this run")
     if state["bounds"] != trainer.bounds:
         raise CheckpointError(f"{path} holds the model split at blocks {state['bounds']}, this run splits at "
                               f"{trainer.bounds}; resume with pipeline.split={state['bounds'][1:-1]}")
-    stage = trainer.stage
-    stage.module.load_state_dict(state["model"])
-    if stage.aux_head is not None:
-        stage.aux_head.load_state_dict(state["aux_head"])
-    stage.optimizer.load_state_dict(state["optimizer"])
-    stage.scheduler.load_state_dict(state["scheduler"])
-    stage.steps = state["stage_steps"]
-    trainer.start_epoch = state["next_epoch"]
-    trainer.global_step = state["global_step"]
-    _set_rng_state(state["rng"], trainer.ctx.device)
+    trainer.load_state_dict(state)
 
 
 def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:
-    """Drop metric lines of epochs ≥ ``start_epoch`` (they will be produced again); returns the rows kept."""
+    """Drop metric lines of epochs ≥ ``start_epoch`` (they will be produced again); returns the rows kept.
+
+    A last line cut short (a crash or a full disk while an older version appended it) is dropped with a
+    warning, its epoch being redone; a damaged line before the last is an error naming the file and line.
+    """
     if not path.exists():
         return []
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < start_epoch]
-    if kept != lines:
-        atomic_write("".join(kept).encode(), path)
-    return [json.loads(line) for line in kept]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            rows.append((line, row, int(row["epoch"])))
+        except (ValueError, KeyError, TypeError) as e:
+            if number < len(lines):
+                raise CheckpointError(f"{path}: line {number} is damaged ({type(e).__name__}: {e}); repair or "
+                                      "delete that line (each line is one epoch) and resume again") from e
+            log.warning("%s: dropped its last line, cut short while it was written (%r); that epoch is redone",
+                        path, line[:60])
+    kept = [(line, row) for line, row, epoch in rows if epoch < start_epoch]
+    repaired = "".join(line + "\n" for line, _ in kept)
+    if repaired != text:
+        atomic_write(repaired.encode(), path)
+    return [row for _, row in kept]
 
 
 # ----------------------------------------------------------------- test hooks
+def _kill_spec(run_dir: Path, module: int, epoch: int) -> dict[str, str] | None:
+    """``FDG_TEST_KILL`` if it targets module ``module`` in epoch ``epoch`` and has not fired in this run dir."""
+    spec = os.environ.get("FDG_TEST_KILL")
+    if not spec:
+        return None
+    want = dict(item.split("=") for item in spec.split(","))
+    if int(want["module"]) != module or int(want["epoch"]) != epoch or _kill_marker(run_dir, module).exists():
+        return None
+    return want
+
+
+def _kill_marker(run_dir: Path, module: int) -> Path:
+    return run_dir / f".fdg_test_killed-module{module}"
+
+
+def _die(run_dir: Path, module: int, want: dict[str, str]) -> None:
+    """SIGKILL (or ``signal=STOP``: a hung rank; ``signal=TERM``: a preemption) this process, once."""
+    _kill_marker(run_dir, module).touch()
+    os.kill(os.getpid(), getattr(signal, f"SIG{want.get('signal', 'KILL')}"))
+
+
 def kill_hook(run_dir: Path, module: int, epoch: int) -> Callable[[Event], None] | None:
     """Fault injection for the resume tests: ``FDG_TEST_KILL="module=K,epoch=E,batch=B[,signal=STOP]"``.
 
@@ -374,19 +379,19 @@ def kill_hook(run_dir: Path, module: int, epoch: int) -> Callable[[Event], None]
     batch B in epoch E, once per run directory (a marker file records it), so a restarted attempt runs
     through.
     """
-    spec = os.environ.get("FDG_TEST_KILL")
-    if not spec:
-        return None
-    items = dict(item.split("=") for item in spec.split(","))
-    sig = getattr(signal, f"SIG{items.pop('signal', 'KILL')}")
-    want = {key: int(value) for key, value in items.items()}
-    marker = run_dir / f".fdg_test_killed-module{module}"
-    if want["module"] != module or want["epoch"] != epoch or marker.exists():
+    want = _kill_spec(run_dir, module, epoch)
+    if want is None or "batch" not in want:
         return None
 
     def hook(event: Event) -> None:
-        if event.action.kind is Kind.FORWARD and event.action.batch == want["batch"]:
-            marker.touch()
-            os.kill(os.getpid(), sig)
+        if event.action.kind is Kind.FORWARD and event.action.batch == int(want["batch"]):
+            _die(run_dir, module, want)
 
     return hook
+
+
+def _kill_point(run_dir: Path, module: int, epoch: int, at: str) -> None:
+    """``FDG_TEST_KILL="module=K,epoch=E,at=checkpoint"``: module K dies there (once per run directory)."""
+    want = _kill_spec(run_dir, module, epoch)
+    if want is not None and want.get("at") == at:
+        _die(run_dir, module, want)

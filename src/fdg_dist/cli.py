@@ -1,9 +1,14 @@
-"""``fdg-train``: compose the Hydra config once, validate it, then run as one worker or launch K.
+"""``fdg-train``: compose the Hydra config once, validate it, claim the run directory, then run as one
+worker or launch K.
 
 Under torchrun every process arrives here and becomes one module.  Without torchrun the program is
 its own launcher: it starts ``world_size`` local workers through torch's elastic launch API, passing
 them the resolved config and the one run directory, so Hydra multirun sweeps (``-m``) work with each
 job getting its own processes.
+
+What the user sees of a run that cannot go on is one line: an invalid configuration or a refused run
+directory (exit 2, before anything is written), a worker's root cause (exit 1; every traceback stays
+in ``train.log``), or an interrupt (128 + signal number, saying how to resume).
 """
 
 from __future__ import annotations
@@ -11,20 +16,31 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
+import re
+import signal
 import sys
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from fdg_dist import worker
-from fdg_dist.config import Config, ConfigError, validate
+from fdg_dist import checkpoint, data, rendezvous, rundir, sweep, worker
+from fdg_dist.config import Config, ConfigError, check_devices, validate
+from fdg_dist.data import first_line
+from fdg_dist.preempt import Stopped
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("fdg_dist")
+# Failures that are the consequence of another rank's: the root cause is looked for elsewhere first.
+_PEER_LOSS = ("lost module", "Connection closed by peer", "Connection reset by peer", "Timed out", "Broken pipe",
+              "Signal 15 (SIGTERM)")
 
 
 def _under_torchrun() -> bool:
@@ -38,13 +54,8 @@ def _run_id() -> str:
     return datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
-def _output_subdir() -> str | None:
-    """Only rank 0 writes ``.hydra/`` under torchrun; the others would race on the same files."""
-    return ".hydra" if os.environ.get("RANK", "0") == "0" else None
-
-
 OmegaConf.register_new_resolver("fdg_run_id", _run_id, replace=True)
-OmegaConf.register_new_resolver("fdg_output_subdir", _output_subdir, replace=True)
+OmegaConf.register_new_resolver("fdg_job_dir", sweep.job_dir, replace=True)
 
 
 def config_from_hydra(raw: DictConfig) -> Config:
@@ -53,38 +64,193 @@ def config_from_hydra(raw: DictConfig) -> Config:
     return Config.from_dict(OmegaConf.to_container(ours, resolve=True))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextmanager
+def _agent_logs_to(path: Path) -> Iterator[None]:
+    """torch's elastic agent logs (a failed worker's traceback, signal notices) go to ``train.log``, not
+    the console, which gets the one line that matters from ``_launch``."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s [launcher] %(levelname)s %(message)s", "%H:%M:%S"))
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher",
+                                                    "torch.multiprocessing")]
+    saved = [lg.propagate for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    try:
+        yield
+    finally:
+        for lg, propagate in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.propagate = propagate
+        handler.close()
 
 
 def launch_local(cfg: Config, run_dir: Path) -> dict | None:
-    """Start the run's workers on this machine with torch's elastic agent (rendezvous on loopback)."""
+    """Start the run's workers on this machine with torch's elastic agent; its store listens on loopback only.
+
+    The agent's per-worker files (error reports) live in a temporary folder removed afterwards.
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # Restarts with a shared rendezvous store fail half the time on gloo (pytorch #135712).
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-                          max_restarts=cfg.dist.max_restarts, monitor_interval=0.2, start_method="spawn")
-    results = elastic_launch(config, worker.run)(cfg.to_dict(), str(run_dir))
+    rendezvous.register_backend()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fdg-agent-") as agent_dir, _agent_logs_to(run_dir / "train.log"):
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex,
+                              rdzv_backend=rendezvous.BACKEND, rdzv_endpoint=f"{rendezvous.LOOPBACK}:0",
+                              local_addr=rendezvous.LOOPBACK, max_restarts=cfg.dist.max_restarts,
+                              monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=agent_dir))
+        results = elastic_launch(config, worker.run)(cfg.to_dict(), str(run_dir))
     return next((r for r in results.values() if r is not None), None)
+
+
+# ------------------------------------------------------------------------------------------ what the user sees
+def _rank_label(cfg: Config, rank: int) -> str:
+    stages = 1 if cfg.method.name == "dp" else cfg.pipeline.k
+    return f"rank {rank} (module {rank % stages})"
+
+
+def root_cause(failures: dict[int, Any]) -> tuple[int, str]:
+    """(global rank, message) of the failure that explains the others: the earliest of those that are not
+    a lost peer (a rank that raised or was killed), else the earliest of all."""
+    def text(failure: Any) -> str:
+        message = failure.message
+        return str(message.get("message", "")) if isinstance(message, dict) else str(message)
+
+    rank, failure = min(failures.items(),
+                        key=lambda item: (any(p in text(item[1]) for p in _PEER_LOSS), item[1].timestamp, item[0]))
+    return rank, first_line(text(failure))
+
+
+def _stop(line: str, code: int) -> NoReturn:
+    print(f"fdg-train: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _stopped_by(sig: signal.Signals, cfg: Config, run_dir: Path) -> str:
+    """The one line of an interrupted run: where it stands and the command that continues it."""
+    root = checkpoint.checkpoint_root(cfg, run_dir)
+    newest = next((d for d in checkpoint.epoch_dirs(root) if (d / checkpoint.MANIFEST).exists()), None) \
+        if root.is_dir() else None
+    again = "the same command" + ("" if cfg.resume == "auto" else " with resume=auto")
+    if newest is None:
+        return f"stopped by {sig.name}, every worker ended; no checkpoint yet in {run_dir}: {again} starts it again"
+    return (f"stopped by {sig.name}, every worker ended; {run_dir} keeps checkpoint {newest.name}: "
+            f"{again} resumes from it")
+
+
+def _launch(cfg: Config, run_dir: Path) -> dict | None:
+    """``launch_local`` with its failures and interrupts turned into one line each."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        return launch_local(cfg, run_dir)
+    except ChildFailedError as e:
+        rank, message = root_cause(e.failures)
+        if message.startswith(f"{Stopped.__name__}: "):  # a signal to a worker: every rank stopped at a checkpoint
+            by = re.search(r"stopped by (SIG[A-Z]+)", message)
+            _stop(message.split(": ", 1)[1], 128 + (signal.Signals[by.group(1)] if by else signal.SIGTERM))
+        _stop(f"{_rank_label(cfg, rank)} failed: {message} [every rank's traceback: {run_dir / 'train.log'}]", 1)
+    except SignalException as e:
+        _stop(_stopped_by(signal.Signals(e.sigval), cfg, run_dir), 128 + int(e.sigval))
+    except KeyboardInterrupt:
+        _stop(_stopped_by(signal.SIGINT, cfg, run_dir), 128 + signal.SIGINT)
+
+
+def _work(cfg: Config, run_dir: Path) -> dict | None:
+    """This torchrun process as one worker; its failure is one line here (torchrun adds its own summary)."""
+    try:
+        return worker.run(cfg.to_dict(), str(run_dir))
+    except Stopped as e:
+        _stop(str(e), 128 + e.signum)
+    except Exception as e:
+        _stop(f"{_rank_label(cfg, int(os.environ['RANK']))} failed: {type(e).__name__}: {first_line(str(e))} "
+              f"[traceback: {run_dir / 'train.log'}]", 1)
+
+
+# ------------------------------------------------------------------------------------------ the run directory
+def _recorded_config(run_dir: Path) -> Config | None:
+    """The configuration the directory's last accepted run wrote, if readable."""
+    try:
+        return Config.from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"),
+                                                       resolve=True))
+    except Exception:  # absent, from an older version, or damaged: nothing to compare with
+        return None
+
+
+def _write_records(run_dir: Path, raw: DictConfig) -> None:
+    """``.hydra/``: the composed config, Hydra's settings and the command-line overrides, written only once
+    the run has been accepted (Hydra's own writer is off: it wrote them before any check)."""
+    hc = HydraConfig.get()
+    for name, node in (("config.yaml", raw), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
+                       ("overrides.yaml", hc.overrides.task)):
+        checkpoint.atomic_write(OmegaConf.to_yaml(node).encode(), run_dir / ".hydra" / name)
+
+
+def _refuse(line: str, run_dir: Path) -> NoReturn:
+    """Exit 2 before anything was written; the directory Hydra created for this run goes if still empty."""
+    with suppress(OSError):  # not empty: it belongs to an earlier run
+        run_dir.rmdir()
+    _stop(line, 2)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _main(raw: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    torchrun = _under_torchrun()
     try:
         cfg = config_from_hydra(raw)
-        world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else None
+        world = int(os.environ["WORLD_SIZE"]) if torchrun else None
         validate(cfg, world_size=world)
+        check_devices(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)) if torchrun else cfg.world_size)
+        data.check_available(cfg.data, download=not torchrun)
     except ConfigError as e:
-        print(f"fdg-train: invalid configuration: {e}", file=sys.stderr)
-        sys.exit(2)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    result = worker.run(cfg.to_dict(), str(run_dir)) if _under_torchrun() else launch_local(cfg, run_dir)
+        _refuse(f"invalid configuration: {e}", run_dir)
+    except data.DataUnavailable as e:
+        _refuse(str(e), run_dir)
+    if torchrun and os.environ.get("RANK", "0") != "0":  # rank 0 owns the directory for the run
+        result = _work(cfg, run_dir)
+    else:
+        with ExitStack() as held:
+            try:
+                held.enter_context(rundir.claim(run_dir))  # released when the run ends, however it ends
+                rundir.check_start(cfg, run_dir, recorded=_recorded_config(run_dir),
+                                   restarted=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0)
+            except rundir.RunDirError as e:
+                _refuse(str(e), run_dir)
+            rundir.record_holder(run_dir, list(hc.overrides.task))
+            _write_records(run_dir, raw)
+            result = _work(cfg, run_dir) if torchrun else _launch(cfg, run_dir)
     return None if result is None else result.get("final_test_error")
 
 
+class ValidateSweep(Callback):
+    """Validate every point of a ``-m`` sweep before its first job starts (conf/train.yaml registers it):
+    an invalid point would otherwise end the sweep only when reached, after hours of earlier jobs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra import compose
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        sweeper = config.hydra.sweeper
+        if sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+            return  # another sweeper chooses its points as it goes
+        arguments = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+        arguments += list(config.hydra.overrides.task)
+        points = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
+        for job, overrides in enumerate(points):
+            try:
+                validate(config_from_hydra(compose(kwargs.get("config_name") or "train", overrides=overrides)))
+            except ConfigError as e:
+                _stop(f"invalid configuration in sweep job {job} ({' '.join(overrides)}): {e}; no job was started", 2)
+
+
 def main() -> None:
+    # As under ``python -m fdg_dist.train``: modules in the working directory import (model._target_=my_model.fn);
+    # the spawned workers inherit the path.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     _main()

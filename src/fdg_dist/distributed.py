@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fdg_dist import rendezvous
 from fdg_dist.transport import Link
 
 
@@ -34,6 +35,7 @@ class Context:
     backend: str
     header_group: dist.ProcessGroup | None  # gloo group for message headers (None: the default group)
     replica_group: dist.ProcessGroup | None  # module k of all replicas (None when R == 1)
+    control_group: dist.ProcessGroup  # gloo, every rank: the preemption vote, which runs beside P2P traffic
     links: dict[Link, dist.ProcessGroup]  # this rank's links (keyed by module indices within its replica)
 
     @property
@@ -49,28 +51,34 @@ def choose_backend(requested: str) -> str:
 
 
 class DeviceError(RuntimeError):
-    """This machine cannot run the configuration (no GPU for NCCL, a rank without a GPU, no bf16)."""
+    """This machine cannot run the configuration (no GPU for NCCL, a rank without a GPU, no bf16); ``key`` is
+    the setting to change."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def check_device(backend: str, local_rank: int, precision: str) -> torch.device:
-    """The device this rank computes on, or one line saying why this machine cannot run it.
+    """The device local rank ``local_rank`` computes on, or one line saying why this machine cannot run it.
 
-    Caught here, at start, instead of as a CUDA error deep in the first NCCL call or the first bf16
-    message.
+    Caught at start (by the CLI for all its local ranks, by every worker for itself) instead of as a CUDA
+    error deep in the first NCCL call or the first bf16 message.
     """
     if backend != "nccl":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceError("dist.backend=nccl needs CUDA GPUs and this machine has none; use dist.backend=gloo "
+        raise DeviceError("dist.backend", "nccl needs CUDA GPUs and torch sees none here; use dist.backend=gloo "
                           "(or auto) to train on the CPU")
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise DeviceError(f"local rank {local_rank} needs GPU cuda:{local_rank} but only {count} GPU(s) are "
-                          f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-                          f"start at most {count} processes per node (--nproc_per_node)")
+        raise DeviceError("dist.backend", f"NCCL runs one process per GPU (it refuses two ranks on one GPU): "
+                          f"{local_rank + 1} processes on this machine but {count} GPU(s) visible "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower "
+                          "pipeline.k × pipeline.replicas (or --nproc_per_node) or use dist.backend=gloo")
     device = torch.device("cuda", local_rank)
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise DeviceError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 "
+        raise DeviceError("trainer.precision", f"bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 "
                           "support; use trainer.precision=fp32")
     return device
 
@@ -89,7 +97,7 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
         torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
     timeout = timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}  # eager NCCL init (pytorch #136248)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    dist.init_process_group(backend, store=_store(timeout), rank=rank, world_size=world, timeout=timeout, **kwargs)
     header_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     if backend == "nccl":
         # every rank takes part in the first NCCL call: batch_isend_irecv requires it (its docs)
@@ -100,9 +108,10 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
             g = dist.new_group([r * K + k for r in range(R)], timeout=timeout)
             if k == rank % K:
                 replica_group = g
+    control_group = dist.new_group(backend="gloo", timeout=timeout)
     links = _link_groups(rank, K, R, timeout)
     return Context(rank, world, local_rank, rank % K, rank // K, K, R, device, backend, header_group, replica_group,
-                   links)
+                   control_group, links)
 
 
 def _link_groups(rank: int, K: int, R: int, timeout: timedelta) -> dict[Link, dist.ProcessGroup]:
@@ -115,6 +124,13 @@ def _link_groups(rank: int, K: int, R: int, timeout: timedelta) -> dict[Link, di
                 if rank in (r * K + k, r * K + k + 1):
                     mine[link] = group
     return mine
+
+
+def _store(timeout: timedelta) -> dist.Store:
+    """A store of this attempt's own, never torchrun's shared one (stale keys after a restart), listening on
+    loopback on one machine, where gloo and NCCL listen too (``rendezvous.job_store``)."""
+    rendezvous.pin_transports_to_loopback()
+    return rendezvous.job_store(timeout)
 
 
 def close() -> None:

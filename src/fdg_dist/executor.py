@@ -28,11 +28,13 @@ from fdg_dist.transport import Envelope, Transport
 
 @dataclass(frozen=True)
 class Boundary:
-    """Per-sample activation shapes at this module's input and output, and the dtype on the wire."""
+    """Per-sample activation shapes at this module's input and output, the dtype on the wire, and the
+    per-sample label shape (``()`` for a class, ``(T,)`` for next-token targets)."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
+    label_shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -50,6 +52,27 @@ class Event:
 
 
 @dataclass
+class Cut:
+    """An epoch stopped after ``tick`` on every rank (a consistent cut: every message produced by then
+    has been received): what this rank needs to go on from there, bit for bit."""
+
+    tick: int
+    applied: list[int]  # batches whose gradients are accumulated but not yet stepped (adl)
+    messages: dict[tuple[str, int], list[torch.Tensor]]  # received, not yet used
+    loss_sum: torch.Tensor
+    errors: torch.Tensor
+    samples: int
+
+
+class StopCheck(Protocol):
+    """Decides, identically on every rank, whether to stop after a tick (see ``preempt``)."""
+
+    def at(self, tick: int) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
 class EpochResult:
     """What a module saw in one pass; loss and errors may be device tensors until first read."""
 
@@ -57,6 +80,7 @@ class EpochResult:
     errors: int | torch.Tensor = 0
     samples: int = 0
     events: list[Event] = field(default_factory=list)
+    stopped: Cut | None = None  # set when the pass was stopped early
 
     @property
     def loss(self) -> float:
@@ -138,7 +162,7 @@ def _sync_debug(device: torch.device) -> Iterator[None]:
 
 class Executor:
     def __init__(self, stage: Stage, transport: Transport, boundary: Boundary, *, record: bool = True,
-                 measure_every: int = 0, clock: Clock | None = None) -> None:
+                 measure_every: int = 0, clock: Clock | None = None, probe_every: int = 0) -> None:
         self.stage = stage
         self.transport = transport
         self.boundary = boundary
@@ -146,17 +170,25 @@ class Executor:
         self.K = stage.num_stages
         self.record = record
         self.measure_every = measure_every  # steps between update/weight-ratio measurements (0: never)
+        self.probe_every = probe_every  # steps between staleness probes (0: never)
         self.clock = clock or HostClock()
 
     def run(self, plan: Plan, batch_sizes: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
-            *, epoch: int, train: bool, on_action: Callable[[Event], None] | None = None) -> EpochResult:
-        """Execute one epoch (train) or one evaluation pass; returns the stats this module saw."""
+            *, epoch: int, train: bool, on_action: Callable[[Event], None] | None = None,
+            resume: Cut | None = None, stop: StopCheck | None = None) -> EpochResult:
+        """Execute one epoch (train) or one evaluation pass; returns the stats this module saw.
+
+        ``resume`` continues an epoch after the tick where it was cut (``batches`` then starts at module
+        0's first forward after it); ``stop`` may cut it after any tick every rank works in.
+        """
         phase = 0 if train else 1
         result = EpochResult(loss_sum=torch.zeros((), device=self.stage.device),
                              errors=torch.zeros((), dtype=torch.int64, device=self.stage.device))
         self.clock.begin()
         with _sync_debug(self.stage.device):
-            self._walk(plan, batch_sizes, batches, epoch, phase, train, on_action, result)
+            self._walk(plan, batch_sizes, batches, epoch, phase, train, on_action, result, resume, stop)
+        if stop is not None:
+            stop.close()
         self.transport.drain()
         if train:
             self.stage.finite.flush()
@@ -167,11 +199,21 @@ class Executor:
 
     def _walk(self, plan: Plan, batch_sizes: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
               epoch: int, phase: int, train: bool, on_action: Callable[[Event], None] | None,
-              result: EpochResult) -> None:
+              result: EpochResult, resume: Cut | None, stop: StopCheck | None) -> None:
         """The steady state: every schedule time's actions, then its messages; no device value is read."""
         outbox: dict[tuple[str, int], list[torch.Tensor]] = {}
         applied: list[int] = []  # batches whose gradients are accumulated but not yet stepped
-        for step in schedule.program(plan, self.K):
+        steps = schedule.program(plan, self.K)
+        if resume is not None:
+            steps = [step for step in steps if step.time[0] > resume.tick]
+            self.transport.deliver(resume.messages)
+            applied = list(resume.applied)
+            result.loss_sum += resume.loss_sum.to(self.stage.device)
+            result.errors += resume.errors.to(self.stage.device)
+            result.samples += resume.samples
+        # every rank works in ticks K-1 .. N-1 of every method's schedule: there all ranks can agree to stop
+        votes = range(self.K - 1, len(batch_sizes))
+        for i, step in enumerate(steps):
             for a, needs in step.actions:
                 start = self.clock.mark()
                 if a.kind is Kind.FORWARD:
@@ -194,14 +236,13 @@ class Executor:
                 elif a.kind is Kind.BACKWARD:
                     (grad,) = self.transport.take(*needs)
                     ready = self.clock.mark()
-                    grad_in = self.stage.backward(a.batch, grad)
+                    grad_in = self.stage.backward(a.batch, grad, probe=self._due(self.probe_every))
                     if grad_in is not None:
                         outbox[("grad", a.batch)] = [grad_in]
                     applied.append(a.batch)
                 else:
                     ready = start
-                    measure = self.measure_every > 0 and self.stage.steps % self.measure_every == 0
-                    info = self.stage.step(measure=measure)
+                    info = self.stage.step(measure=self._due(self.measure_every), probe=self._due(self.probe_every))
                 stepped = tuple(applied) if a.kind is Kind.STEP else ()
                 if stepped:
                     applied = []
@@ -216,6 +257,16 @@ class Executor:
                  for m in step.sends],
                 [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase)) for m in step.recvs])
             self.transport.reap()
+            tick = step.time[0]
+            tick_done = i + 1 == len(steps) or steps[i + 1].time[0] != tick
+            if stop is not None and tick_done and tick in votes and stop.at(tick):
+                result.stopped = Cut(tick, applied, self.transport.settle(), result.loss_sum, result.errors,
+                                     result.samples)
+                return
+
+    def _due(self, every: int) -> bool:
+        """Whether the stage's coming step is one of every ``every`` (0: never); a host counter, no device read."""
+        return every > 0 and self.stage.steps % every == 0
 
     @property
     def _has_loss(self) -> bool:
@@ -229,5 +280,5 @@ class Executor:
         shape = self.boundary.out_shape if mine_is_lower else self.boundary.in_shape
         main = Envelope(m.kind, phase, epoch, m.batch, self.boundary.dtype, (n, *shape))
         if downstream:
-            return [main, Envelope("labels", phase, epoch, m.batch, torch.int64, (n,))]
+            return [main, Envelope("labels", phase, epoch, m.batch, torch.int64, (n, *self.boundary.label_shape))]
         return [main]

@@ -3,17 +3,20 @@
 Every rank summarises its own events at the end of an epoch (where it waited, how stale its
 gradients were, how big its stash grew) into TensorBoard (``tb/module{k}``) and ``timing/``; only the
 reporting rank (the last module of replica 0, which sees the losses) writes the epoch lines,
-``metrics.jsonl``, ``result.json``, the HParams summary and the progress bar.  Nothing here runs
-between actions except the progress bar's counter: device tensors are read once per epoch.
+``metrics.jsonl``, ``result.json``, the HParams summary, the progress (a bar on a terminal, plain
+lines elsewhere) and the end-of-run summary.  Nothing here runs between actions except the progress
+counter: device tensors are read once per epoch.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
 import resource
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +24,9 @@ from typing import TextIO
 
 import torch
 
+from fdg_dist import loss
+from fdg_dist import staleness as staleness_probe
+from fdg_dist.checkpoint import atomic_write
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult, Event
 from fdg_dist.schedule import Kind
@@ -30,16 +36,25 @@ log = logging.getLogger("fdg_dist")
 Hook = Callable[[Event], None]
 
 
+def append_line(path: Path, line: str) -> None:
+    """Add one line to a JSON-lines record by rewriting it atomically: a crash or a full disk mid-write
+    leaves the previous content, never a torn last line (one line per epoch: cheap to copy)."""
+    before = path.read_bytes() if path.exists() else b""
+    atomic_write(before + line.encode() + b"\n", path)
+
+
 def rank_name(module: int, replica: int) -> str:
     """``module{k}`` (``-replica{r}`` for r > 0): the name of a rank's TensorBoard run and timing file."""
     return f"module{module}" + (f"-replica{replica}" if replica else "")
 
 
-def show_progress(mode: str, stream: TextIO = sys.stderr) -> bool:
-    """``logging.progress``: ``auto`` draws the bar only on a terminal, so CI logs stay line-oriented."""
+def progress_style(mode: str, stream: TextIO = sys.stderr) -> str:
+    """``logging.progress`` → ``bar``, ``lines`` or ``none``: ``auto`` draws a bar on a terminal and elsewhere
+    (nohup, SLURM, CI) prints a plain line every ``logging.progress_every_s``, which a log file keeps
+    readable; ``always`` is the bar anyway, ``lines`` the lines anyway."""
     if mode == "auto":
-        return stream.isatty()
-    return mode == "always"
+        return "bar" if stream.isatty() else "lines"
+    return {"always": "bar", "lines": "lines"}.get(mode, "none")
 
 
 def chain(*hooks: Hook | None) -> Hook | None:
@@ -118,6 +133,45 @@ def step_series(events: Sequence[Event]) -> tuple[list[float], dict[int, float]]
     return values[:len(infos)], dict(zip(measured, values[len(infos):]))
 
 
+class ProgressLines:
+    """``on_action`` callback: one plain log line at most every ``every_s`` seconds during an epoch (not
+    after its last batch: the epoch line follows)."""
+
+    def __init__(self, epoch: int, epochs: int, n_batches: int, every_s: float) -> None:
+        self.epoch, self.epochs, self.n_batches, self.every_s = epoch, epochs, n_batches, every_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, event: Event) -> None:
+        if event.action.kind is not Kind.FORWARD:
+            return
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last < self.every_s or self.done >= self.n_batches:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        log.info("epoch %d/%d  batch %d/%d (%.0f%%)  %.2f batches/s  epoch ends in %s", self.epoch + 1, self.epochs,
+                 self.done, self.n_batches, 100 * self.done / self.n_batches, rate,
+                 duration((self.n_batches - self.done) / rate))
+
+
+@dataclass
+class Stop:
+    """How far a run got and why it ended (``result.json`` and the end-of-run summary say it)."""
+
+    epochs: int  # epochs trained, the last one possibly cut short by trainer.max_steps
+    steps: int  # training batches, all epochs (what trainer.max_steps counts)
+    reason: str
+
+
+def language_metrics(train: EpochResult, test: EpochResult) -> dict[str, float]:
+    """What language models are compared by: bits per character (per token: per byte for byte-level text)
+    and the validation perplexity per token; losses are mean nats per token."""
+    return {"train_bpc": loss.bits(train.loss), "test_bpc": loss.bits(test.loss),
+            "test_perplexity": math.exp(min(test.loss, 700.0))}  # exp overflows a float beyond ~709
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank so far: CUDA allocations on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
@@ -143,7 +197,7 @@ class RunLog:
         self.writer = None  # opened at the first write, once the trainer knows where it (re)starts
         self.first_step = 1  # x of this attempt's first optimizer step; a resume moves it
         self.bar = None
-        self.show_bar = reporter and show_progress(cfg.logging.progress)
+        self.progress_style = progress_style(cfg.logging.progress) if reporter else "none"
 
     def tensorboard(self):  # -> SummaryWriter; TensorBoard is imported only when used
         """This rank's writer, opened with ``purge_step`` at this attempt's first step: TensorBoard then
@@ -166,16 +220,20 @@ class RunLog:
         return best
 
     def progress(self, epoch: int, n_batches: int) -> Hook | None:
-        """``on_action`` callback drawing this epoch's bar (batches/s, ETA) on the reporting rank only.
+        """``on_action`` callback showing this epoch's progress on the reporting rank only: a bar (batches/s,
+        ETA) or plain lines (``progress_style``).
 
         The executor's events carry no per-batch loss, so the bar shows the previous epoch's train loss.
         """
-        if not self.show_bar:
+        epochs = self.cfg.trainer.epochs
+        if self.progress_style == "lines":
+            return ProgressLines(epoch, epochs, n_batches, self.cfg.logging.progress_every_s)
+        if self.progress_style != "bar":
             return None
         from tqdm import tqdm
 
-        self.bar = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
-                        file=sys.stderr)
+        self.bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
+                        dynamic_ncols=True, file=sys.stderr)
         if self.last is not None:
             self.bar.set_postfix(prev_loss=f"{self.last['train_loss']:.4f}", refresh=False)
         bar = self.bar
@@ -197,8 +255,8 @@ class RunLog:
         timing = Timing.of(events, train_s=seconds, samples=samples)
         self.totals += timing
         self.timing_path.parent.mkdir(parents=True, exist_ok=True)
-        self.timing_path.write_text(json.dumps({"module": self.module, "replica": self.replica,
-                                                **self.totals.to_dict()}, indent=2) + "\n")
+        atomic_write((json.dumps({"module": self.module, "replica": self.replica, **self.totals.to_dict()},
+                                 indent=2) + "\n").encode(), self.timing_path)
         if self.tb_dir is not None:
             self._tensorboard(lr, train, test, timing, events, steps)
         if not self.reporter:
@@ -206,12 +264,21 @@ class RunLog:
         row = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_error": train.error,
                "test_loss": test.loss, "test_error": test.error, "epoch_time_s": seconds,
                "samples_per_s": samples / seconds if seconds > 0 else 0.0}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        text = self._language(train, test)
+        row.update(text)
+        append_line(self.metrics_path, json.dumps(row))
         self.last = row
-        log.info("epoch %3d  lr %.4g  train loss %.4f err %.2f%%  test loss %.4f err %.2f%%  %.1fs  %.0f samples/s",
-                 epoch, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
+        log.info("epoch %3d/%d  lr %.4g  train loss %.4f err %.2f%%  test loss %.4f err %.2f%%  %.1fs  %.0f samples/s",
+                 epoch + 1, self.cfg.trainer.epochs, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
                  row["samples_per_s"])
+        if text:
+            log.info("epoch %3d/%d  bits/char train %.3f test %.3f  test perplexity %.2f", epoch + 1,
+                     self.cfg.trainer.epochs, text["train_bpc"],
+                     text["test_bpc"], text["test_perplexity"])
+
+    def _language(self, train: EpochResult, test: EpochResult) -> dict[str, float]:
+        """Bits per character and perplexity for text data, nothing otherwise."""
+        return language_metrics(train, test) if self.cfg.data.name == "text" else {}
 
     def _tensorboard(self, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
                      events: list[Event], steps: int) -> None:
@@ -220,12 +287,15 @@ class RunLog:
             for tag, value in (("train/loss", train.loss), ("train/error", train.error),
                                ("test/loss", test.loss), ("test/error", test.error)):
                 w.add_scalar(tag, value, steps)
+            for name, value in self._language(train, test).items():  # train_bpc -> train/bpc
+                w.add_scalar(name.replace("_", "/", 1), value, steps)
         norms, ratios = step_series(events)
         first = steps - len(norms) + 1  # module step number of the epoch's first step
         for i, norm in enumerate(norms):
             w.add_scalar("module/grad_norm", norm, first + i)
         for i, ratio in ratios.items():
             w.add_scalar("module/update_ratio", ratio, first + i)
+        self._staleness_tags(w, events, first)
         stale = staleness(events)
         summary = timing.to_dict()
         for tag, value in (
@@ -241,28 +311,43 @@ class RunLog:
             w.add_scalar(tag, value, steps)
         w.flush()
 
-    def finish(self, *, wall_s: float, best_error: float, steps: int) -> dict | None:
-        """Write ``result.json`` and the HParams summary (reporting rank, at the module's final step
-        ``steps``) and close this rank's writer."""
-        result = self._result(wall_s, best_error) if self.reporter else None
+    @staticmethod
+    def _staleness_tags(w, events: list[Event], first: int) -> None:
+        """``staleness/<tag>`` at every probed step (``staleness.py``), read in one transfer."""
+        infos = [e.step for e in events if e.step is not None]
+        probes = [(first + i, s.staleness) for i, s in enumerate(infos) if s.staleness is not None]
+        for tag, points in staleness_probe.series(probes).items():
+            for step, value in points:
+                w.add_scalar(f"staleness/{tag}", value, step)
+
+    def finish(self, *, wall_s: float, best_error: float, steps: int, stop: Stop) -> dict | None:
+        """Write ``result.json``, the HParams summary (at the module's final step ``steps``) and the
+        end-of-run summary (reporting rank), and close this rank's writer."""
+        result = self._result(wall_s, best_error, stop) if self.reporter else None
         if self.tb_dir is not None and result is not None:
             self._hparams(result, steps)
         if self.writer is not None:
             self.writer.close()
+        if result is not None:
+            log.info("%s", summary(result, self.run_dir))
         return result
 
-    def _result(self, wall_s: float, best_error: float) -> dict:
+    def _result(self, wall_s: float, best_error: float, stop: Stop) -> dict:
         cfg = self.cfg
         result = {
             "final_test_error": self.last["test_error"] if self.last else None,
             "best_test_error": best_error if math.isfinite(best_error) else None,
             "final_test_loss": self.last["test_loss"] if self.last else None,
+            **({"final_test_bpc": self.last["test_bpc"]} if self.last and "test_bpc" in self.last else {}),
             "wall_time_s": wall_s,
             "k": cfg.pipeline.k, "replicas": cfg.pipeline.replicas, "beta": cfg.method.beta,
-            "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
-            "seed": cfg.trainer.seed, "epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size,
+            "method": cfg.method.name, "corrector": cfg.corrector.name, "model": cfg.model.label,
+            "data": cfg.data.name,
+            "seed": cfg.trainer.seed, "epochs": stop.epochs, "steps": stop.steps, "stop_reason": stop.reason,
+            "epochs_planned": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps,
+            "batch_size": cfg.trainer.batch_size,
         }
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write((json.dumps(result, indent=2) + "\n").encode(), self.run_dir / "result.json")
         return result
 
     def _hparams(self, result: dict, steps: int) -> None:
@@ -270,8 +355,8 @@ class RunLog:
         from torch.utils.tensorboard.summary import hparams
 
         cfg = self.cfg
-        params = {"method": cfg.method.name, "beta": cfg.method.beta, "k": cfg.pipeline.k,
-                  "replicas": cfg.pipeline.replicas, "model": cfg.model.name, "data": cfg.data.name,
+        params = {"method": cfg.method.name, "corrector": cfg.corrector.name, "beta": cfg.method.beta, "k": cfg.pipeline.k,
+                  "replicas": cfg.pipeline.replicas, "model": cfg.model.label, "data": cfg.data.name,
                   "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "batch_size": cfg.trainer.batch_size,
                   "seed": cfg.trainer.seed}
         metrics = {f"hparams/{name}": result[name] for name in ("final_test_error", "best_test_error")
@@ -281,3 +366,26 @@ class RunLog:
             w.file_writer.add_summary(summary, steps)
         for tag, value in metrics.items():
             w.add_scalar(tag, value, steps)
+
+
+def _percent(error: float | None) -> str:
+    return "–" if error is None else f"{100 * error:.2f} %"
+
+
+def duration(seconds: float) -> str:
+    """``12.3 s`` under a minute, ``1:02:03`` above."""
+    return f"{seconds:.1f} s" if seconds < 60 else str(datetime.timedelta(seconds=round(seconds)))
+
+
+def summary(result: dict, run_dir: Path) -> str:
+    """The end-of-run block: how it ended, the errors, the time, and where everything is."""
+    run_dir = run_dir.resolve()
+    return "\n".join([
+        f"run finished after {result['epochs']} epoch(s), {result['steps']} steps: {result['stop_reason']}",
+        f"  test error     final {_percent(result['final_test_error'])}, best {_percent(result['best_test_error'])}",
+        f"  training time  {duration(result['wall_time_s'])}",
+        f"  run directory  {run_dir}",
+        f"  result         {run_dir / 'result.json'}",
+        f"  model          {run_dir / 'final_model.pt'} (inference: fdg_dist.load_model('{run_dir}'))",
+        f"  report         fdg-report {run_dir}",
+    ])

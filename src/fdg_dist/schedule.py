@@ -216,6 +216,13 @@ def program(p: Plan, K: int) -> list[Step]:
             for t, early in zip(times, posted, strict=True)]
 
 
+def first_forward_after(p: Plan, tick: int) -> int:
+    """The first batch a rank forwards after ``tick`` (the number of batches if none): where module 0's data
+    resumes when an epoch continues after a cut."""
+    later = [a.batch for a in p.actions if a.kind is Kind.FORWARD and a.tick > tick]
+    return min(later, default=len({a.batch for a in p.actions if a.kind is Kind.FORWARD}))
+
+
 def grid(method: str, K: int, n_batches: int, accum_steps: int = 1) -> str:
     """A tick × module table (F3 = forward batch 3, B1 = backward batch 1, S = step) for docs and debugging."""
     cells: dict[tuple[int, int], list[str]] = {}

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fdg_dist import checkpoint, models, pace, partition, schedule
+from fdg_dist import checkpoint, data, models, pace, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context
 from fdg_dist.executor import Boundary, DeviceClock, Executor, HostClock
@@ -69,7 +69,9 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
         return Choice(record["bounds"], [pace.BlockTime(*t).total for t in record["block_times"]],
                       f"kept from {where} (chosen when that run started)")
     times = _measured(cfg, ctx)
-    ranked = rank_candidates(times, ctx.K, cfg.method.name, cfg.method.stash == "recompute")
+    starts = partition.weighted_starts(models.build_blocks(cfg.model, cfg.data.num_classes, device="meta"))
+    ranked = rank_candidates(times, ctx.K, cfg.method.name, cfg.method.name == "fr" or cfg.method.stash == "recompute",
+                             starts)
     runs = int(TRIAL_BUDGET_S // (TRIAL_BATCHES * ranked[0][1]))  # trial runs that fit the budget
     tried = worth_trying(ranked, runs)
     rounds = min(ROUNDS, runs // len(tried)) if tried else 0
@@ -125,31 +127,35 @@ def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
     return None
 
 
-def rank_candidates(times: list[pace.BlockTime], K: int, method: str, recompute: bool) -> list[tuple[list[int], float]]:
-    """Every split within ``SPREAD`` blocks of the balanced one, fastest predicted first (ties: smaller bounds)."""
+def rank_candidates(times: list[pace.BlockTime], K: int, method: str, recompute: bool,
+                    starts: list[int] | None = None) -> list[tuple[list[int], float]]:
+    """Every split within ``SPREAD`` blocks of the balanced one, fastest predicted first (ties: smaller bounds);
+    modules start only at ``starts`` (default: any block; see ``partition.weighted_starts``)."""
     n = len(times)
-    base = partition.split_points([t.total for t in times], K, "auto")
+    base = partition.split_points([t.total for t in times], K, "auto", starts)
+    allowed = set(range(1, n) if starts is None else starts)
     options = set()
     for shift in itertools.product(range(-SPREAD, SPREAD + 1), repeat=K - 1):
         bounds = [0, *(b + s for b, s in zip(base[1:-1], shift, strict=True)), n]
-        if all(a < b for a, b in itertools.pairwise(bounds)):
+        if all(a < b for a, b in itertools.pairwise(bounds)) and allowed.issuperset(bounds[1:-1]):
             options.add(tuple(bounds))
     scored = [(list(b), pace.split_period(method, times, b, recompute=recompute)) for b in options]
     return sorted(scored, key=lambda c: (c[1], c[0]))
 
 
 def _batch_shape(cfg: Config, ctx: Context) -> list[int]:
-    return [cfg.trainer.batch_size // ctx.R, 3, cfg.data.image_size, cfg.data.image_size]
+    return [cfg.trainer.batch_size // ctx.R, *data.sample_spec(cfg.data).shape]
 
 
 def _measured(cfg: Config, ctx: Context) -> list[pace.BlockTime]:
     """Rank 0 times the blocks on its device; every rank gets the same numbers."""
     times: list[list[pace.BlockTime] | None] = [None]
     if ctx.rank == 0:
-        blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
+        blocks = models.build_blocks(cfg.model, cfg.data.num_classes)
         times[0] = partition.measured_block_times(blocks, _batch_shape(cfg, ctx), ctx.device,
                                                   precision=cfg.trainer.precision,
-                                                  channels_last=cfg.trainer.channels_last)
+                                                  channels_last=cfg.trainer.channels_last,
+                                                  dtype=data.sample_spec(cfg.data).dtype)
     dist.broadcast_object_list(times, src=0, group=ctx.header_group)
     return times[0]
 
@@ -174,7 +180,7 @@ def _trial_period(cfg: Config, ctx: Context, transport: Transport, build: BuildS
     n = TRIAL_BATCHES
     plan = schedule.plan(cfg.method.name, ctx.module, ctx.K, n, train=True, accum_steps=cfg.method.accum_steps)
     shape = _batch_shape(cfg, ctx)
-    batches = _synthetic(shape, cfg.data.num_classes, ctx.device, n) if ctx.module == 0 else None
+    batches = _synthetic(cfg, shape, ctx.device, n) if ctx.module == 0 else None
     result = executor.run(plan, [shape[0]] * n, batches, epoch=tag, train=True)
     period: list[float | None] = [None]
     reporter = ctx.K - 1  # the last module of replica 0
@@ -186,9 +192,13 @@ def _trial_period(cfg: Config, ctx: Context, transport: Transport, build: BuildS
     return period[0]
 
 
-def _synthetic(shape: list[int], classes: int, device: torch.device, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The same random batch n times: what the trial measures is the pipeline, not the data."""
+def _synthetic(cfg: Config, shape: list[int], device: torch.device, n: int
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same random batch n times (images, or tokens with a label per token): what the trial measures is
+    the pipeline, not the data."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g).to(device)
-    y = torch.randint(0, classes, (shape[0],), generator=g).to(device)
-    return itertools.repeat((x, y), n)
+    spec, classes = data.sample_spec(cfg.data), cfg.data.num_classes
+    x = (torch.randn(shape, generator=g) if spec.dtype.is_floating_point
+         else torch.randint(0, classes, shape, generator=g, dtype=spec.dtype))
+    y = torch.randint(0, classes, (shape[0], *spec.label_shape), generator=g)
+    return itertools.repeat((x.to(device), y.to(device)), n)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fdg_dist.checkpoint import atomic_write
 from fdg_dist.executor import Event
 
 
@@ -41,5 +42,5 @@ class TraceWriter:
 
     def add(self, events: list[Event], *, epoch: int, phase: str) -> None:
         self.spans += events_to_chrome(events, rank=self.rank, module=self.module, epoch=epoch, phase=phase, t0=self.t0)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"traceEvents": self.spans, "displayTimeUnit": "ms"}))
+        # atomically: a crash mid-write still leaves the previous epochs' timeline to look at
+        atomic_write(json.dumps({"traceEvents": self.spans, "displayTimeUnit": "ms"}).encode(), self.path)

@@ -162,6 +162,19 @@ def wire_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return buf, buf
 
 
+class _Done:
+    """The work of a message that arrived before this process started (restored from a checkpoint)."""
+
+    def wait(self) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+_DONE = _Done()
+
+
 @dataclass
 class _Incoming:
     envelopes: list[Envelope]
@@ -227,6 +240,16 @@ class Transport:
             for work, _ in incoming.payloads:
                 work.wait()
         return [t.to(self.device, non_blocking=True) for _, t in incoming.payloads]
+
+    def settle(self) -> dict[tuple[str, int], list[torch.Tensor]]:
+        """Receive every posted message now and hand them over: at a consistent cut through the schedule
+        (a mid-epoch checkpoint) they are the messages in flight."""
+        return {key: self.take(*key) for key in sorted(self._inbox)}
+
+    def deliver(self, messages: dict[tuple[str, int], list[torch.Tensor]]) -> None:
+        """Put messages ``settle`` returned back as received, for the run that resumes from the cut."""
+        for key, tensors in messages.items():
+            self._inbox[key] = _Incoming([], -1, payloads=[(_DONE, t) for t in tensors])
 
     def drain(self) -> None:
         """Wait for every outstanding send; call before a checkpoint or shutdown."""

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from fdg_dist import device_defaults, distributed
+from fdg_dist import device_defaults, distributed, rendezvous
 from fdg_dist.config import Config
+from fdg_dist.preempt import Stopped
 from fdg_dist.trainer import Trainer
 
 log = logging.getLogger("fdg_dist")
@@ -36,6 +37,7 @@ def setup_logging(run_dir: Path, module: int, replica: int, console: bool) -> No
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     stream.setLevel(logging.INFO if console else logging.WARNING)
+    stream.addFilter(lambda record: record.exc_info is None)  # tracebacks: train.log; the CLI prints one line
     log.addHandler(stream)
 
 
@@ -75,11 +77,18 @@ def run(raw: dict, run_dir: str) -> dict | None:
             log.info("default: %s", line)
     finished = False
     try:
-        result = Trainer(cfg, ctx, Path(run_dir)).fit()
+        rendezvous.check_shared_run_dir(Path(run_dir), rank, ctx.header_group)
+        trainer = Trainer(cfg, ctx, Path(run_dir))
+        trainer.preemption.install()  # from here on SIGTERM/SIGINT stop the run at a checkpoint
+        result = trainer.fit()
         finished = True
         return result
+    except Stopped as e:
+        finished = True  # every rank stopped at the same point and nothing is in flight: leave cleanly
+        log.warning("rank %d (module %d): %s", rank, module, e)
+        raise
     except Exception as e:
-        log.error("rank %d (module %d) failed: %s: %s", rank, module, type(e).__name__, e)
+        log.error("rank %d (module %d) failed: %s: %s", rank, module, type(e).__name__, e, exc_info=True)
         raise
     finally:
         # after an error, operations may still wait for a dead peer: abort, never destroy (which would wait)

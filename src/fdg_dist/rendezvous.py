@@ -1,0 +1,259 @@
+"""Where the processes of a run meet: TCP stores that listen on one address, a store new to every attempt,
+and the run directory every rank must share.
+
+Two defaults of torch.distributed (2.14) that this module works around:
+
+- A ``TCPStore`` server listens on every interface (IPv4 and IPv6) whatever host it is given; only a socket
+  bound beforehand (``master_listen_fd``) restricts it.  So every store we serve binds its own socket: to
+  127.0.0.1 when the run is on one machine, to the configured master address across machines.
+- torchrun's agent (c10d rendezvous, TCPStore sharing on: the default) hands its workers one store that
+  outlives restarts, while ``init_process_group`` keys it by group and rank only.  A restarted group then
+  reads the dead attempt's gloo/NCCL addresses ("connectFullMesh failed ... Connection refused", or a hang).
+  So workers never build their process group on the agent's store: ``job_store`` gives them a store that a
+  worker of the current attempt serves.
+
+``python -m fdg_dist.rendezvous`` is torchrun with one more rendezvous backend, ``fdg-c10d``: torch's c10d
+rendezvous whose store binds to the endpoint's address; the launch scripts and ``fdg-train`` use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Mapping, MutableMapping
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed import Store, TCPStore
+from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+from torch.distributed.elastic.rendezvous.registry import handler_registry
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+from fdg_dist.checkpoint import atomic_write
+
+LOOPBACK = "127.0.0.1"
+BACKEND = "fdg-c10d"  # torchrun --rdzv-backend name of the bound c10d rendezvous
+RUN_MARKER = ".fdg_run_marker"
+_TOKEN_KEY = "fdg/token"  # in the job store: which attempt serves it
+_PUBLISHED_KEY = "fdg/job_store"  # in torchrun's shared store: "address port token" of the job store
+# torch's libuv store server never listened on a given socket before pytorch#150215 (torch 2.8)
+_LIBUV_TAKES_FD = torch.__version__ >= "2.8"
+_SIOCGIFADDR = 0x8915
+_IFF_LOOPBACK = 0x8
+
+
+# ------------------------------------------------------------------ addresses
+def address(host: str) -> str:
+    """The IP address ``host`` names (IPv4 first): what a store binds to and what its clients dial."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0])
+
+
+def interface_address(name: str) -> str:
+    """IPv4 address of network interface ``name`` (Linux), e.g. for ``GLOO_SOCKET_IFNAME=ib0``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+        except OSError as e:
+            raise OSError(e.errno, f"network interface {name!r} has no IPv4 address ({e.strerror}); "
+                                   f"interfaces here: {[n for _, n in socket.if_nameindex()]}") from e
+    return socket.inet_ntoa(packed[20:24])
+
+
+def loopback_interface() -> str:
+    """Name of the loopback interface (``lo`` on Linux), for GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME."""
+    for _, name in socket.if_nameindex():
+        flags = Path(f"/sys/class/net/{name}/flags")
+        if flags.exists() and int(flags.read_text(), 16) & _IFF_LOOPBACK:
+            return name
+    return "lo"
+
+
+# --------------------------------------------------------------------- stores
+def serve(host: str, port: int, timeout: timedelta) -> TCPStore:
+    """A TCPStore server listening on ``host``'s address only (port 0: any free port; ``.port`` says which)."""
+    ip = address(host)
+    sock = socket.socket(socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted attempt rebinds a fixed port
+    try:
+        sock.bind((ip, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {ip}:{port} ({host}): {e.strerror}") from e
+    return TCPStore(ip, sock.getsockname()[1], is_master=True, timeout=timeout, wait_for_workers=False,
+                    master_listen_fd=sock.detach(), use_libuv=_LIBUV_TAKES_FD)
+
+
+def connect(host: str, port: int, timeout: timedelta) -> TCPStore:
+    return TCPStore(address(host), port, is_master=False, timeout=timeout)
+
+
+# ------------------------------------------------------------------- workers
+def single_machine(env: Mapping[str, str] = os.environ) -> bool:
+    world = int(env["WORLD_SIZE"])
+    return int(env.get("LOCAL_WORLD_SIZE", world)) == world
+
+
+def pin_transports_to_loopback(env: MutableMapping[str, str] = os.environ) -> None:
+    """On one machine gloo and NCCL listen on the loopback interface, unless the user named one."""
+    if single_machine(env):
+        name = loopback_interface()
+        env.setdefault("GLOO_SOCKET_IFNAME", name)
+        env.setdefault("NCCL_SOCKET_IFNAME", name)
+
+
+def job_store(timeout: timedelta, env: Mapping[str, str] = os.environ) -> Store:
+    """The store this worker's process groups are built on: served by a worker of this attempt, so it holds
+    no key of an earlier attempt, and listening on one address (loopback on one machine).
+
+    - ``FDG_MASTER_ADDR``/``FDG_MASTER_PORT`` (the multi-node launch scripts): that fixed address, served by
+      local rank 0 of the node with ``FDG_NODE_RANK=0``.
+    - torchrun's shared store (``TORCHELASTIC_USE_AGENT_STORE=True``; it keeps every attempt's keys): rank 0
+      serves a store of its own on a free port and publishes "address port token" there; the other ranks
+      skip what a dead attempt published (nobody listens, or the store there holds another token).
+    - otherwise (``env://`` semantics: our launcher, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): rank 0
+      serves ``MASTER_PORT``.
+    """
+    rank = int(env["RANK"])
+    if "FDG_MASTER_ADDR" in env:
+        host, port = env["FDG_MASTER_ADDR"], int(env["FDG_MASTER_PORT"])
+        if "FDG_NODE_RANK" not in env:
+            raise RuntimeError("FDG_MASTER_ADDR is set but FDG_NODE_RANK is not: set it to 0 on the node that serves "
+                               "FDG_MASTER_ADDR:FDG_MASTER_PORT and 1, 2, ... on the others (launch/multinode.sh does)")
+        serves = env["FDG_NODE_RANK"] == "0" and env.get("LOCAL_RANK", str(rank)) == "0"
+        return serve(host, port, timeout) if serves else connect(host, port, timeout)
+    single = single_machine(env)
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        host, port = LOOPBACK if single else env["MASTER_ADDR"], int(env["MASTER_PORT"])
+        return serve(host, port, timeout) if rank == 0 else connect(host, port, timeout)
+    shared = connect(env["MASTER_ADDR"], int(env["MASTER_PORT"]), timeout)
+    if rank == 0:
+        if single:
+            host = LOOPBACK
+        elif env.get("GLOO_SOCKET_IFNAME"):  # the network the user chose between machines
+            host = interface_address(env["GLOO_SOCKET_IFNAME"].split(",")[0])
+        else:  # the agent's address, on rank 0's machine
+            host = env["MASTER_ADDR"]
+        store = serve(host, 0, timeout)
+        token = uuid.uuid4().hex
+        store.set(_TOKEN_KEY, token)
+        shared.set(_PUBLISHED_KEY, f"{address(host)} {store.port} {token}")
+        return store
+    return _published_store(shared, timeout)
+
+
+def _published_store(shared: Store, timeout: timedelta) -> TCPStore:
+    """The store rank 0 of this attempt published in torchrun's shared store, skipping earlier attempts'.
+
+    Each entry is probed once, with the full timeout (a loaded machine can be slow to accept); an entry
+    that fails is an earlier attempt's, and the next one is awaited.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+    probed = None
+    while True:
+        entry = shared.get(_PUBLISHED_KEY).decode()  # blocks until one is published
+        if entry != probed:
+            probed = entry
+            host, port, token = entry.split()
+            store = _probe(host, int(port), token, timeout)
+            if store is not None:
+                return store
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 of this attempt published no process-group store within {timeout} "
+                               f"(the last one published, {host}:{port}, belongs to an earlier attempt)")
+        time.sleep(0.1)
+
+
+def _probe(host: str, port: int, token: str, timeout: timedelta) -> TCPStore | None:
+    """The store at host:port if it is the one carrying ``token``; None if nobody listens or it is another."""
+    try:
+        socket.create_connection((host, port), timeout=timeout.total_seconds()).close()
+        store = connect(host, port, timeout)
+        if store.check([_TOKEN_KEY]) and store.get(_TOKEN_KEY).decode() == token:
+            return store
+    except (OSError, RuntimeError):  # refused, reset, or not a TCPStore (torch's DistError is a RuntimeError)
+        pass
+    return None
+
+
+def check_shared_run_dir(run_dir: Path, rank: int, group: dist.ProcessGroup | None) -> None:
+    """Fail at start, naming the ranks, unless every rank sees the marker rank 0 just wrote in ``run_dir``.
+
+    Ranks on other machines whose run directory is not on a shared filesystem would otherwise each find
+    no checkpoint and silently restart from epoch 0.
+    """
+    path = run_dir / RUN_MARKER
+    token: list[str | None] = [uuid.uuid4().hex if rank == 0 else None]
+    if rank == 0:
+        atomic_write(f"{token[0]}\n".encode(), path)
+    dist.broadcast_object_list(token, src=0, group=group)
+    try:
+        sees = path.read_text().strip() == token[0]
+    except OSError:
+        sees = False
+    seen: list[bool | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(seen, sees, group=group)
+    blind = [r for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise RuntimeError(f"ranks {blind} do not see {path}, which rank 0 just wrote: all ranks must share one "
+                           "run directory on a filesystem every node mounts; set hydra.run.dir=<shared path> "
+                           "(the same on every node)")
+
+
+# ------------------------------------------------------------------ launchers
+class _BoundC10dBackend(C10dRendezvousBackend):
+    """torch's c10d rendezvous state, in a store we bound; named so torch's registry accepts it."""
+
+    @property
+    def name(self) -> str:
+        return BACKEND
+
+
+def _bound_c10d_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """torch's c10d rendezvous, its store listening on the endpoint's address only.
+
+    The agent on the endpoint's machine serves it; every other agent (the address is not this machine's, or
+    another agent here already serves it) connects, as torch's own heuristic does.
+    """
+    host, port = parse_rendezvous_endpoint(params.endpoint, default_port=29400)
+    timeout = timedelta(seconds=params.get_as_int("read_timeout", 60))
+    try:
+        store = serve(host, port, timeout)
+    except OSError as e:
+        if e.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE) or port == 0:
+            raise
+        store = connect(host, port, timeout)
+    return create_handler(store, _BoundC10dBackend(store, params.run_id), params)
+
+
+def register_backend() -> None:
+    """Make ``rdzv_backend="fdg-c10d"`` available to torch's elastic launch in this process.
+
+    Also turns torch's TCPStore sharing off for the agent started here: it would open one more store, on
+    every interface (our workers never use it, see ``job_store``).
+    """
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    handler_registry.register(BACKEND, _bound_c10d_handler)
+
+
+def main() -> None:
+    """``python -m fdg_dist.rendezvous [torchrun arguments]``: torchrun, with ``--rdzv-backend=fdg-c10d``."""
+    from torch.distributed import run
+
+    register_backend()
+    run.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Preemption loses nothing: SIGTERM to one worker or to the launcher cuts the epoch at the same tick on
+every rank, writes a checkpoint there (stashes and messages in flight included), ends within 30 s with
+one line, and the same command resumes to the uninterrupted run's weights, bit for bit.
+
+(The cut itself, for every method, is shown in-process in tests/test_fabric.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, assert_same_weights, final_state, reference_state
+from hydra import compose, initialize_config_dir
+
+from fdg_dist.cli import CONF_DIR, config_from_hydra
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
+
+K = 3
+# 30 batches an epoch: a signal in epoch 2 is voted on and cut mid-epoch (the vote lags K+1 ticks)
+OVERRIDES = ["model=tiny", "data=synthetic", "data.train_size=480", "data.test_size=32", "trainer.batch_size=16",
+             "trainer.eval_batch_size=32", "trainer.epochs=3", "trainer.threads=1", "optim.lr=0.05",
+             "sched.milestones=[1]", f"pipeline.k={K}", "dist.timeout_s=60", "logging.tensorboard=false",
+             "logging.progress=never", "checkpoint.enabled=true", "resume=auto"]
+
+
+def _fdg_train(run_dir: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fdg_dist.train", *OVERRIDES, f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _uninterrupted() -> dict[str, torch.Tensor]:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return reference_state(config_from_hydra(compose("train", overrides=OVERRIDES)))
+
+
+def _stopped_then_resumed(run_dir: Path, proc: subprocess.Popen, signalled: float, *, mid_epoch: bool) -> None:
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - signalled < 30, "the run took more than 30 s to stop"
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("fdg-train:")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "resume" in lines[0], err[-3000:]
+    cuts = sorted((run_dir / "checkpoints").glob("epoch*-tick*"))
+    if mid_epoch:
+        assert cuts and (cuts[-1] / "manifest.json").exists(), sorted((run_dir / "checkpoints").iterdir())
+    again = _fdg_train(run_dir)
+    _, err = again.communicate(timeout=200)
+    assert again.returncode == 0, err[-3000:]
+    resumed = re.search(r"resumed from .*(epoch\d{4}(-tick\d{6})?) \(next epoch \d/3(, after its tick \d+)?\)",
+                        (run_dir / "train.log").read_text())
+    assert resumed and bool(resumed.group(2)) == bool(cuts), resumed
+    assert_same_weights(final_state(run_dir), _uninterrupted())
+
+
+def test_sigterm_to_one_worker_cuts_the_epoch_and_the_same_command_resumes_bitwise(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _fdg_train(run_dir, FDG_TEST_KILL="module=1,epoch=1,batch=3,signal=TERM")
+    marker = run_dir / ".fdg_test_killed-module1"
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    _stopped_then_resumed(run_dir, proc, time.monotonic(), mid_epoch=True)
+
+
+def test_sigterm_to_the_launcher_stops_every_worker_at_a_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _fdg_train(run_dir)
+    log = run_dir / "train.log"
+    while not (log.exists() and "epoch0000 written" in log.read_text()):  # into the second epoch, usually mid-way
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the agent passes it on to every worker, and waits 30 s for them
+    _stopped_then_resumed(run_dir, proc, time.monotonic(), mid_epoch=False)  # a cut, or the end of an epoch
