@@ -117,3 +117,21 @@ def test_receives_are_posted_an_action_before_the_one_that_takes_them(method: st
                 done += 1
             for m in step.recvs:
                 posted_after[(m.kind, m.batch)] = done
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("K", [2, 3])
+def test_a_cut_and_its_resumed_program_post_every_receive_once_in_order(method: str, K: int) -> None:
+    """Cut after any tick: the steps up to it (the last posting only ``recvs_until``) and the program resumed
+    after it (``program(after=tick)``) post exactly the uncut program's receives, in its order, and the
+    steps before the cut post none of a message produced after it (no neighbour sends it before the resume)."""
+    n = 6
+    for k in range(K):
+        p = plan(method, k, K, n, train=True, accum_steps=2 if method == "adl" else 1)
+        whole = [m for step in program(p, K) for m in step.recvs]
+        for tick in range(max(a.tick for a in p.actions) + 1):
+            before = [step for step in program(p, K) if step.time[0] <= tick]
+            cut = [m for step in before[:-1] for m in step.recvs] + (before[-1].recvs_until(tick) if before else [])
+            assert all(m.time[0] <= tick for m in cut), (method, K, k, tick)
+            resumed = [m for step in program(p, K, after=tick) for m in step.recvs]
+            assert cut + resumed == whole, (method, K, k, tick)

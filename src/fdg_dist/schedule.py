@@ -187,12 +187,19 @@ class Step:
     sends: list[Message]
     recvs: list[Message]
 
+    def recvs_until(self, tick: int) -> list[Message]:
+        """The receives this step posts when the run is cut after ``tick`` (``executor.Cut``): none of a
+        message produced after the cut (posted early, see ``program``), which no neighbour sends before
+        the run resumes; the resumed program posts it (``program(after=tick)``)."""
+        return [m for m in self.recvs if m.time[0] <= tick]
 
-def program(p: Plan, K: int) -> list[Step]:
+
+def program(p: Plan, K: int, *, after: int | None = None) -> list[Step]:
     """The order in which a rank acts, takes and posts: what the executor walks and the fabric replays.
 
     Both go through this one function, so a replay that proves an order deadlock-free under NCCL's
-    rules proves the order the executor really uses.
+    rules proves the order the executor really uses.  ``after``: only the times after that tick, the
+    program of an epoch resumed after a cut (its first step also posts its own receives).
     """
     actions: dict[Time, list[Action]] = {}
     for a in p.actions:
@@ -203,7 +210,7 @@ def program(p: Plan, K: int) -> list[Step]:
     recvs: dict[Time, list[Message]] = {}
     for m in p.recvs:
         recvs.setdefault(m.time, []).append(m)
-    times = p.times()
+    times = [t for t in p.times() if after is None or t[0] > after]
     if not times:
         return []
     # Each time's receives are posted one step early: gloo moves a message only once its receive is posted, so
