@@ -43,6 +43,8 @@ def small_config(**overrides: object) -> Config:
     cfg.logging.tensorboard = False
     cfg.logging.progress = "never"
     cfg.resume = "never"
+    # the reference simulation computes in NCHW on a FLOP split; the defaults (auto) would measure both
+    cfg.trainer.channels_last, cfg.pipeline.cost = False, "flops"
     for key, value in overrides.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
@@ -226,7 +228,7 @@ def train_spans(run_dir: Path, rank: int) -> list[dict]:
 
 TINY_RUN = ["model=tiny", "data=synthetic", "data.train_size=64", "data.test_size=32", "trainer.batch_size=16",
             "trainer.epochs=1", "checkpoint.enabled=false", "logging.tensorboard=false", "logging.progress=never",
-            "dist.timeout_s=60", "trainer.threads=1"]
+            "dist.timeout_s=60", "trainer.threads=1", "trainer.channels_last=false", "pipeline.cost=flops"]
 
 
 def run_cli(cwd: Path, *overrides: str, multirun: bool = False, timeout: float = 220) -> subprocess.CompletedProcess:
