@@ -116,3 +116,17 @@ def test_a_default_run_tries_the_best_candidates_in_its_pipeline_and_a_restart_k
     assert "kept from" in (restarted / "train.log").read_text()
     assert_same_weights(final_state(restarted), reference_state(small_config(**{"pipeline.k": 3, "trainer.epochs": 1,
                                                                                  "pipeline.split": [1, 2]})))
+
+
+def test_a_choice_is_kept_only_for_as_many_modules_as_it_cut(tmp_path: Path) -> None:
+    """A restart, or a resume from another run's checkpoint, keeps that run's split only at the same K: a
+    checkpoint re-cut for another K (resume=PATH with another pipeline.k) chooses afresh."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / split_choice.FILE).write_text(json.dumps({"bounds": [0, 2, 5, 7, 9], "block_times": []}))
+    cfg = small_config(**{"pipeline.k": 4})
+    cfg.resume = str(old / "checkpoints")
+    where, record = split_choice._kept(cfg, tmp_path / "new")
+    assert (where, record["bounds"]) == (str(old / split_choice.FILE), [0, 2, 5, 7, 9])
+    cfg.pipeline.k = 2
+    assert split_choice._kept(cfg, tmp_path / "new") is None

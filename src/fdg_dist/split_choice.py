@@ -114,7 +114,8 @@ def decide(candidates: list[list[int]], trial: list[list[float]]) -> int:
 
 def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
     """A choice made earlier: in this run directory (a restart), else in the run directory of the checkpoint
-    ``resume`` names (a run directory, its checkpoint directory or one ``epochNNNN/``), whose modules have it."""
+    ``resume`` names (a run directory, its checkpoint directory or one ``epochNNNN/``), whose modules have it,
+    if it cut the model into as many modules as this run does."""
     if cfg.resume == "never":  # a fresh start chooses afresh
         return None
     places = [run_dir]
@@ -123,7 +124,9 @@ def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
         places += [resume, resume.parent, resume.parent.parent]
     for place in places:
         if (place / FILE).is_file():
-            return str(place / FILE), json.loads((place / FILE).read_text())
+            record = json.loads((place / FILE).read_text())
+            if len(record["bounds"]) == cfg.pipeline.k + 1:  # a checkpoint re-cut for another K chooses afresh
+                return str(place / FILE), record
     return None
 
 
