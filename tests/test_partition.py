@@ -169,3 +169,11 @@ def test_measured_costs_time_the_real_blocks_on_a_copy() -> None:
         assert all(p.grad is None for p in b.parameters())
 
 
+
+
+def test_a_first_block_without_weights_is_timed_without_a_backward() -> None:
+    """Nothing upstream needs its gradient and it has none of its own (README's own-model example starts with
+    Flatten): timing it must not call backward on a tensor without a graph."""
+    blocks = [nn.Flatten(), nn.Linear(48, 8)]
+    times = measured_block_times(blocks, (4, 3, 4, 4), torch.device("cpu"), repeats=1, warmup=0)
+    assert times[0].step == 0 and times[1].backward > 0

@@ -120,7 +120,8 @@ def measured_block_times(blocks: Sequence[nn.Module], input_shape: Sequence[int]
                 out = probe(inp)
             sync()
             mid = time.perf_counter()
-            out.backward(torch.ones_like(out))
+            if out.requires_grad:  # a first block without weights (e.g. Flatten) has no backward to time
+                out.backward(torch.ones_like(out))
             sync()
             end = time.perf_counter()
             stepped = end
