@@ -1,18 +1,23 @@
-"""``fdg-report`` on a real two-run sweep (β = 1 and β = 0.5, K = 2): the table equals result.json, PNGs exist."""
+"""``fdg-report`` on a real two-run sweep (β = 1 and β = 0.5, K = 2): the table equals result.json, each plot
+draws the runs' numbers and its PNG is that drawing."""
 
 from __future__ import annotations
 
-import json
+import io
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
+from matplotlib.image import imread
 from test_metrics import trained_run
 
-from fdg_dist.report import main
+from fdg_dist import report
+from fdg_dist.report import load_run, main
 
 PNGS = ["test_error_vs_epoch.png", "test_error_vs_beta.png", "time_breakdown.png", "samples_per_s_vs_k.png"]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SERIES = dict(zip(PNGS, [2, 1, 4, 2], strict=True))  # runs, β lines, time parts, β lines: colours C0, C1, ...
+TAB10 = [tuple(round(255 * c) for c in rgb) for rgb in plt.get_cmap("tab10").colors]  # the series' colours
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +40,41 @@ def _table(text: str) -> dict[str, str]:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
-def test_report_table_equals_results_and_plots_exist(sweep: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_table_equals_results_and_plots_show_the_runs(sweep: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
+    figures: list[plt.Figure] = []
+    close = plt.close
+    monkeypatch.setattr(report.plt, "close", figures.append)  # keep each figure to look at what it drew
     main([str(sweep), "--out", str(out)])
     printed = capsys.readouterr().out
     text = (out / "report.md").read_text()
     assert text in printed
-    want = {}
-    for job in sweep.iterdir():
-        result = json.loads((job / "result.json").read_text())
-        want[f"fdg β={result['beta']:g} K=2"] = f"{100 * result['final_test_error']:.2f}"
+    runs = [load_run(sweep / str(job)) for job in (0, 1)]  # β = 1, 0.5: the order of the legend
+    want = {f"fdg β={r.result['beta']:g} K=2": f"{100 * r.result['final_test_error']:.2f}" for r in runs}
     assert _table(text) == want and len(want) == 2
-    for name in PNGS:
-        data = (out / name).read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+
+    epochs, betas, times, rates = (fig.axes for fig in figures)
+    assert [line.get_ydata().tolist() for line in epochs[0].lines] == [
+        [100 * e["test_error"] for e in r.epochs] for r in runs]
+    medians = betas[0].containers[0].lines[0]  # the errorbar's line: median test error at β = 0.5 and 1
+    assert medians.get_ydata().tolist() == [100 * r.result["final_test_error"] for r in runs[::-1]]
+    for ax, r in zip(times, runs, strict=True):  # stacked bars: compute, waits, other of modules 0 and 1
+        heights = [[bar.get_height() for bar in bars] for bars in ax.containers]
+        assert heights == [[t[key] for t in r.timing] for key, _ in report.TIME_PARTS]
+    assert [line.get_ydata().tolist() for line in rates[0].lines] == [[r.samples_per_s] for r in runs[::-1]]
+
+    for name, fig in zip(PNGS, figures, strict=True):  # the files are these figures, drawn
+        png = imread(out / name)
+        again = io.BytesIO()
+        fig.savefig(again, dpi=120, format="png")
+        again.seek(0)
+        drawn = imread(again)
+        assert png.shape == drawn.shape and (png == drawn).all(), name
+        colours = {tuple(c) for c in (255 * png[..., :3]).round().astype(int).reshape(-1, 3).tolist()}
+        assert set(TAB10[:SERIES[name]]) <= colours, f"{name}: a series' colour is missing"
+        close(fig)
 
 
 @pytest.mark.multiprocess
