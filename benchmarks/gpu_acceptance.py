@@ -64,7 +64,8 @@ def smoke(out: Path, ks: list[int], backend: str, precise: list[str]) -> list[di
     rows = []
     cpu_env = {"OMP_NUM_THREADS": "1"}
     for k in ks:
-        gpu_dir, cpu_dir = out / "smoke" / f"{backend}-k{k}", out / "smoke" / f"gloo-k{k}"
+        # Named for the side, not the backend: the CPU dry run uses gloo on both sides.
+        gpu_dir, cpu_dir = out / "smoke" / f"device-{backend}-k{k}", out / "smoke" / f"cpu-gloo-k{k}"
         row = {"k": k, "backend": backend,
                "gpu": run_train(gpu_dir, [f"pipeline.k={k}", f"dist.backend={backend}"], {"FDG_SYNC_DEBUG": "error"}),
                "cpu": run_train(cpu_dir, [f"pipeline.k={k}", "dist.backend=gloo", "trainer.threads=1"], cpu_env)}
@@ -77,7 +78,7 @@ def smoke(out: Path, ks: list[int], backend: str, precise: list[str]) -> list[di
         print(f"smoke K={k}: {'ok' if row['ok'] else 'FAILED'} "
               f"(distance {row.get('weight_distance', float('nan')):.2e})", file=sys.stderr, flush=True)
     k = max(ks)
-    fast = run_train(out / "smoke" / f"{backend}-k{k}-bf16-nhwc",
+    fast = run_train(out / "smoke" / f"device-{backend}-k{k}-bf16-nhwc",
                      [f"pipeline.k={k}", f"dist.backend={backend}", *precise], {"FDG_SYNC_DEBUG": "error"})
     finite = fast["ok"] and fast["result"]["final_test_loss"] is not None and fast["result"]["final_test_loss"] < 1e6
     rows.append({"k": k, "backend": backend, "settings": precise, "gpu": fast, "ok": finite})

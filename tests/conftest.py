@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fdg_dist import data, models
+from fdg_dist import data, loss, models
 from fdg_dist.cli import launch_local
-from fdg_dist.config import Config
+from fdg_dist.config import Config, DataConfig, ModelConfig, OptimConfig, SchedConfig
 from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.reference import Simulation
-from fdg_dist.trainer import build_module, seed_everything
+from fdg_dist.trainer import build_module, run_batches, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10"
@@ -81,13 +80,16 @@ def _reference_run(cfg: Config, replica: int, mean: GradientMean | None) -> Call
     modules, aux = [b.module for b in built], [b.aux_head for b in built]
     optimizers = [build_optimizer(cfg.optim, list(m.parameters()) + (list(a.parameters()) if a else []))
                   for m, a in zip(modules, aux, strict=True)]
-    schedulers = [build_scheduler(cfg.sched, o, cfg.trainer.epochs) for o in optimizers]
-    sim = Simulation(modules, optimizers, method=cfg.method.name, beta=cfg.method.beta, stash=cfg.method.stash,
-                     accum_steps=cfg.method.accum_steps, aux_heads=aux,
-                     grad_sync=None if mean is None else functools.partial(mean, replica))
     train_set, _ = data.load(cfg.data, cfg.trainer.seed)
     loader = data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
                           seed=cfg.trainer.seed, shard=(replica, cfg.pipeline.replicas))
+    total = run_batches(cfg, loader.num_batches())
+    schedulers = [build_scheduler(cfg.sched, o, cfg.trainer.epochs, total) for o in optimizers]
+    sim = Simulation(modules, optimizers, method=cfg.method.name, beta=cfg.method.beta, stash=cfg.method.stash,
+                     accum_steps=cfg.method.accum_steps, aux_heads=aux,
+                     grad_sync=None if mean is None else functools.partial(mean, replica), schedules=schedulers,
+                     corrector=cfg.corrector.name, dc_lambda=cfg.corrector.dc_lambda,
+                     dc_momentum=cfg.corrector.dc_momentum, anneal_steps=cfg.corrector.anneal_steps)
 
     def train() -> dict[str, torch.Tensor]:
         steps = 0
@@ -135,9 +137,10 @@ def data_parallel_reference(cfg: Config, replicas: int) -> dict[str, torch.Tenso
     """
     torch.set_num_threads(1)
     seed_everything(cfg.trainer.seed)
-    model = models.build(cfg.model.name, cfg.data.num_classes)
+    model = models.build(cfg.model, cfg.data.num_classes)
     opt = build_optimizer(cfg.optim, model.parameters())
-    sched = build_scheduler(cfg.sched, opt, cfg.trainer.epochs)
+    used = sum(len(y) >= replicas for batches in epoch_batches(cfg) for _, y in batches)
+    sched = build_scheduler(cfg.sched, opt, cfg.trainer.epochs, used)
     model.train()
     for batches in epoch_batches(cfg):
         for x, y in batches:
@@ -145,7 +148,7 @@ def data_parallel_reference(cfg: Config, replicas: int) -> dict[str, torch.Tenso
                 continue  # the Trainer drops a last batch that would leave a replica without samples
             for r in range(replicas):
                 lo, hi = data.shard_bounds(len(y), r, replicas)
-                F.cross_entropy(model(x[lo:hi]), y[lo:hi]).backward()
+                loss.cross_entropy(model(x[lo:hi]), y[lo:hi]).backward()
                 if r == 0:
                     replica0 = [b.clone() for b in model.buffers()]
             for b, kept in zip(model.buffers(), replica0, strict=True):
@@ -155,6 +158,7 @@ def data_parallel_reference(cfg: Config, replicas: int) -> dict[str, torch.Tenso
                     p.grad /= replicas
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sched.advance(1)
         sched.step()
     return model.state_dict()
 
@@ -285,3 +289,40 @@ def run_cli(cwd: Path, *overrides: str, multirun: bool = False, timeout: float =
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+# ------------------------------------------------------------------------------------------ text, own models
+def write_text(path: Path, chars: int = 2400) -> Path:
+    """A small deterministic English-like text (40 distinct characters) at ``path``."""
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then", "sleeps", "while",
+             "king", "queen", "speak", "of", "love", "war", "night", "day"]
+    g = torch.Generator().manual_seed(0)
+    out, lines = [], 0
+    while sum(map(len, out)) < chars:
+        line = " ".join(words[i] for i in torch.randint(0, len(words), (8,), generator=g).tolist())
+        out.append(f"{line}, {lines}.\n")
+        lines += 1
+    path.write_text("".join(out)[:chars])
+    return path
+
+
+def lm_config(text: Path, **overrides: object) -> Config:
+    """A 2-layer GPT (width 16, context 16) on ``text`` at character level: 9 batches of 16 an epoch,
+    AdamW with a per-batch warm-up + cosine schedule; dotted keys override as in ``small_config``."""
+    cfg = small_config()
+    cfg.model = ModelConfig("gpt", args={"context": 16, "layers": 2, "width": 16, "heads": 2})
+    cfg.data = DataConfig(name="text", root=str(text), tokens="char", context=16, augment=False,
+                          num_classes=len(set(text.read_text())))
+    cfg.optim = OptimConfig(name="adamw", lr=3e-3, weight_decay=0.1, betas=(0.9, 0.99))
+    cfg.sched = SchedConfig(name="step_cosine", warmup_steps=3, min_lr_ratio=0.1)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def readme_example() -> tuple[str, str]:
+    """README's own-model example: (the source of my_model.py, the fdg-train command), exactly as printed."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- own-model example")[1].split("<!-- end of own-model example -->")[0]
+    return block.split("```python\n")[1].split("```")[0], block.split("```bash\n")[1].split("```")[0].strip()

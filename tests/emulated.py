@@ -79,17 +79,17 @@ def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.pl
     """
     torch.set_num_threads(1)
     K, dev = cfg.pipeline.k, torch.device(device)
+    train_set, test_set = data.load(cfg.data, cfg.trainer.seed)
+    epochs = train_sizes(cfg, len(train_set))
     runs = []
     for k in range(K):  # one after the other: building seeds the global RNG
-        stage, boundary, _ = build_stage(cfg, K, k, dev)
+        stage, boundary, _ = build_stage(cfg, K, k, dev, total_batches=sum(map(len, epochs)))
         runs.append(RankRun(stage, Executor(stage, None, boundary)))  # type: ignore[arg-type]
-    train_set, test_set = data.load(cfg.data, cfg.trainer.seed)
     loaders = {True: data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
                                   seed=cfg.trainer.seed, device=dev),
                False: data.Batches(test_set, cfg.trainer.eval_batch_size, train=False, augment=False,
                                    seed=cfg.trainer.seed, device=dev)}
     source = batches or (lambda epoch, train: loaders[train].epoch(epoch))
-    epochs = train_sizes(cfg, len(train_set))
     test_sizes = data.batch_sizes(len(test_set), cfg.trainer.eval_batch_size)
     m = cfg.method
 

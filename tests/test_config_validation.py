@@ -132,7 +132,41 @@ ROWS = [
     Row("progress", "logging.progress", {"logging.progress": "sometimes"}),
     Row("log_every_steps=0", "logging.log_every_steps", {"logging.log_every_steps": 0}),
     Row("resume-path", "resume", {"resume": "/nonexistent/run"}),
+    Row("progress_every_s<0", "logging.progress_every_s", {"logging.progress_every_s": -1.0}),
+    Row("staleness_every_steps<0", "logging.staleness_every_steps", {"logging.staleness_every_steps": -1}),
+    # models and text (each model is built on the meta device and given one sample of the data)
+    Row("auto-split-weightless-blocks", "pipeline.k", {"model.name": "torchvision", "model.args": {"arch": "resnet18"},
+                                                       "pipeline.k": 13}),
+    Row("gpt-without-text", "model.name", {"model.name": "gpt"}),
+    Row("custom-not-importable", "model._target_", {"model.name": "custom", "model._target_": "no_such_module.fn"}),
+    Row("model-rejects-input", "model", {"model.name": "torchvision",
+                                         "model.args": {"arch": "vit_b_16", "image_size": 64}}),
+    Row("model-wrong-output", "model", {"model.name": "custom", "model._target_": f"{__name__}.two_logits"}),
+    Row("text-tokens", "data.tokens", {"data.name": "text", "data.tokens": "word"}),
+    Row("text-context=0", "data.context", {"data.name": "text", "data.context": 0}),
+    Row("text-val_fraction=1", "data.val_fraction", {"data.name": "text", "data.val_fraction": 1.0}),
+    Row("text-missing-file", "data.root", {"data.name": "text", "data.root": "/nonexistent/input.txt"}),
+    Row("eps=0", "optim.eps", {"optim.eps": 0.0}),
+    Row("warmup_steps<0", "sched.warmup_steps", {"sched.warmup_steps": -1}),
+    Row("min_lr_ratio>1", "sched.min_lr_ratio", {"sched.min_lr_ratio": 1.5}),
+    # parity variants and correctors
+    Row("variant-unknown", "model.variant", {"model.variant": "theirs"}),
+    Row("variant-official-tiny", "model.variant", {"model.variant": "official"}),
+    Row("std-two-values", "data.std", {"data.std": (0.2, 0.2)}),
+    Row("corrector-unknown", "corrector.name", {"corrector.name": "magic"}),
+    Row("corrector-with-bp", "corrector.name", {"corrector.name": "predict", "method.name": "bp"}),
+    Row("predict-recompute", "corrector.name", {"corrector.name": "predict", "method.stash": "recompute"}),
+    Row("predict-adam", "corrector.name", {"corrector.name": "predict", "optim.name": "adam", "optim.lr": 0.001,
+                                            "optim.momentum": 0.0}),
+    Row("dc_lambda<0", "corrector.dc_lambda", {"corrector.name": "dc", "corrector.dc_lambda": -1.0}),
+    Row("dc_momentum=1", "corrector.dc_momentum", {"corrector.name": "dc", "corrector.dc_momentum": 1.0}),
+    Row("anneal_steps=0", "corrector.anneal_steps", {"corrector.name": "lr_by_delay", "corrector.anneal_steps": 0}),
 ]
+
+
+def two_logits(num_classes: int = 10) -> list[torch.nn.Module]:
+    """A model=custom target whose output does not match the data (2 logits for 10 classes)."""
+    return [torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2)]
 
 
 def _apply(cfg: Config, overrides: dict[str, object]) -> None:
@@ -242,3 +276,15 @@ def test_torchrun_world_size_mismatch_is_rejected_by_every_rank(tmp_path: Path) 
     assert proc.returncode != 0
     assert proc.stderr.count("invalid configuration: pipeline.k: the launcher started 2 processes") == 2, proc.stderr
     assert not (tmp_path / "run" / "train.log").exists()
+
+
+def test_official_variant_only_where_the_authors_have_it() -> None:
+
+    cfg = small_config(**{"model.variant": "official"})
+    with pytest.raises(ConfigError, match="model.variant: variant=official exists for resnet20"):
+        validate(cfg)
+    cfg.model.name = "resnet20"
+    validate(cfg)
+    cfg.model.variant = "paper"
+    with pytest.raises(ConfigError, match="model.variant: 'paper' is not one of ours, official"):
+        validate(cfg)

@@ -226,3 +226,13 @@ def test_an_empty_class_folder_is_named(tmp_path: Path) -> None:
     (tmp_path / "train" / "emu").mkdir()
     with pytest.raises(FileNotFoundError, match=f"data.root: {tmp_path / 'train'}: .*emu"):
         data.load(cfg, 0)
+
+
+def test_data_std_overrides_the_normalisation() -> None:
+    """data.std: the FDG authors' CIFAR-10 std (parity runs) replaces the dataset's in both splits."""
+    cfg = DataConfig(train_size=8, test_size=4)
+    train, test = data.load(cfg, 0)
+    cfg.std = [0.2023, 0.1994, 0.2010]
+    train2, test2 = data.load(cfg, 0)
+    assert train2.std == test2.std == (0.2023, 0.1994, 0.2010) != train.std
+    assert torch.equal(train2.images, train.images) and train2.mean == train.mean

@@ -68,6 +68,15 @@ def test_recompute_through_nccl_rules_equals_its_reference() -> None:
     assert_same_weights(merged_state(run_emulated(cfg)), reference_state(cfg))
 
 
+def test_mixed_stash_through_nccl_rules_equals_its_reference_and_differs_from_stashing() -> None:
+    """method.stash=mixed (the authors' code under PyTorch 1.0: stored activations, live weights at backward)."""
+    cfg = _cfg("fdg", 3, **{"method.stash": "mixed"})
+    got = merged_state(run_emulated(cfg, evaluate=False))
+    assert_same_weights(got, reference_state(cfg))
+    stashed = reference_state(_cfg("fdg", 3))
+    assert any(not torch.equal(got[n], stashed[n]) for n in stashed)
+
+
 def test_nhwc_and_bf16_cross_the_wire_under_nccl_rules() -> None:
     """channels_last: the same model up to float rounding, NHWC on the wire; bf16: activations and gradients
     travel as bf16 and training stays finite."""

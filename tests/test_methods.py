@@ -160,7 +160,8 @@ def test_hydra_multirun_over_every_pipelined_method(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run_cli(tmp_path, f"method={','.join(methods)}", "pipeline.k=2", f"hydra.sweep.dir={sweep}", multirun=True)
     for job, method in enumerate(methods):
-        result = json.loads((sweep / str(job) / "result.json").read_text())
+        job_dir = sweep / f"{job}_method={method}"  # sweep job directories name their swept values
+        result = json.loads((job_dir / "result.json").read_text())
         assert (result["method"], result["k"]) == (method, 2)
-        log = (sweep / str(job) / "train.log").read_text()
+        log = (job_dir / "train.log").read_text()
         assert "rank 0/2: module 0 of 2" in log and "rank 1/2: module 1 of 2" in log

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fdg_dist import models, partition
+from fdg_dist.config import ModelConfig
 
 # Published sizes (He et al. 2016; Zagoruyko & Komodakis 2016; the CIFAR ResNet-18), 10 classes.
 EXPECTED_PARAMS = {
@@ -26,7 +27,7 @@ def _num_params(module: nn.Module) -> int:
 
 
 def test_names_sorted_and_complete() -> None:
-    assert models.names() == sorted([*EXPECTED_PARAMS, "tiny"])
+    assert models.names() == sorted([*EXPECTED_PARAMS, "tiny", "gpt", "torchvision", "custom"])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
@@ -99,5 +100,43 @@ def test_aux_head_shapes() -> None:
     assert any(isinstance(m, nn.BatchNorm2d) for m in head.modules())
     flat = models.aux_head((4, 64), 100)
     assert flat(torch.randn(4, 64)).shape == (4, 100)
+    tokens = torch.randn(4, 5, 8)  # (N, T, C): per token for next-token labels, else of the mean token
+    assert models.aux_head((4, 5, 8), 10, per_token=True)(tokens).shape == (4, 5, 10)
+    assert models.aux_head((4, 5, 8), 10)(tokens).shape == (4, 10)
     with pytest.raises(ValueError):
-        models.aux_head((4, 3, 8), 10)
+        models.aux_head((4, 3, 8, 8, 2), 10)
+    with pytest.raises(ValueError, match="per-token"):
+        models.aux_head((4, 64), 10, per_token=True)
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_official_variants_are_the_authors_models() -> None:
+    """model.variant=official: the FDG authors' definitions — same block boundaries and output shape; the CIFAR
+    ResNet has our parameters but pools only the top-left 6×6 of the 8×8 map; WRN-28-10 adds a bias to every
+    convolution (ours has none) and its blocks take the stride on their second convolution."""
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    ours, official = models.build("resnet20", 10), models.build(ModelConfig(name="resnet20", variant="official"), 10)
+    assert _count(official) == _count(ours) == 269_722 and len(official) == len(ours)
+    official.eval()
+    head_in = official[:-1](x)
+    assert head_in.shape == (2, 64, 8, 8)
+    moved = head_in.clone()
+    moved[:, :, 6:, :] += 5.0  # outside the top-left 6x6 window: the head must not see it
+    moved[:, :, :, 6:] += 5.0
+    assert torch.equal(official[-1](moved), official[-1](head_in)) and official(x).shape == (2, 10)
+    assert not torch.equal(ours[-1](moved), ours[-1](head_in))
+    bn = [m.weight for m in official.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(w.min() >= 0 and w.max() < 1 for w in bn) and len({float(w[0].detach()) for w in bn}) > 1  # torch 1.0
+
+    wrn, wrn_ours = models.build(ModelConfig(name="wrn28_10", variant="official"), 10, "meta"), models.build("wrn28_10", 10, "meta")
+    conv_out = sum(m.out_channels for m in wrn.modules() if isinstance(m, torch.nn.Conv2d))
+    assert _count(wrn) == _count(wrn_ours) + conv_out == 36_489_290  # "36.5M" in their README
+    first = wrn[5]  # first block of stage 2 (160 -> 320 channels, stride 2)
+    assert (first.conv1.stride, first.conv2.stride) == ((1, 1), (2, 2)) and wrn[-1].bn.momentum == 0.9
+    assert wrn(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 10)
+    with pytest.raises(ValueError, match="variant=official exists for"):
+        models.build_blocks(ModelConfig(name="resnet18", variant="official"), 10)

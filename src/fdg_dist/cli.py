@@ -249,4 +249,8 @@ class ValidateSweep(Callback):
 
 
 def main() -> None:
+    # As under ``python -m fdg_dist.train``: modules in the working directory import (model._target_=my_model.fn);
+    # the spawned workers inherit the path.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     _main()

@@ -16,20 +16,50 @@ from typing import Any
 
 METHODS = ("fdg", "bp", "ddg", "fr", "dgl", "adl", "dp")
 SHRINKING_METHODS = ("fdg", "adl")
-STASH_MODES = ("weights", "recompute")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULERS = ("multistep", "cosine", "constant")
-DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+STASH_MODES = ("weights", "recompute", "mixed")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("multistep", "cosine", "constant", "step_cosine")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic", "text")
+TEXT_TOKENS = ("byte", "char")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip_step", "off")
 BACKENDS = ("auto", "nccl", "gloo")
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 MIN_TIMEOUT_S = 1.0
+CORRECTORS = ("none", "predict", "lookahead", "lr_by_delay", "dc")
+CORRECTED_METHODS = ("fdg", "adl", "ddg", "fr")  # methods whose modules apply delayed gradients
 
 
 @dataclass
 class ModelConfig:
+    """``name`` picks the builder (a zoo CNN, ``gpt``, ``torchvision`` or ``custom``); every other key under
+    ``model`` is an argument of that builder (``model.arch``, ``model.width``, ...), kept in ``args``."""
+
     name: str = "resnet20"
+    variant: str = "ours"  # ours | official (the FDG authors' definition: models/official.py)
+    _target_: str | None = None  # model=custom: "pkg.module.fn" returning blocks (called by hydra.utils.instantiate)
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """From the YAML form, where a builder's arguments sit beside ``name``."""
+        fixed = {key: raw[key] for key in ("name", "_target_", "variant") if key in raw}
+        return cls(**fixed, args={key: value for key, value in raw.items() if key not in fixed})
+
+    @property
+    def label(self) -> str:
+        """What logs, result.json and TensorBoard call the model: the zoo name, ``torchvision:<arch>`` or
+        ``custom:<target>``."""
+        if self.name == "torchvision":
+            return f"torchvision:{self.args.get('arch')}"
+        if self.name == "custom":
+            return f"custom:{self._target_}"
+        return self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form again (``from_dict`` inverts it): what workers receive and checkpoints fingerprint."""
+        return {"name": self.name, **({"_target_": self._target_} if self._target_ is not None else {}),
+                **({"variant": self.variant} if self.variant != "ours" else {}), **self.args}
 
 
 @dataclass
@@ -45,6 +75,10 @@ class DataConfig:
     test_subset: int | None = None
     augment: bool = True
     cache: bool = True  # decode small ImageFolder images once, keep them in memory
+    std: list[float] | None = None  # per-channel normalisation std instead of the dataset's (parity runs)
+    tokens: str = "byte"  # text: byte (vocabulary 256) | char (the file's distinct characters)
+    context: int = 128  # text: tokens per training sequence
+    val_fraction: float = 0.1  # text: the file's last 10 % validates (file order)
 
 
 @dataclass
@@ -57,6 +91,16 @@ class MethodConfig:
 
 
 @dataclass
+class CorrectorConfig:
+    """Staleness corrector beside each module's optimizer step (``correctors.py``); ``none`` is the paper's FDG."""
+
+    name: str = "none"
+    dc_lambda: float = 2.0  # dc: DC-ASGD-a's λ0
+    dc_momentum: float = 0.95  # dc: decay of the gradient's mean square (DC-ASGD-a's m)
+    anneal_steps: int = 500  # lr_by_delay: module steps until the LR is back at the schedule's
+
+
+@dataclass
 class OptimConfig:
     name: str = "sgd"
     lr: float = 0.1
@@ -64,6 +108,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8  # adam, adamw
 
 
 @dataclass
@@ -72,6 +117,8 @@ class SchedConfig:
     milestones: list[int] = field(default_factory=lambda: [150, 225, 275])
     gamma: float = 0.1
     warmup_epochs: int = 0
+    warmup_steps: int = 0  # step_cosine: linear warm-up over this many batches
+    min_lr_ratio: float = 0.0  # step_cosine: the LR the cosine ends at, as a fraction of optim.lr
 
 
 @dataclass
@@ -116,6 +163,7 @@ class LoggingConfig:
     progress: str = "auto"  # auto (a bar on a terminal, else plain lines), always (bar), lines, never
     progress_every_s: float = 30.0  # seconds between plain progress lines
     log_every_steps: int = 20
+    staleness_every_steps: int = 100  # staleness/ probes (one extra forward+backward per module); 0: off
     trace: bool = False
 
 
@@ -124,6 +172,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -140,7 +189,7 @@ class Config:
         return self.pipeline.k * self.pipeline.replicas
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
@@ -151,7 +200,9 @@ class Config:
                 continue
             value = raw[f.name]
             sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-            if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            if sub is ModelConfig and isinstance(value, dict):
+                kwargs[f.name] = ModelConfig.from_dict(value)
+            elif sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
                 kwargs[f.name] = _build(sub, value, f.name)
             else:
                 kwargs[f.name] = value
@@ -206,6 +257,8 @@ def _has_type(value: Any, hint: Any) -> bool:
     if origin is tuple:
         return (isinstance(value, (list, tuple)) and len(value) == len(args)
                 and all(_has_type(v, a) for v, a in zip(value, args)))
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
     raise TypeError(f"no type check for annotation {hint!r}")
 
 
@@ -217,7 +270,7 @@ def _type_name(hint: Any) -> str:
         return f"a list of {_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s, e.g. [1,2]"
     if typing.get_origin(hint) is tuple:
         return f"a list of {len(args)} numbers, e.g. [0.9,0.999]"
-    if dataclasses.is_dataclass(hint):
+    if dataclasses.is_dataclass(hint) or typing.get_origin(hint) is dict:
         return "a group of settings (key: value)"
     return {Any: "anything", bool: "true or false", int: "an integer", float: "a number", str: "a string",
             type(None): "null"}[hint]
@@ -264,6 +317,10 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(cfg.model.name in models.names(), "model.name",
              f"unknown model {cfg.model.name!r}; valid: {', '.join(models.names())}")
 
+    _require(cfg.model.variant in models.VARIANTS, "model.variant",
+             f"{cfg.model.variant!r} is not one of {', '.join(models.VARIANTS)}")
+    _require(cfg.model.variant == "ours" or cfg.model.name in models.official.NAMES, "model.variant",
+             f"variant=official exists for {', '.join(models.official.NAMES)}, not {cfg.model.name!r}")
     _require(d.name in DATASETS, "data.name", f"unknown dataset {d.name!r}; valid: {', '.join(DATASETS)}")
     _require(d.num_classes >= 2, "data.num_classes", f"{d.num_classes!r} must be ≥ 2")
     _require(d.name not in CIFAR_CLASSES or d.num_classes == CIFAR_CLASSES[d.name], "data.num_classes",
@@ -290,11 +347,18 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
 
     _require(p.k >= 1, "pipeline.k", f"{p.k!r} must be an integer ≥ 1 (number of modules)")
     _require(p.replicas >= 1, "pipeline.replicas", f"{p.replicas!r} must be an integer ≥ 1")
+    _validate_corrector(cfg)
+    if cfg.data.name == "text":
+        _validate_text(cfg.data)
+    groups = num_blocks  # places an automatic split can put a module
     if num_blocks is None:
-        num_blocks = len(models.build_blocks(cfg.model.name, d.num_classes, device="meta"))
+        num_blocks, groups = _validate_model(cfg)
     stages = 1 if m.name == "dp" else p.k
     _require(stages <= num_blocks, "pipeline.k",
              f"K={p.k} modules but model {cfg.model.name!r} has only {num_blocks} blocks; use pipeline.k ≤ {num_blocks}")
+    _require(p.split != "auto" or stages <= groups, "pipeline.k",
+             f"K={p.k} modules but an automatic split of model {cfg.model.name!r} can make only {groups} (a module "
+             f"starts after a block with weights); use pipeline.k ≤ {groups} or give pipeline.split")
     _require(p.cost in ("flops", "time"), "pipeline.cost",
              f"{p.cost!r} is not one of flops (counted, the same on every machine), time (measured at start)")
     if p.split != "auto":
@@ -326,6 +390,7 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
 
     _require(o.name in OPTIMIZERS, "optim.name", f"unknown optimizer {o.name!r}; valid: {', '.join(OPTIMIZERS)}")
     _require(o.lr > 0, "optim.lr", f"{o.lr!r} must be > 0")
+    _require(o.eps > 0, "optim.eps", f"{o.eps!r} must be > 0")
     _require(0 <= o.momentum < 1, "optim.momentum", f"{o.momentum!r} must be in [0, 1)")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "true needs optim.momentum > 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"{o.weight_decay!r} must be ≥ 0")
@@ -337,6 +402,9 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
              f"{list(s.milestones)} must be strictly increasing epochs ≥ 1")
     _require(s.gamma > 0, "sched.gamma", f"{s.gamma!r} must be > 0 (the LR factor at each milestone)")
     _require(s.warmup_epochs >= 0, "sched.warmup_epochs", f"{s.warmup_epochs!r} must be ≥ 0")
+    _require(s.warmup_steps >= 0, "sched.warmup_steps", f"{s.warmup_steps!r} must be ≥ 0 (batches)")
+    _require(0.0 <= s.min_lr_ratio <= 1.0, "sched.min_lr_ratio",
+             f"{s.min_lr_ratio!r} must be in [0, 1] (the final LR as a fraction of optim.lr)")
 
     _require(cfg.dist.backend in BACKENDS, "dist.backend", f"{cfg.dist.backend!r} is not one of {', '.join(BACKENDS)}")
     _require(cfg.dist.timeout_s >= MIN_TIMEOUT_S, "dist.timeout_s",
@@ -355,6 +423,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
              f"{cfg.logging.progress_every_s!r} must be ≥ 0 seconds")
     _require(cfg.logging.log_every_steps >= 1, "logging.log_every_steps",
              f"{cfg.logging.log_every_steps!r} must be ≥ 1")
+    _require(d.std is None or (len(d.std) == 3 and all(v > 0 for v in d.std)), "data.std",
+             f"{d.std!r} must be null or 3 positive per-channel values, e.g. [0.2023, 0.1994, 0.2010]")
     if d.name == "imagefolder":
         _require(d.root not in (None, "", "???"), "data.root",
                  "is required for data=imagefolder: a folder with train/ and val/ (or test/), e.g. data.root=/data/cifar10")
@@ -363,6 +433,71 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
                  f"{d.root!r} is not a directory; imagefolder needs data.root with train/ and val/ (or test/)")
         _require((root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()), "data.root",
                  f"{root} must hold train/ and val/ or test/ subdirectories (one folder per class)")
+    _require(isinstance(cfg.logging.staleness_every_steps, int) and cfg.logging.staleness_every_steps >= 0,
+             "logging.staleness_every_steps", f"{cfg.logging.staleness_every_steps!r} must be an integer ≥ 0 (0: off)")
     _require(cfg.resume in ("auto", "never") or Path(cfg.resume).is_dir(), "resume",
              f"{cfg.resume!r} must be auto, never, or an existing checkpoint directory "
              f"(<run dir>/{cfg.checkpoint.dir}/epochNNNN, or a run directory)")
+
+
+def _validate_corrector(cfg: Config) -> None:
+    """A corrector needs delayed gradients; weight-based ones need the stashed weights and SGD's velocity."""
+    c, m = cfg.corrector, cfg.method
+    _require(c.name in CORRECTORS, "corrector.name", f"unknown corrector {c.name!r}; valid: {', '.join(CORRECTORS)}")
+    if c.name == "none":
+        return
+    _require(m.name in CORRECTED_METHODS, "corrector.name",
+             f"corrector={c.name} corrects delayed gradients; method {m.name!r} has none "
+             f"(valid with {', '.join(CORRECTED_METHODS)}); use corrector=none")
+    if c.name in ("predict", "lookahead", "dc"):
+        _require(m.stash == "weights" and m.name != "fr", "corrector.name",
+                 f"corrector={c.name} works on the stashed weights; method {m.name!r} with method.stash={m.stash} "
+                 "re-runs the forward on the live weights (use method.stash=weights, or corrector=lr_by_delay)")
+    if c.name in ("predict", "lookahead"):
+        _require(cfg.optim.name == "sgd" and cfg.optim.momentum > 0, "corrector.name",
+                 f"corrector={c.name} extrapolates along SGD's momentum buffer; it needs optim=sgd with "
+                 f"optim.momentum > 0 (got optim={cfg.optim.name}, momentum {cfg.optim.momentum})")
+    _require(c.dc_lambda >= 0, "corrector.dc_lambda", f"{c.dc_lambda!r} must be ≥ 0")
+    _require(0 <= c.dc_momentum < 1, "corrector.dc_momentum", f"{c.dc_momentum!r} must be in [0, 1)")
+    _require(isinstance(c.anneal_steps, int) and c.anneal_steps >= 1, "corrector.anneal_steps",
+             f"{c.anneal_steps!r} must be an integer ≥ 1")
+
+
+def _validate_text(d: DataConfig) -> None:
+    """data=text: the settings, then the file itself (it exists, decodes, has data.num_classes symbols, and both
+    of its parts hold a sequence)."""
+    from fdg_dist import data  # local, as models above
+
+    _require(d.tokens in TEXT_TOKENS, "data.tokens", f"{d.tokens!r} is not one of {', '.join(TEXT_TOKENS)}")
+    _require(isinstance(d.context, int) and d.context >= 1, "data.context", f"{d.context!r} must be an integer ≥ 1")
+    _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"{d.val_fraction!r} must be in (0, 1)")
+    try:
+        data.load(d, seed=0)  # text is split and read without randomness
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _validate_model(cfg: Config) -> tuple[int, int]:
+    """Build the model on the meta device and pass it one sample of the data: it must build, take the
+    data's input and return one logit vector per label.  Returns its number of blocks and how many modules
+    an automatic split can make of them."""
+    from fdg_dist import data, models, partition
+
+    name = f"model._target_={cfg.model._target_}" if cfg.model.name == "custom" else f"model={cfg.model.name}"
+    _require(cfg.model.name != "gpt" or cfg.data.name == "text", "model.name",
+             f"gpt is a language model and trains on token sequences: use data=text (data is {cfg.data.name})")
+    try:
+        blocks = models.build_blocks(cfg.model, cfg.data.num_classes, device="meta")
+    except Exception as e:  # a custom model's own code may raise anything
+        message = str(e) if str(e).startswith("model") else f"model: {name} failed to build: {type(e).__name__}: {e}"
+        raise ConfigError(message) from None
+    spec = data.sample_spec(cfg.data)
+    try:
+        out = tuple(partition.boundary_shapes(blocks, (1, *spec.shape), spec.dtype)[-1])
+    except Exception as e:
+        raise ConfigError(f"model: {name} cannot take data={cfg.data.name}'s input ({spec.dtype} of shape "
+                          f"{(1, *spec.shape)}): {type(e).__name__}: {e}") from None
+    want = (1, *spec.label_shape, cfg.data.num_classes)
+    _require(out == want, "model", f"{name} returns {out} for one sample of data={cfg.data.name}; training needs "
+                                   f"{want}: one logit per class (data.num_classes) for every label")
+    return len(blocks), len(partition.weighted_starts(blocks)) + 1

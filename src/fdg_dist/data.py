@@ -1,6 +1,8 @@
-"""Datasets as in-memory uint8 tensors, and reproducible epochs of batches over them.
+"""Datasets as in-memory tensors, and reproducible epochs of batches over them.
 
-Only pipeline module 0 reads images.  Every random choice (epoch order, crop offsets, flips, subsets) is
+Images are uint8 (N, C, H, W) tensors; text (``data=text``) is one token stream cut into sequences of
+``data.context`` tokens, each paired with the same tokens shifted by one (next-token prediction).
+Only pipeline module 0 reads images or text.  Every random choice (epoch order, crop offsets, flips, subsets) is
 drawn from a generator seeded by a stable hash of (seed, epoch, batch index), never from global RNG
 state, so batch b of epoch e is the same tensor whether the run started at epoch 0, resumed from a
 checkpoint, or is replayed by the single-process reference simulation.
@@ -14,10 +16,11 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.error import URLError
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +47,50 @@ class ImageSet:
         return len(self.labels)
 
 
-def describe(data: ImageSet) -> str:
+@dataclass
+class TextSet:
+    """A token stream read as sequences of ``context`` tokens: sequence i is tokens [o + iT, o + (i+1)T) and its
+    targets the tokens one further, for an epoch's offset o in [0, T) (so training sees every cut)."""
+
+    tokens: torch.Tensor  # uint8 (vocabulary ≤ 256) or int32, one dimension
+    context: int
+    vocab: list[str] | None  # character-level: the characters, in id order; byte-level: None
+
+    def __len__(self) -> int:
+        """Sequences per epoch, the same for every offset."""
+        return max((len(self.tokens) - self.context) // self.context, 0)
+
+    @property
+    def num_classes(self) -> int:
+        return 256 if self.vocab is None else len(self.vocab)
+
+    def sequences(self, idx: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, next tokens) of sequences ``idx`` at ``offset``, each int64 (len(idx), context)."""
+        starts = offset + idx * self.context
+        window = self.tokens[starts[:, None] + torch.arange(self.context + 1)].long()
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sample as the model sees it: input shape and dtype, and the shape of its labels."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    label_shape: tuple[int, ...] = ()
+
+
+def sample_spec(cfg: DataConfig) -> SampleSpec:
+    """Images: float (3, S, S) with one label; text: int64 tokens (T,) with T next-token labels."""
+    if cfg.name == "text":
+        return SampleSpec((cfg.context,), torch.int64, (cfg.context,))
+    return SampleSpec((3, cfg.image_size, cfg.image_size), torch.float32)
+
+
+def describe(data: ImageSet | TextSet) -> str:
+    if isinstance(data, TextSet):
+        kind = "bytes" if data.vocab is None else f"characters ({data.num_classes} distinct)"
+        return f"{len(data.tokens)} {kind}, {len(data)} sequences of {data.context}"
     n, c, h, w = data.images.shape
     return f"{n} images {c}x{h}x{w}, {data.num_classes} classes"
 
@@ -60,8 +106,10 @@ def _generator(*parts: int | str) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
+def load(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet] | tuple[TextSet, TextSet]:
     """(train, test) for ``cfg.name``, each cut to ``cfg.train_subset`` / ``cfg.test_subset`` if set."""
+    if cfg.name == "text":
+        return _text(cfg)
     if cfg.name == "synthetic":
         train, test = _synthetic(cfg, seed)
     elif cfg.name in CIFAR_STATS:
@@ -76,6 +124,8 @@ def load(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
         if split.images.shape[-2:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"data.image_size is {cfg.image_size} but {cfg.name} images are "
                              f"{tuple(split.images.shape[-2:])}; resize the images or set data.image_size")
+    if cfg.std is not None:  # e.g. the FDG authors' CIFAR-10 std (0.2023, 0.1994, 0.2010)
+        train, test = (replace(split, std=tuple(cfg.std)) for split in (train, test))
     return _subset(train, cfg.train_subset, seed, "train"), _subset(test, cfg.test_subset, seed, "test")
 
 
@@ -309,6 +359,51 @@ def first_line(text: str) -> str:
     return re.sub(r"^\w+, \S+\.cpp:\d+, ", "", line)
 
 
+def text_tokens(cfg: DataConfig) -> tuple[torch.Tensor, list[str] | None]:
+    """The file ``data.root`` as token ids, and its vocabulary (None for bytes), checked against the config.
+
+    Character level: the file's distinct characters, sorted, over the whole file (train and validation).
+    """
+    path = Path(cfg.root) if cfg.root else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"data.root: {cfg.root!r} is not a file; data=text needs data.root to be a text file")
+    raw = path.read_bytes()
+    if cfg.tokens == "byte":
+        ids, vocab = torch.frombuffer(bytearray(raw), dtype=torch.uint8), None
+        size = 256
+    else:
+        try:
+            codes = np.frombuffer(raw.decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data.root: {cfg.root!r} is not UTF-8 text ({e}); use data.tokens=byte") from None
+        points, inverse = np.unique(codes, return_inverse=True)
+        vocab = [chr(c) for c in points]
+        size = len(vocab)
+        ids = torch.from_numpy(inverse.astype(np.uint8 if size <= 256 else np.int32))
+    if cfg.num_classes != size:
+        what = "bytes" if vocab is None else f"distinct characters in {path.name}"
+        raise ValueError(f"data.num_classes={cfg.num_classes} but the vocabulary is {size} {what}; "
+                         f"set data.num_classes={size}")
+    return ids, vocab
+
+
+def _text(cfg: DataConfig) -> tuple[TextSet, TextSet]:
+    """The first (1 - val_fraction) of the file trains, the rest validates (file order, no shuffling);
+    ``train_subset``/``test_subset`` keep the first N sequences of each."""
+    ids, vocab = text_tokens(cfg)
+    cut = int(len(ids) * (1 - cfg.val_fraction))
+    sets = []
+    for part, subset, split in ((ids[:cut], cfg.train_subset, "training"), (ids[cut:], cfg.test_subset, "validation")):
+        if subset is not None:
+            part = part[:(subset + 1) * cfg.context]
+        text = TextSet(part.clone(), cfg.context, vocab)
+        if len(text) < 1:
+            raise ValueError(f"data.context={cfg.context}: the {split} text ({len(part)} tokens of {cfg.root}) holds "
+                             f"no sequence of that length plus one; lower data.context or data.val_fraction")
+        sets.append(text)
+    return sets[0], sets[1]
+
+
 # ------------------------------------------------------------------------------------------------ batching
 def batch_sizes(n: int, batch_size: int) -> list[int]:
     """Global batch sizes of one epoch over n samples: full batches, then a partial one (no drop_last)."""
@@ -355,9 +450,13 @@ class Normalize:
 
 
 class Batches:
-    """One epoch at a time of (x, y) batches; order and augmentation depend only on (seed, epoch, batch)."""
+    """One epoch at a time of (x, y) batches; order and augmentation depend only on (seed, epoch, batch).
 
-    def __init__(self, data: ImageSet, batch_size: int, *, train: bool, augment: bool, seed: int,
+    Images: normalised float (n, 3, H, W) and labels (n,); text: tokens and next tokens, int64 (n, T), the
+    training epoch's sequence offset drawn from (seed, epoch), 0 for evaluation.
+    """
+
+    def __init__(self, data: ImageSet | TextSet, batch_size: int, *, train: bool, augment: bool, seed: int,
                  device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1)) -> None:
         replica, replicas = shard
         if batch_size % replicas:
@@ -367,7 +466,7 @@ class Batches:
         self.data, self.batch_size, self.train, self.augment, self.seed = data, batch_size, train, augment, seed
         self.device = torch.device(device)
         self.replica, self.replicas = replica, replicas
-        self._normalize = Normalize(data.mean, data.std, self.device)
+        self._normalize = None if isinstance(data, TextSet) else Normalize(data.mean, data.std, self.device)
 
     def batch_sizes(self) -> list[int]:
         return [shard_size(n, self.batch_size // self.replicas, self.replica, self.replicas)
@@ -385,18 +484,32 @@ class Batches:
         """Batches start_batch.. of the epoch; batch b is the same tensor whichever batch iteration began at."""
         order = self.order(epoch)
         cuda = self.device.type == "cuda"
+        text = isinstance(self.data, TextSet)
+        offset = self._offset(epoch) if text else 0
         for b, n in enumerate(batch_sizes(len(self.data), self.batch_size)):
             if b < start_batch:
                 continue
             lo, hi = shard_bounds(n, self.replica, self.replicas)
             idx = order[b * self.batch_size + lo:b * self.batch_size + hi]
-            x, y = self.data.images[idx], self.data.labels[idx]
-            if self.train and self.augment:
-                x = augment(x, *self._draw(epoch, b, n, lo, hi))
+            if text:
+                x, y = self.data.sequences(idx, offset)
+            else:
+                x, y = self.data.images[idx], self.data.labels[idx]
+                if self.train and self.augment:
+                    x = augment(x, *self._draw(epoch, b, n, lo, hi))
             if cuda:
                 x, y = x.pin_memory(), y.pin_memory()
-            x = self._normalize(x.to(self.device, non_blocking=cuda))
+            x = x.to(self.device, non_blocking=cuda)
+            if not text:
+                x = self._normalize(x)
             yield x, y.to(self.device, non_blocking=cuda)
+
+    def _offset(self, epoch: int) -> int:
+        """Where a text epoch's sequences start: random in [0, context) when training, so every epoch cuts the
+        stream elsewhere; 0 for evaluation."""
+        if not self.train:
+            return 0
+        return int(torch.randint(0, self.data.context, (1,), generator=_generator(self.seed, "offset", epoch)))
 
     def _draw(self, epoch: int, b: int, n: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Crop offsets and flips for the whole global batch, then this shard's rows: shards agree with it."""

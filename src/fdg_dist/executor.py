@@ -28,11 +28,13 @@ from fdg_dist.transport import Envelope, Transport
 
 @dataclass(frozen=True)
 class Boundary:
-    """Per-sample activation shapes at this module's input and output, and the dtype on the wire."""
+    """Per-sample activation shapes at this module's input and output, the dtype on the wire, and the
+    per-sample label shape (``()`` for a class, ``(T,)`` for next-token targets)."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
+    label_shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -160,7 +162,7 @@ def _sync_debug(device: torch.device) -> Iterator[None]:
 
 class Executor:
     def __init__(self, stage: Stage, transport: Transport, boundary: Boundary, *, record: bool = True,
-                 measure_every: int = 0, clock: Clock | None = None) -> None:
+                 measure_every: int = 0, clock: Clock | None = None, probe_every: int = 0) -> None:
         self.stage = stage
         self.transport = transport
         self.boundary = boundary
@@ -168,6 +170,7 @@ class Executor:
         self.K = stage.num_stages
         self.record = record
         self.measure_every = measure_every  # steps between update/weight-ratio measurements (0: never)
+        self.probe_every = probe_every  # steps between staleness probes (0: never)
         self.clock = clock or HostClock()
 
     def run(self, plan: Plan, batch_sizes: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
@@ -233,14 +236,13 @@ class Executor:
                 elif a.kind is Kind.BACKWARD:
                     (grad,) = self.transport.take(*needs)
                     ready = self.clock.mark()
-                    grad_in = self.stage.backward(a.batch, grad)
+                    grad_in = self.stage.backward(a.batch, grad, probe=self._due(self.probe_every))
                     if grad_in is not None:
                         outbox[("grad", a.batch)] = [grad_in]
                     applied.append(a.batch)
                 else:
                     ready = start
-                    measure = self.measure_every > 0 and self.stage.steps % self.measure_every == 0
-                    info = self.stage.step(measure=measure)
+                    info = self.stage.step(measure=self._due(self.measure_every), probe=self._due(self.probe_every))
                 stepped = tuple(applied) if a.kind is Kind.STEP else ()
                 if stepped:
                     applied = []
@@ -262,6 +264,10 @@ class Executor:
                                      result.samples)
                 return
 
+    def _due(self, every: int) -> bool:
+        """Whether the stage's coming step is one of every ``every`` (0: never); a host counter, no device read."""
+        return every > 0 and self.stage.steps % every == 0
+
     @property
     def _has_loss(self) -> bool:
         return self.stage.is_last or self.stage.aux_head is not None
@@ -274,5 +280,5 @@ class Executor:
         shape = self.boundary.out_shape if mine_is_lower else self.boundary.in_shape
         main = Envelope(m.kind, phase, epoch, m.batch, self.boundary.dtype, (n, *shape))
         if downstream:
-            return [main, Envelope("labels", phase, epoch, m.batch, torch.int64, (n,))]
+            return [main, Envelope("labels", phase, epoch, m.batch, torch.int64, (n, *self.boundary.label_shape))]
         return [main]

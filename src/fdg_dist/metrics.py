@@ -24,6 +24,8 @@ from typing import TextIO
 
 import torch
 
+from fdg_dist import loss
+from fdg_dist import staleness as staleness_probe
 from fdg_dist.checkpoint import atomic_write
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult, Event
@@ -163,6 +165,13 @@ class Stop:
     reason: str
 
 
+def language_metrics(train: EpochResult, test: EpochResult) -> dict[str, float]:
+    """What language models are compared by: bits per character (per token: per byte for byte-level text)
+    and the validation perplexity per token; losses are mean nats per token."""
+    return {"train_bpc": loss.bits(train.loss), "test_bpc": loss.bits(test.loss),
+            "test_perplexity": math.exp(min(test.loss, 700.0))}  # exp overflows a float beyond ~709
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank so far: CUDA allocations on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
@@ -255,11 +264,21 @@ class RunLog:
         row = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_error": train.error,
                "test_loss": test.loss, "test_error": test.error, "epoch_time_s": seconds,
                "samples_per_s": samples / seconds if seconds > 0 else 0.0}
+        text = self._language(train, test)
+        row.update(text)
         append_line(self.metrics_path, json.dumps(row))
         self.last = row
         log.info("epoch %3d/%d  lr %.4g  train loss %.4f err %.2f%%  test loss %.4f err %.2f%%  %.1fs  %.0f samples/s",
                  epoch + 1, self.cfg.trainer.epochs, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
                  row["samples_per_s"])
+        if text:
+            log.info("epoch %3d/%d  bits/char train %.3f test %.3f  test perplexity %.2f", epoch + 1,
+                     self.cfg.trainer.epochs, text["train_bpc"],
+                     text["test_bpc"], text["test_perplexity"])
+
+    def _language(self, train: EpochResult, test: EpochResult) -> dict[str, float]:
+        """Bits per character and perplexity for text data, nothing otherwise."""
+        return language_metrics(train, test) if self.cfg.data.name == "text" else {}
 
     def _tensorboard(self, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
                      events: list[Event], steps: int) -> None:
@@ -268,12 +287,15 @@ class RunLog:
             for tag, value in (("train/loss", train.loss), ("train/error", train.error),
                                ("test/loss", test.loss), ("test/error", test.error)):
                 w.add_scalar(tag, value, steps)
+            for name, value in self._language(train, test).items():  # train_bpc -> train/bpc
+                w.add_scalar(name.replace("_", "/", 1), value, steps)
         norms, ratios = step_series(events)
         first = steps - len(norms) + 1  # module step number of the epoch's first step
         for i, norm in enumerate(norms):
             w.add_scalar("module/grad_norm", norm, first + i)
         for i, ratio in ratios.items():
             w.add_scalar("module/update_ratio", ratio, first + i)
+        self._staleness_tags(w, events, first)
         stale = staleness(events)
         summary = timing.to_dict()
         for tag, value in (
@@ -288,6 +310,15 @@ class RunLog:
                 ("memory/peak_mb", peak_memory_mb(self.device))):
             w.add_scalar(tag, value, steps)
         w.flush()
+
+    @staticmethod
+    def _staleness_tags(w, events: list[Event], first: int) -> None:
+        """``staleness/<tag>`` at every probed step (``staleness.py``), read in one transfer."""
+        infos = [e.step for e in events if e.step is not None]
+        probes = [(first + i, s.staleness) for i, s in enumerate(infos) if s.staleness is not None]
+        for tag, points in staleness_probe.series(probes).items():
+            for step, value in points:
+                w.add_scalar(f"staleness/{tag}", value, step)
 
     def finish(self, *, wall_s: float, best_error: float, steps: int, stop: Stop) -> dict | None:
         """Write ``result.json``, the HParams summary (at the module's final step ``steps``) and the
@@ -307,9 +338,11 @@ class RunLog:
             "final_test_error": self.last["test_error"] if self.last else None,
             "best_test_error": best_error if math.isfinite(best_error) else None,
             "final_test_loss": self.last["test_loss"] if self.last else None,
+            **({"final_test_bpc": self.last["test_bpc"]} if self.last and "test_bpc" in self.last else {}),
             "wall_time_s": wall_s,
             "k": cfg.pipeline.k, "replicas": cfg.pipeline.replicas, "beta": cfg.method.beta,
-            "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
+            "method": cfg.method.name, "corrector": cfg.corrector.name, "model": cfg.model.label,
+            "data": cfg.data.name,
             "seed": cfg.trainer.seed, "epochs": stop.epochs, "steps": stop.steps, "stop_reason": stop.reason,
             "epochs_planned": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps,
             "batch_size": cfg.trainer.batch_size,
@@ -322,8 +355,8 @@ class RunLog:
         from torch.utils.tensorboard.summary import hparams
 
         cfg = self.cfg
-        params = {"method": cfg.method.name, "beta": cfg.method.beta, "k": cfg.pipeline.k,
-                  "replicas": cfg.pipeline.replicas, "model": cfg.model.name, "data": cfg.data.name,
+        params = {"method": cfg.method.name, "corrector": cfg.corrector.name, "beta": cfg.method.beta, "k": cfg.pipeline.k,
+                  "replicas": cfg.pipeline.replicas, "model": cfg.model.label, "data": cfg.data.name,
                   "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "batch_size": cfg.trainer.batch_size,
                   "seed": cfg.trainer.seed}
         metrics = {f"hparams/{name}": result[name] for name in ("final_test_error", "best_test_error")

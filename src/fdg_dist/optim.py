@@ -1,13 +1,22 @@
-"""Each module's own optimizer and epoch-wise LR schedule (identical settings on every module)."""
+"""Each module's own optimizer and LR schedule (identical settings on every module).
+
+Schedules are epoch-wise (``multistep``, ``cosine``, ``constant``: the LR changes between epochs, after the
+drain) or per batch (``step_cosine``: linear warm-up, then cosine, moved on after every optimizer step by
+the number of batches that step applied).  Counting batches rather than optimizer steps gives every method
+the same LR for the same batch, ``adl`` included (it steps once per ``accum_steps`` batches).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from fdg_dist.config import OptimConfig, SchedConfig
+
+PER_BATCH = ("step_cosine",)
 
 
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -15,8 +24,20 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; valid: sgd, adam")
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(_decay_groups(params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                 eps=cfg.eps)
+    raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; valid: sgd, adam, adamw")
+
+
+def _decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's usual split: weight decay on matrices, kernels and embeddings (≥ 2 dimensions), none on
+    biases and normalisation gains.  A rule per parameter, so K modules decay what the unsplit model does."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_factor(cfg: SchedConfig, epoch: int, epochs: int) -> float:
@@ -31,6 +52,55 @@ def lr_factor(cfg: SchedConfig, epoch: int, epochs: int) -> float:
     return 1.0
 
 
-def build_scheduler(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per epoch, after the drain, so every module changes LR between the same batches."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e, epochs))
+def step_factor(cfg: SchedConfig, batch: int, total: int) -> float:
+    """Multiplier of the base LR for a step whose first batch is the run's ``batch``-th (0-based) of ``total``:
+    linear warm-up over ``warmup_steps`` batches, then a cosine from 1 down to ``min_lr_ratio`` at ``total``."""
+    if batch < cfg.warmup_steps:
+        return (batch + 1) / (cfg.warmup_steps + 1)
+    progress = min((batch - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LRSchedule:
+    """A module's LR schedule: ``step()`` at every epoch end (where epoch-wise schedules move), ``advance(n)``
+    after every optimizer step that applied n batches (where per-batch schedules move)."""
+
+    def __init__(self, cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int,
+                 total_batches: int | None = None) -> None:
+        self.per_batch = cfg.name in PER_BATCH
+        if self.per_batch:
+            if total_batches is None:
+                raise ValueError(f"sched.name={cfg.name} is per batch and needs the run's number of batches")
+            factor = lambda i: step_factor(cfg, i, total_batches)  # noqa: E731
+        else:
+            factor = lambda e: lr_factor(cfg, e, epochs)  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def step(self) -> None:
+        """An epoch ended (after its drain): epoch-wise schedules take their next value."""
+        if not self.per_batch:
+            self.scheduler.step()
+
+    def advance(self, batches: int) -> None:
+        """An optimizer step applied ``batches`` batches: per-batch schedules move on by as many."""
+        if self.per_batch:
+            for _ in range(batches):
+                self.scheduler.step()
+
+    @property
+    def last_epoch(self) -> int:
+        """Where the schedule stands: epochs ended (epoch-wise) or batches applied (per batch)."""
+        return self.scheduler.last_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+def build_scheduler(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int,
+                    total_batches: int | None = None) -> LRSchedule:
+    """``total_batches`` (the run's training batches: epochs × batches per epoch, capped by
+    ``trainer.max_steps``) sizes per-batch schedules; epoch-wise ones ignore it."""
+    return LRSchedule(cfg, optimizer, epochs, total_batches)

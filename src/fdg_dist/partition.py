@@ -1,7 +1,9 @@
 """Splitting a block list into K contiguous pipeline modules, and reporting the result.
 
 Pure functions, no process group: every rank computes the same split from the same inputs.
-Shapes and FLOPs are computed on the meta device so even wrn28_10 costs no real memory.
+Shapes and FLOPs are computed on the meta device so even wrn28_10 costs no real memory.  A model's
+input is float images or, for language models, int64 tokens (``dtype``); every later boundary is what
+the blocks make of it.
 """
 
 from __future__ import annotations
@@ -43,30 +45,34 @@ def _meta_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return functional_call(block, state, (x,))
 
 
-def _probe(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> tuple[list[torch.Size], list[int]]:
-    """Boundary shapes and counted forward FLOPs of each block for one meta pass."""
-    x = torch.empty(tuple(input_shape), device=_META)
-    shapes, flops = [x.shape], []
+def _probe(blocks: Sequence[nn.Module], input_shape: Sequence[int], dtype: torch.dtype = torch.float32
+           ) -> tuple[list[torch.Size], list[int], list[torch.dtype]]:
+    """Boundary shapes, counted forward FLOPs of each block and boundary dtypes for one meta pass."""
+    x = torch.empty(tuple(input_shape), dtype=dtype, device=_META)
+    shapes, flops, dtypes = [x.shape], [], [x.dtype]
     for block in blocks:
         with FlopCounterMode(display=False) as counter:
             x = _meta_forward(block, x)
         shapes.append(x.shape)
         flops.append(counter.get_total_flops())
-    return shapes, flops
+        dtypes.append(x.dtype)
+    return shapes, flops, dtypes
 
 
-def boundary_shapes(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> list[torch.Size]:
+def boundary_shapes(blocks: Sequence[nn.Module], input_shape: Sequence[int],
+                    dtype: torch.dtype = torch.float32) -> list[torch.Size]:
     """Input shape of every block followed by the model output shape (``len(blocks) + 1`` entries)."""
-    return _probe(blocks, input_shape)[0]
+    return _probe(blocks, input_shape, dtype)[0]
 
 
-def block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> list[float]:
+def block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int],
+                dtype: torch.dtype = torch.float32) -> list[float]:
     """Per-block forward FLOPs for ``input_shape``.
 
     Blocks without counted FLOPs (only element-wise ops) are charged their output element count so
     no block is free and the partitioner still spreads them.
     """
-    return _charged(*_probe(blocks, input_shape))
+    return _charged(*_probe(blocks, input_shape, dtype)[:2])
 
 
 def _charged(shapes: Sequence[torch.Size], flops: Sequence[int]) -> list[float]:
@@ -77,7 +83,7 @@ def _charged(shapes: Sequence[torch.Size], flops: Sequence[int]) -> list[float]:
 
 def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
                          *, precision: str = "fp32", channels_last: bool = False, repeats: int = 5,
-                         warmup: int = 2) -> list[float]:
+                         warmup: int = 2, dtype: torch.dtype = torch.float32) -> list[float]:
     """Per-block seconds of one training forward + backward at ``input_shape``: the fastest of ``repeats``
     rounds after ``warmup`` rounds.
 
@@ -92,7 +98,9 @@ def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fmt = models.memory_format(channels_last)
     probes = [copy.deepcopy(b).to(device, memory_format=fmt).train() for b in blocks]
-    inputs, x = [], torch.randn(tuple(input_shape), device=device)
+    inputs = []
+    x = (torch.randn(tuple(input_shape), device=device) if dtype.is_floating_point
+         else torch.zeros(tuple(input_shape), dtype=dtype, device=device))  # token 0 is valid in any vocabulary
     with torch.no_grad(), autocast:
         for probe in probes:
             inputs.append(models.to_layout(x, fmt))
@@ -101,7 +109,7 @@ def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]
     for _ in range(warmup + repeats):
         seconds = []
         for i, probe in enumerate(probes):
-            inp = inputs[i].detach().requires_grad_(i > 0)
+            inp = inputs[i].detach().requires_grad_(i > 0 and inputs[i].is_floating_point())
             sync()
             tic = time.perf_counter()
             with autocast:
@@ -114,7 +122,8 @@ def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]
     return [min(r[i] for r in rounds[warmup:]) for i in range(len(probes))]
 
 
-def stash_bytes(blocks: Sequence[nn.Module], input_shape: Sequence[int], mode: str = "weights") -> int:
+def stash_bytes(blocks: Sequence[nn.Module], input_shape: Sequence[int], mode: str = "weights",
+                dtype: torch.dtype = torch.float32) -> int:
     """Bytes one stashed forward of ``blocks`` holds at ``input_shape`` (batch included), measured.
 
     ``weights``: the input, every tensor autograd saves for the backward (seen through saved-tensor
@@ -122,7 +131,7 @@ def stash_bytes(blocks: Sequence[nn.Module], input_shape: Sequence[int], mode: s
     only.  Measured on the meta device: the real graph, no memory.  Counting only the input and the
     weights, as an estimate would, misses the saved activations — several times larger on module 0.
     """
-    x = torch.empty(tuple(input_shape), device=_META)
+    x = torch.empty(tuple(input_shape), dtype=dtype, device=_META)
     if mode == "recompute":
         return x.untyped_storage().nbytes()
     module = nn.Sequential(*blocks)
@@ -135,7 +144,7 @@ def stash_bytes(blocks: Sequence[nn.Module], input_shape: Sequence[int], mode: s
         held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
         return t
 
-    x.requires_grad_()
+    x.requires_grad_(x.is_floating_point())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _mode(module, train=True):
         out = functional_call(module, state, (x,))
     for t in (x, out):
@@ -176,10 +185,19 @@ def _balanced_bounds(costs: Sequence[float], k: int) -> list[int]:
     return bounds[::-1]
 
 
-def split_points(costs: Sequence[float], k: int, split: str | Sequence[int]) -> list[int]:
+def weighted_starts(blocks: Sequence[nn.Module]) -> list[int]:
+    """Where an automatic split may start a module: after a block with weights, if weights follow.  A module
+    without any (a lone Flatten, ReLU or pooling block) would have nothing to train."""
+    weighted = [any(True for _ in b.parameters()) for b in blocks]
+    return [j for j in range(1, len(blocks)) if weighted[j - 1] and any(weighted[j:])]
+
+
+def split_points(costs: Sequence[float], k: int, split: str | Sequence[int],
+                 starts: Sequence[int] | None = None) -> list[int]:
     """Bounds ``[0, s1, ..., s_{K-1}, n]``; module i holds blocks ``bounds[i]:bounds[i+1]``.
 
-    ``split="auto"`` balances by cost; a list of K-1 block indices is used as given.
+    ``split="auto"`` balances by cost, starting modules only at ``starts`` (default: any block; see
+    ``weighted_starts``); a list of K-1 block indices is used as given.
     """
     n = len(costs)
     if not 1 <= k <= n:
@@ -187,7 +205,13 @@ def split_points(costs: Sequence[float], k: int, split: str | Sequence[int]) -> 
     if isinstance(split, str):
         if split != "auto":
             raise ValueError(f"pipeline.split={split!r} must be 'auto' or a list of {k - 1} block indices")
-        return _balanced_bounds(costs, k)
+        if starts is None:
+            return _balanced_bounds(costs, k)
+        groups = [0, *starts, n]  # blocks [groups[i], groups[i+1]) always stay together
+        if k > len(groups) - 1:
+            raise ValueError(f"pipeline.k={k}: an automatic split has only {len(groups) - 1} places to put modules "
+                             f"(a module starts after a block with weights); use pipeline.k ≤ {len(groups) - 1}")
+        return [groups[i] for i in _balanced_bounds(_module_costs(costs, groups), k)]
     points = list(split)
     bounds = [0, *points, n]
     if (
@@ -216,31 +240,37 @@ def describe(
     dtype_bytes: int = 4,
     seconds: Sequence[float] | None = None,
     stash: str = "weights",
+    dtype: torch.dtype = torch.float32,
+    names: Sequence[str] | None = None,
 ) -> str:
     """Printable per-module table: blocks, parameters, GFLOPs per sample, activation sent downstream
     (at ``batch_size``), stash memory (depth x ``stash_bytes`` in fp32, measured) and, given measured
     per-block ``seconds``, the module's forward + backward time; then the balance of what split it.
+    ``dtype`` is the model input's (int64 tokens for a language model); ``names`` (the blocks' names in
+    the model) add each module's first and last block.
     """
     k = len(bounds) - 1
     if len(stash_depths) != k:
         raise ValueError(f"describe needs {k} stash depths, got {len(stash_depths)}")
     sample_shape = tuple(input_shape[1:])
-    shapes, flops = _probe(blocks, (1, *sample_shape))
+    shapes, flops, dtypes = _probe(blocks, (1, *sample_shape), dtype)
     batch_shapes = [torch.Size((batch_size, *s[1:])) for s in shapes]
     mib = 2.0**20
     rows = [
         f"{'module':>6} {'blocks':>9} {'params':>11} {'GFLOP/sample':>12} "
         f"{'sends (batch ' + str(batch_size) + ')':>24} {'MiB':>8} {'stash MiB':>10}"
         + (f" {'fwd+bwd ms':>10}" if seconds is not None else "")
+        + ("  first .. last block" if names is not None else "")
     ]
     for i, (a, b) in enumerate(pairwise(bounds)):
         params = sum(p.numel() for blk in blocks[a:b] for p in blk.parameters())
         act_out = math.prod(batch_shapes[b]) * dtype_bytes
-        held = stash_depths[i] * stash_bytes(blocks[a:b], batch_shapes[a], stash) if stash_depths[i] else 0
+        held = stash_depths[i] * stash_bytes(blocks[a:b], batch_shapes[a], stash, dtypes[a]) if stash_depths[i] else 0
         rows.append(
             f"{i:>6} {f'[{a},{b})':>9} {params:>11,} {sum(flops[a:b]) / 1e9:>12.4f} "
             f"{str(tuple(batch_shapes[b])):>24} {act_out / mib:>8.2f} {held / mib:>10.2f}"
             + (f" {sum(seconds[a:b]) * 1e3:>10.1f}" if seconds is not None else "")
+            + (f"  {names[a]} .. {names[b - 1]}" if names is not None else "")
         )
     if seconds is None:
         rows.append(f"balance ratio (slowest / mean module FLOPs): "

@@ -3,6 +3,11 @@
 Written to be obviously correct rather than fast, and independent of ``schedule``/``stage``: the
 tick formulas are spelled out from SPEC §1 again, weight stashing is a ``deepcopy`` of the module
 taken at forward time, and messages are dictionary entries that become visible at the next tick.
+
+Staleness correctors (``corrector``: predict, lookahead, lr_by_delay, dc) are spelled out again here
+from their papers' formulas, each at the point of the simulation where it acts; ``probe_every`` records
+the staleness of the gradients applied, including the *full* fresh gradient of the same batch through
+every module's current weights, which no single rank of a pipeline has.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fdg_dist import loss
+from fdg_dist.optim import LRSchedule
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -22,7 +30,10 @@ class Simulation:
     def __init__(self, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer], *,
                  method: str = "fdg", beta: float = 1.0, stash: str = "weights", accum_steps: int = 1,
                  aux_heads: Sequence[nn.Module | None] | None = None,
-                 grad_sync: Callable[[int, list[torch.Tensor]], None] | None = None) -> None:
+                 grad_sync: Callable[[int, list[torch.Tensor]], None] | None = None,
+                 corrector: str = "none", dc_lambda: float = 2.0, dc_momentum: float = 0.95,
+                 anneal_steps: int = 500, probe_every: int = 0,
+                 schedules: Sequence[LRSchedule] | None = None) -> None:
         self.modules = list(modules)
         self.optimizers = list(optimizers)
         self.K = len(self.modules)
@@ -32,9 +43,21 @@ class Simulation:
         self.M = accum_steps
         self.aux_heads = list(aux_heads) if aux_heads is not None else [None] * self.K
         self.grad_sync = grad_sync  # replicas: (module, its gradients) -> average them in place, as Stage.step
-        self.loss = nn.CrossEntropyLoss()
+        self.schedules = schedules  # advanced after every step by the batches it applied (per-batch schedules)
         self.backwards = [0] * self.K
         self.step_log: list[tuple[int, int, int]] = []  # (module, tick, last batch applied)
+        self.corrector = corrector
+        self.dc_lambda, self.dc_momentum, self.anneal_steps = dc_lambda, dc_momentum, anneal_steps
+        self.steps = [0] * self.K  # optimizer steps taken by each module
+        self.probe_every = probe_every
+        self.probes: list[dict] = []  # one per probed stale gradient (see _probe)
+
+    def delay(self, k: int) -> int:
+        """Module k's optimizer steps between a forward and the step applying its gradient: the gradient is
+        back 2(K-1-k) ticks later (DDG/FR: K-1-k) and the step at a tick comes before its forward."""
+        hops = self.K - 1 - k
+        ticks = 2 * hops if self.method in ("fdg", "adl") else hops
+        return -(-max(ticks - 1, 0) // self.M)  # ADL: the oldest gradient of a step
 
     # ------------------------------------------------------------------ pieces
     def _forward_stashed(self, k: int, x: torch.Tensor) -> tuple:
@@ -45,25 +68,79 @@ class Simulation:
         if self.stash_mode == "recompute":
             with torch.no_grad():
                 out = live(x)
-            return (None, x, None), out.detach()
+            return (None, x, None, self.steps[k]), out.detach()
         snapshot = copy.deepcopy(live)  # the weights this forward uses, frozen until its backward
+        tau = self.delay(k)
+        if self.corrector in ("predict", "lookahead") and tau > 0:  # weights where momentum will carry them
+            opt = self.optimizers[k]
+            for group in opt.param_groups:
+                mu = group["momentum"]
+                c = float(tau) if self.corrector == "predict" else sum(mu ** i for i in range(1, tau + 1))
+                for used, p in zip(snapshot.parameters(), live.parameters(), strict=True):
+                    v = opt.state.get(p, {}).get("momentum_buffer")
+                    if any(p is q for q in group["params"]) and v is not None:
+                        with torch.no_grad():
+                            used.add_(v, alpha=-c * group["lr"])
         out = snapshot(x)
         for mine, theirs in zip(live.buffers(), snapshot.buffers(), strict=True):
             mine.copy_(theirs)  # BatchNorm running statistics belong to the live module
-        return (snapshot, x, out), out.detach()
+        return (snapshot, x, out, self.steps[k]), out.detach()
 
     def _backward(self, k: int, entry: tuple, grad: torch.Tensor, tick: int, batch: int,
-                  n_batches: int) -> torch.Tensor | None:
-        snapshot, x, out = entry
+                  n_batches: int, data: Batch) -> torch.Tensor | None:
+        snapshot, x, out, forward_steps = entry
         if snapshot is None:  # replay the forward with the current weights, statistics untouched
             snapshot = copy.deepcopy(self.modules[k])
             out = snapshot(x)
+        elif self.stash_mode == "mixed":  # PyTorch 1.0: the optimizer had updated the graph's weights in place
+            for used, live in zip(snapshot.parameters(), self.modules[k].parameters(), strict=True):
+                used.data.copy_(live.data)
         scale = self.beta / self.M
         out.backward(grad * scale if scale != 1.0 else grad)
+        applied = []
         for live, used in zip(self.modules[k].parameters(), snapshot.parameters(), strict=True):
-            live.grad = used.grad if live.grad is None else live.grad + used.grad
+            g = used.grad
+            if self.corrector == "dc" and self.delay(k) > 0:  # DC-ASGD-a: g + λ/√ms · g·g·(w_now − w_then)
+                state = self.optimizers[k].state[live]
+                ms = state.setdefault("dc_mean_square", torch.zeros_like(g))
+                ms.mul_(self.dc_momentum).addcmul_(g, g, value=1 - self.dc_momentum)
+                g = g + g * g * (live.detach() - used.detach()) * (self.dc_lambda / (ms + 1e-7).sqrt())
+            applied.append(g)
+            live.grad = g if live.grad is None else live.grad + g
+        if self.probe_every and self.steps[k] % self.probe_every == 0 and self.backwards[k] == 0:
+            self._probe(k, x, grad * scale, data, applied, snapshot, self.steps[k] - forward_steps)
         self._maybe_step(k, tick, batch, n_batches)
         return x.grad if k > 0 else None
+
+    def _probe(self, k: int, x: torch.Tensor, grad: torch.Tensor, data: Batch, applied: list[torch.Tensor],
+               used: nn.Module, delay: int) -> None:
+        """Record how the gradient module k applies differs from fresh ones of the same batch: the local one
+        (the same incoming gradient through module k's current weights) and the full one (the whole
+        network's current weights, scaled like the pipeline's by β per hop and 1/M)."""
+        local, chain = copy.deepcopy(self.modules[k]), [copy.deepcopy(m) for m in self.modules]
+        for m in (local, *chain):  # copies: BatchNorm statistics stay untouched; gradients start empty
+            for p in m.parameters():
+                p.grad = None
+        local(x.detach()).backward(grad)
+        h, y = data
+        for m in chain:
+            h = m(h)
+        self.loss(h, y).backward()
+        shrink = self.beta ** (self.K - 1 - k) / self.M
+        full = [p.grad * shrink for p in chain[k].parameters()]
+
+        def compare(fresh: list[torch.Tensor]) -> tuple[float, float]:
+            a, f = torch.cat([g.flatten() for g in applied]), torch.cat([g.flatten() for g in fresh])
+            return float(a @ f / (a.norm() * f.norm())), float(a.norm() / f.norm())
+
+        now = torch.cat([p.detach().flatten() for p in self.modules[k].parameters()])
+        then = torch.cat([p.detach().flatten() for p in used.parameters()])
+        local_cos, local_ratio = compare([p.grad for p in local.parameters()])
+        full_cos, full_ratio = compare(full)
+        self.probes.append({"module": k, "step": self.steps[k], "delay_steps": delay,
+                            "weight_distance": float((then - now).norm() / now.norm()),
+                            "local_cosine": local_cos, "local_norm_ratio": local_ratio,
+                            "full_cosine": full_cos, "full_norm_ratio": full_ratio})
 
     def _loss_backward(self, k: int, x: torch.Tensor, y: torch.Tensor, tick: int, batch: int,
                        n_batches: int, sends_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -73,8 +150,8 @@ class Simulation:
         x = x.detach().requires_grad_(sends_grad and k > 0)
         out = live(x)
         logits = out if k == self.K - 1 else self.aux_heads[k](out)
-        loss = self.loss(logits, y)
-        (loss / self.M if self.M > 1 else loss).backward()
+        value = loss.cross_entropy(logits, y)
+        (value / self.M if self.M > 1 else value).backward()
         self._maybe_step(k, tick, batch, n_batches)
         return out.detach(), x.grad
 
@@ -84,8 +161,19 @@ class Simulation:
             if self.grad_sync is not None:
                 self.grad_sync(k, [p.grad for g in self.optimizers[k].param_groups for p in g["params"]
                                    if p.grad is not None])
-            self.optimizers[k].step()
-            self.optimizers[k].zero_grad(set_to_none=True)
+            opt = self.optimizers[k]
+            kept = [g["lr"] for g in opt.param_groups]
+            if self.corrector == "lr_by_delay":  # PipeMare: LR / (τ+1), annealed back over anneal_steps
+                factor = (self.delay(k) + 1) ** -(1.0 - min(self.steps[k] / self.anneal_steps, 1.0))
+                for g in opt.param_groups:
+                    g["lr"] = g["lr"] * factor
+            opt.step()
+            for g, lr in zip(opt.param_groups, kept, strict=True):
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            self.steps[k] += 1
+            if self.schedules is not None:
+                self.schedules[k].advance(self.backwards[k])
             self.step_log.append((k, tick, batch))
             self.backwards[k] = 0
 
@@ -111,7 +199,7 @@ class Simulation:
             for k in range(K):
                 g = t - 2 * (K - 1) + k
                 if not local and k < K - 1 and 0 <= g < N:
-                    grad_in = self._backward(k, stash[k].pop(g), grads.pop((k, g)), t, g, N)
+                    grad_in = self._backward(k, stash[k].pop(g), grads.pop((k, g)), t, g, N, batches[g])
                     if grad_in is not None:
                         new_grads[(k - 1, g)] = grad_in
                 f = t - k
@@ -139,7 +227,7 @@ class Simulation:
             for k in range(K - 1):
                 g = t - (K - 1 - k)
                 if 0 <= g < N:
-                    grad_in = self._backward(k, stash[k].pop(g), grads.pop((k, g)), t, g, N)
+                    grad_in = self._backward(k, stash[k].pop(g), grads.pop((k, g)), t, g, N, batches[g])
                     if grad_in is not None:
                         new_grads[(k - 1, g)] = grad_in
             if t < N:

@@ -5,7 +5,9 @@ multirun sweep dir, or a tree of them).  Prints a markdown table per dataset (ro
 method/β/K; cells: test error in %, median over seeds) and writes it to ``<out>/report.md`` (default:
 ``report/`` inside RUNS_DIR) with four PNGs: test error per epoch per run, test error against β per K
 with the seed spread, the per-module time breakdown (where the pipeline waits: its bubbles) and
-samples/s against K.
+samples/s against K.  ``by_k.md`` has one row per method/β/corrector and one column per K (mean over
+seeds, each seed's value, the gap to BP); where runs logged ``staleness/`` tags, ``staleness.md`` and
+``staleness.png`` show them per module (``report_staleness``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed (CI, clusters)
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fdg_dist import report_staleness  # noqa: E402
+
 BETA_METHODS = ("fdg", "adl")  # methods where β means something; for the others it is left out
 TIME_PARTS = (("compute_s", "compute"), ("wait_input_s", "waiting for input"),
               ("wait_grad_s", "waiting for gradient"), ("other_s", "communication / other"))
@@ -41,9 +45,13 @@ class Run:
         return self.result["beta"] if self.result["method"] in BETA_METHODS else None
 
     @property
+    def corrector(self) -> str:
+        return self.result.get("corrector", "none")
+
+    @property
     def setting(self) -> tuple:
-        """What a table column is: the method, its β where it has one, and K."""
-        return self.result["method"], self.beta, self.result["k"]
+        """What a table column is: the method, its β where it has one, K, and the staleness corrector."""
+        return self.result["method"], self.beta, self.result["k"], self.corrector
 
     @property
     def samples_per_s(self) -> float | None:
@@ -65,8 +73,45 @@ def load_run(path: Path) -> Run:
     return Run(path, json.loads((path / "result.json").read_text()), epochs, timing)
 
 
-def setting_label(method: str, beta: float | None, k: int) -> str:
-    return f"{method} β={beta:g} K={k}" if beta is not None else f"{method} K={k}"
+def setting_label(method: str, beta: float | None, k: int, corrector: str = "none") -> str:
+    label = f"{method} β={beta:g} K={k}" if beta is not None else f"{method} K={k}"
+    return label + (f" +{corrector}" if corrector != "none" else "")
+
+
+def _row_label(run: Run) -> str:
+    """A setting without its K: BP (any method at K = 1 is back-propagation), or method, β and corrector."""
+    if run.result["k"] == 1:
+        return "BP (K=1)"
+    method, beta, _, corrector = run.setting
+    return setting_label(method, beta, 0, corrector).replace(" K=0", "")
+
+
+def table_by_k(runs: list[Run], metric: str = "final_test_error") -> str:
+    """Markdown per dataset and model: rows method/β/corrector, columns K; cells the mean over seeds, each
+    seed's value and the gap to BP's mean (K = 1 runs), in points."""
+    out = []
+    for (data, model), group in _groups(runs, lambda r: (r.result["data"], r.result["model"])).items():
+        ks = sorted({r.result["k"] for r in group})
+        cells = _groups(group, lambda r: (_row_label(r), r.result["k"]))
+        rows = sorted({label for label, _ in cells}, key=lambda x: (x != "BP (K=1)", x))
+        bp = [100 * r.result[metric] for r in cells.get(("BP (K=1)", 1), []) if r.result.get(metric) is not None]
+        base = statistics.fmean(bp) if bp else None
+        out += [f"### {data}, {model}: {metric.replace('_', ' ')} (%): mean over seeds [seeds] (gap to BP)", "",
+                "| setting | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+        for label in rows:
+            row = []
+            for k in ks:
+                values = [100 * r.result[metric] for r in sorted(cells.get((label, k), []), key=lambda r: r.result["seed"])
+                          if r.result.get(metric) is not None]
+                if not values:
+                    row.append("–")
+                    continue
+                mean = statistics.fmean(values)
+                gap = f" ({mean - base:+.2f})" if base is not None and label != "BP (K=1)" else ""
+                row.append(f"{mean:.2f} [{', '.join(f'{v:.2f}' for v in values)}]{gap}")
+            out.append(f"| {label} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _groups(runs: Iterable[Run], key: Callable[[Run], tuple]) -> dict[tuple, list[Run]]:
@@ -85,7 +130,7 @@ def table(runs: list[Run], metric: str = "final_test_error") -> str:
     """Markdown, one table per dataset: test error in %, median over the runs (seeds) of a cell."""
     out = []
     for (data,), of_data in _groups(runs, lambda r: (r.result["data"],)).items():
-        columns = sorted({r.setting for r in of_data}, key=lambda s: (s[0], s[2], s[1] or 0))
+        columns = sorted({r.setting for r in of_data}, key=lambda s: (s[0], s[2], s[1] or 0, s[3]))
         cells = _groups(of_data, lambda r: (r.result["model"], r.setting))
         models = sorted({r.result["model"] for r in of_data})
         out += [f"### {data}: {metric.replace('_', ' ')} (%), median over seeds", "",
@@ -146,9 +191,10 @@ def plot_error_vs_beta(runs: list[Run], path: Path, metric: str = "final_test_er
     can be told from seed noise."""
     fig, ax = _line_axes()
     with_beta = [r for r in runs if r.beta is not None and r.result.get(metric) is not None]
-    lines = _groups(with_beta, lambda r: (r.result["data"], r.result["model"], r.result["method"], r.result["k"]))
+    lines = _groups(with_beta, lambda r: (r.result["data"], r.result["model"], r.result["method"], r.result["k"],
+                                          r.corrector))
     values: list[float] = []
-    for (data, model, method, k), group in lines.items():
+    for (data, model, method, k, corrector), group in lines.items():
         by_beta = _groups(group, lambda r: (r.beta,))
         betas = sorted(b for (b,) in by_beta)
         seeds = [[100 * r.result[metric] for r in by_beta[(b,)]] for b in betas]
@@ -157,7 +203,8 @@ def plot_error_vs_beta(runs: list[Run], path: Path, metric: str = "final_test_er
         counts = sorted({len(s) for s in seeds})
         n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
         line = ax.errorbar(betas, medians, yerr=spread, marker="o", capsize=3,
-                           label=f"{model} ({data}) {method} K={k}, n={n} seed(s)")
+                           label=f"{model} ({data}) {method} K={k}" + (f" +{corrector}" if corrector != "none" else "")
+                           + f", n={n} seed(s)")
         for b, s in zip(betas, seeds):
             ax.plot([b] * len(s), s, linestyle="none", marker=".", alpha=0.5, color=line.lines[0].get_color())
         values += [v for s in seeds for v in s]
@@ -230,7 +277,13 @@ def report(paths: Iterable[Path], out: Path, metric: str = "final_test_error") -
     plot_error_vs_beta(runs, out / "test_error_vs_beta.png", metric)
     plot_time_breakdown(runs, out / "time_breakdown.png")
     plot_samples_vs_k(runs, out / "samples_per_s_vs_k.png")
-    return text
+    by_k = table_by_k(runs, metric)
+    (out / "by_k.md").write_text(by_k)
+    stale = report_staleness.by_setting(runs, lambda r: setting_label(*r.setting))
+    if stale:
+        (out / "staleness.md").write_text(report_staleness.table(stale))
+        report_staleness.plot(stale, out / "staleness.png")
+    return text + "\n" + by_k + ("\n" + report_staleness.table(stale) if stale else "")
 
 
 def default_out(paths: list[Path]) -> Path:
@@ -248,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else default_out(args.runs)
     print(report(args.runs, out, args.metric))
-    print(f"wrote {(out / 'report.md').resolve()} and 4 plots beside it", flush=True)
+    print(f"wrote {(out / 'report.md').resolve()}, {(out / 'by_k.md').resolve()} and the plots beside them", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import checkpoint, data, inference, models, partition, schedule
+from fdg_dist import checkpoint, correctors, data, inference, models, partition, schedule
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
@@ -81,35 +81,40 @@ def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None
     times, identical on every rank) replace counted FLOPs as the cost an automatic split balances.
     """
     seed_everything(cfg.trainer.seed)
-    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
-    sample = (1, 3, cfg.data.image_size, cfg.data.image_size)
+    blocks = models.build_blocks(cfg.model, cfg.data.num_classes)
+    spec = data.sample_spec(cfg.data)
+    sample = (1, *spec.shape)
     split = cfg.pipeline.split if K > 1 else "auto"
-    costs = seconds if seconds is not None else partition.block_costs(blocks, sample)
-    bounds = partition.split_points(costs, K, split)
-    shapes = partition.boundary_shapes(blocks, sample)
+    costs = seconds if seconds is not None else partition.block_costs(blocks, sample, spec.dtype)
+    bounds = partition.split_points(costs, K, split, partition.weighted_starts(blocks))
+    shapes = partition.boundary_shapes(blocks, sample, spec.dtype)
     module = nn.Sequential(OrderedDict((str(i), blocks[i]) for i in range(bounds[k], bounds[k + 1])))
     aux = None
     if cfg.method.name == "dgl" and k < K - 1:
         torch.manual_seed(cfg.trainer.seed + 1 + k)
-        aux = models.aux_head(shapes[bounds[k + 1]], cfg.data.num_classes, cfg.method.aux_channels)
+        aux = models.aux_head(shapes[bounds[k + 1]], cfg.data.num_classes, cfg.method.aux_channels,
+                              per_token=bool(spec.label_shape))
     return BuiltModule(module, aux, bounds, [shapes[bounds[k]], shapes[bounds[k + 1]]])
 
 
 def split_table(cfg: Config, bounds: list[int], seconds: list[float] | None = None) -> str:
     """The split table printed at start (built on the meta device: no weights, no memory)."""
     K = len(bounds) - 1
-    blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes, device="meta")
+    model = models.build_model(cfg.model, cfg.data.num_classes, device="meta")
     depths = [stash_depth(cfg.method.name, j, K) for j in range(K)]
     stash = "recompute" if cfg.method.name == "fr" else cfg.method.stash
-    return partition.describe(blocks, bounds, (1, 3, cfg.data.image_size, cfg.data.image_size), cfg.trainer.batch_size,
-                              depths, seconds=seconds, stash=stash)
+    spec = data.sample_spec(cfg.data)
+    return partition.describe(model.blocks, bounds, (1, *spec.shape), cfg.trainer.batch_size, depths, seconds=seconds,
+                              stash=stash, dtype=spec.dtype, names=model.block_names())
 
 
 def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: list[float] | None = None,
-                grad_sync: Callable[[list[torch.Tensor]], None] | None = None) -> tuple[Stage, Boundary, BuiltModule]:
+                grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+                total_batches: int | None = None) -> tuple[Stage, Boundary, BuiltModule]:
     """Module k as a stage on ``device`` (weights, optimizer, LR schedule, method settings) and its boundary.
 
     The one place a config becomes a stage: the trainer, the emulated-NCCL tests and the benchmarks use it.
+    ``total_batches`` (see ``run_batches``) sizes a per-batch LR schedule.
     """
     t, m = cfg.trainer, cfg.method
     built = build_module(cfg, K, k, seconds)
@@ -117,14 +122,27 @@ def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: l
     module = built.module.to(device, memory_format=fmt)
     aux = built.aux_head.to(device, memory_format=fmt) if built.aux_head is not None else None
     params = list(module.parameters()) + (list(aux.parameters()) if aux is not None else [])
+    if not params:
+        a, b = built.bounds[k], built.bounds[k + 1]
+        raise ValueError(f"pipeline.split: module {k} (blocks [{a}, {b}) of the split {built.bounds}) has no weights to "
+                         "train; choose split points (pipeline.split) or a smaller pipeline.k so that every module "
+                         "holds a layer with weights")
     optimizer = build_optimizer(cfg.optim, params)
-    scheduler = build_scheduler(cfg.sched, optimizer, t.epochs)
+    scheduler = build_scheduler(cfg.sched, optimizer, t.epochs, total_batches)
     stage = Stage(module, k, K, optimizer, scheduler, beta=m.beta, stash="recompute" if m.name == "fr" else m.stash,
                   accum_steps=m.accum_steps, aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
-                  device=device, grad_sync=grad_sync, nan_policy=t.nan_policy, memory_format=fmt)
+                  device=device, grad_sync=grad_sync, nan_policy=t.nan_policy, memory_format=fmt,
+                  corrector=correctors.build(cfg.corrector, correctors.weight_delay(m.name, k, K, m.accum_steps)))
     wire_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-    boundary = Boundary(tuple(built.shapes[0][1:]), tuple(built.shapes[1][1:]), wire_dtype)
+    boundary = Boundary(tuple(built.shapes[0][1:]), tuple(built.shapes[1][1:]), wire_dtype,
+                        data.sample_spec(cfg.data).label_shape)
     return stage, boundary, built
+
+
+def run_batches(cfg: Config, batches_per_epoch: int) -> int:
+    """Training batches the whole run draws: every epoch's, capped by ``trainer.max_steps``."""
+    total = cfg.trainer.epochs * batches_per_epoch
+    return total if cfg.trainer.max_steps is None else min(total, cfg.trainer.max_steps)
 
 
 def stash_depth(method: str, k: int, K: int) -> int:
@@ -140,18 +158,21 @@ class Trainer:
         check_agreement(json.dumps(cfg.to_dict(), sort_keys=True, default=str), "configuration", ctx.header_group)
         timed = cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1
         seconds = self._measured_block_seconds() if timed else None
+        self.train_data, self.test_data = self._load_data()
         sync = (lambda ps: allreduce_mean(ps, ctx.replica_group)) if ctx.R > 1 else None
-        self.stage, boundary, built = build_stage(cfg, self.K, self.k, ctx.device, seconds=seconds, grad_sync=sync)
+        self.stage, boundary, built = build_stage(cfg, self.K, self.k, ctx.device, seconds=seconds, grad_sync=sync,
+                                                  total_batches=run_batches(cfg, len(self._train_sizes())))
         self.bounds = built.bounds
         if ctx.rank == 0:
-            log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.name, self.K,
-                     "stashed weights" if m.stash == "weights" else "recompute", split_table(cfg, self.bounds, seconds))
+            log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.label, self.K,
+                     {"weights": "stashed weights", "mixed": "stored activations, live weights"}.get(m.stash, m.stash),
+                     split_table(cfg, self.bounds, seconds))
         wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
         transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
         clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
         self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps,
-                                 clock=clock)
-        self.train_data, self.test_data = self._load_data()
+                                 clock=clock,  # staleness probes feed TensorBoard only: none without it
+                                 probe_every=cfg.logging.staleness_every_steps if cfg.logging.tensorboard else 0)
         self.is_reporter = self.k == self.K - 1 and ctx.replica == 0
         self.log = RunLog(cfg, run_dir, module=self.k, replica=ctx.replica, reporter=self.is_reporter,
                           device=ctx.device)
@@ -174,23 +195,24 @@ class Trainer:
             if path.exists():
                 seconds[0] = json.loads(path.read_text())["seconds"]
             else:
-                blocks = models.build_blocks(cfg.model.name, cfg.data.num_classes)
-                shape = (cfg.trainer.batch_size // ctx.R, 3, cfg.data.image_size, cfg.data.image_size)
+                blocks = models.build_blocks(cfg.model, cfg.data.num_classes)
+                spec = data.sample_spec(cfg.data)
+                shape = (cfg.trainer.batch_size // ctx.R, *spec.shape)
                 seconds[0] = partition.measured_block_costs(blocks, shape, ctx.device, precision=cfg.trainer.precision,
-                                                            channels_last=cfg.trainer.channels_last)
+                                                            channels_last=cfg.trainer.channels_last, dtype=spec.dtype)
                 checkpoint.atomic_write(json.dumps({"shape": shape, "seconds": seconds[0]}).encode(), path)
         dist.broadcast_object_list(seconds, src=0, group=ctx.header_group)
         return seconds[0]
 
     # -------------------------------------------------------------------- data
     def _load_data(self) -> tuple[data.Batches | None, data.Batches | None]:
-        """Module 0 reads images; every rank learns the set sizes (for the schedule) by broadcast."""
+        """Module 0 reads the data; every rank learns the set sizes (for the schedule) by broadcast."""
         cfg, ctx = self.cfg, self.ctx
         sizes = torch.zeros(2, dtype=torch.int64)
         train = test = None
         if self.k == 0:
             train_set, test_set = data.load(cfg.data, cfg.trainer.seed)
-            sizes = torch.tensor([len(train_set.labels), len(test_set.labels)])
+            sizes = torch.tensor([len(train_set), len(test_set)])
             shard = (ctx.replica, ctx.R)
             train = data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
                                  seed=cfg.trainer.seed, device=ctx.device, shard=shard)
@@ -316,9 +338,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ export
     def export_final_model(self) -> None:
-        """``final_model.pt``: the unsplit model's state_dict (auxiliary DGL heads excluded), and beside it
-        ``final_model.json``: the normalisation and class names that inference needs (rank 0 is module 0,
-        which holds the data)."""
+        """``final_model.pt``: the unsplit model's state_dict with the model's own keys (torchvision's for a
+        torchvision model; auxiliary DGL heads excluded): it loads into ``models.build(cfg.model, classes)``;
+        beside it ``final_model.json``: the normalisation and class names that inference needs (rank 0 is
+        module 0, which holds the data)."""
         state = {n: t.detach().cpu() for n, t in self.stage.module.state_dict().items()}
         parts: list[dict] | None = [None] * self.ctx.world_size if self.ctx.rank == 0 else None
         dist.gather_object(state, parts, dst=0, group=self.ctx.header_group)
@@ -326,7 +349,8 @@ class Trainer:
             merged: dict[str, torch.Tensor] = {}
             for part in parts[: self.K]:  # replica 0 holds one copy of every module
                 merged.update(part)
-            checkpoint.atomic_save(merged, self.run_dir / inference.WEIGHTS)
+            model = models.build_model(self.cfg.model, self.cfg.data.num_classes, device="meta")
+            checkpoint.atomic_save(model.model_state(merged), self.run_dir / inference.WEIGHTS)
             meta = inference.metadata(self.cfg, self.train_data.data)
             checkpoint.atomic_write((json.dumps(meta, indent=1) + "\n").encode(), self.run_dir / inference.METADATA)
             checkpoint.atomic_write(json.dumps({"bounds": self.bounds}).encode(), self.run_dir / "split.json")
