@@ -45,6 +45,7 @@ def config(args: argparse.Namespace, logging_on: bool) -> Config:
     cfg.trainer.batch_size, cfg.trainer.eval_batch_size = args.batch_size, args.batch_size
     cfg.trainer.epochs, cfg.trainer.threads = args.epochs, 1
     cfg.pipeline.k = 2
+    cfg.pipeline.cost, cfg.trainer.channels_last = "flops", False  # the measured setting; no split trial at start
     cfg.checkpoint.enabled = False
     cfg.resume = "never"
     cfg.logging.progress = "never"

@@ -1,25 +1,36 @@
-"""Training throughput of FDG and its competitors side by side, on the same model, batches and cores.
+"""Training throughput of FDG and its competitors side by side, on the same model, batches and devices.
 
-    python benchmarks/throughput.py --model resnet20 --k 2 --batch-size 128 --json PATH
+    python benchmarks/throughput.py --model resnet20 --k 2 --json PATH
 
-Variants (``--methods``): ``bp_single_1thread`` / ``bp_single_allthreads`` (plain back-propagation of the
-unsplit model in one process with 1 or K intra-op threads), ``fdg``, ``fdg_recompute`` (FDG with
-``method.stash=recompute``: its peak memory beside ``fdg``'s), ``ddg``, ``bp`` (synchronous model
-parallel), ``dp`` (K data-parallel replicas) on our engine with one thread per rank, and ``gpipe`` /
-``1f1b`` (``torch.distributed.pipelining``, one thread per rank, the best of ``--micro-batches``).
-Every pipelined variant uses the same K-way split, chosen once up front by ``--split``: ``time``
-balances per-block forward + backward times measured here with one thread (``pipeline.cost=time``),
-``flops`` balances counted FLOPs (the engine's default), ``i,j,…`` gives it by hand; ``--channels-last``
-runs every variant in NHWC.  Every variant runs in its own fresh process (and process group) under a
-timeout, so thread settings and failures never leak from one variant into the next.
+Variants (``--methods``): ``bp_single_1thread`` (plain back-propagation of the unsplit model in one
+process: one CPU thread, or one GPU with ``--device cuda``), ``bp_single_allthreads`` (the same with K
+intra-op threads; CPU only), ``fdg``, ``fdg_recompute`` (FDG with ``method.stash=recompute``: its peak
+memory beside ``fdg``'s), ``ddg``, ``bp`` (synchronous model parallel), ``dp`` (K data-parallel replicas)
+on our engine with one thread (or one GPU) per rank, and ``gpipe`` / ``1f1b``
+(``torch.distributed.pipelining``, the best of ``--micro-batches``).
 
-samples/s is the median over the epochs after ``--warmup`` (each epoch one timed window of the same
-synthetic, augmented batches); with ``--repeats R`` every variant runs R times, the rounds interleaved
-(so a slow spell on the machine hits all variants alike), and the run with the median samples/s is
-reported.  Prints a markdown table and, with ``--json``, writes
-``{"results": {NAME: {"samples_per_s", "speedup_vs_bp_1thread", "peak_mem_mb": [per rank], ...}},
+What users run: by default our engine runs with its own defaults (``pipeline.split=auto`` with the
+default ``pipeline.cost``, the memory format the engine picks for the device), and every other variant
+in the same memory format; the torch pipelines get the split that balances per-block forward + backward
+times measured here (``--split auto``).  ``--split time|flops|i,j,…`` gives every pipelined variant one
+split instead (balanced measured time, balanced counted FLOPs, or by hand); ``--channels-last`` /
+``--no-channels-last`` force a format for all.  Every variant runs in its own fresh process (and process
+group) under a timeout, so thread settings and failures never leak from one variant into the next.
+
+Two rates per variant: **steady state** (``samples_per_s``: the middle half of each timed epoch's
+batches, away from allocator warm-up and our pipeline's fill and drain — what a long epoch runs at) and
+**whole epoch** (``epoch_samples_per_s``: every batch, our engine's fill and drain included; at 32 batches
+per epoch the K=2 drain alone is 2 of 34 ticks, on CIFAR-10's 352 it is 0.6 %).  Each is the median over
+the epochs after ``--warmup``; with ``--repeats R`` every variant runs R times, the rounds interleaved (so a
+slow spell on the machine hits all variants alike), and the run with the median steady rate is reported.
+Prints a markdown table and, with ``--json``, writes
+``{"results": {NAME: {"samples_per_s", "epoch_samples_per_s", "speedup_vs_bp_1thread", "peak_mem_mb": [per rank], ...}},
 "config": ..., "machine": ...}``.  CPU-only numbers are only as good as the machine is quiet: the load
 average is recorded next to every result.
+
+``--device cuda`` (one GPU per rank, ``cuda:LOCAL_RANK``; NCCL for our engine and the torch pipelines;
+single-process BP on ``cuda:0``) and ``--precision bf16`` (``trainer.precision=bf16`` for our engine,
+``torch.autocast`` elsewhere) are what ``gpu_acceptance.py`` runs.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from typing import Any
 import _workers
 import torch
 
-from fdg_dist import models, partition
+from fdg_dist import device_defaults, models, partition
 from fdg_dist.config import Config, ConfigError, validate
 
 SINGLE = ("bp_single_1thread", "bp_single_allthreads")
@@ -52,7 +63,8 @@ PIPELINING_P2P_TIMEOUT_S = 120.0  # a healthy step exchanges within seconds; a s
 IMAGE_SIZE, NUM_CLASSES = 32, 10
 
 Spec = dict[str, Any]
-_SPLIT_NAMES = {"time": "balancing measured time", "flops": "balancing counted FLOPs"}
+_SPLIT_NAMES = {"auto": "our engine: its default; torch pipelines: balanced measured time",
+                "time": "balancing measured time", "flops": "balancing counted FLOPs"}
 
 
 class VariantError(RuntimeError):
@@ -61,20 +73,23 @@ class VariantError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------- inside a variant
 def engine_config(spec: Spec) -> Config:
-    """Our engine on synthetic data: one thread per rank, nothing written but metrics and the trace."""
+    """Our engine on synthetic data: one thread (or GPU) per rank, nothing written but metrics, split and trace.
+
+    ``spec["engine_bounds"]`` None leaves the split to the engine's defaults (what users run)."""
     cfg = Config()
     cfg.model.name = spec["model"]
     cfg.data = _workers.data_config(spec)
     cfg.method.name, _, recompute = spec["method"].partition("_")
     cfg.method.stash = recompute or "weights"
     cfg.pipeline.k = spec["k"]
-    if cfg.method.name != "dp":
-        cfg.pipeline.split = spec["bounds"][1:-1]
+    if cfg.method.name != "dp" and spec["engine_bounds"] is not None:
+        cfg.pipeline.split = spec["engine_bounds"][1:-1]
     t = cfg.trainer
     t.epochs, t.batch_size, t.eval_batch_size, t.threads, t.seed = (
         spec["epochs"], spec["batch_size"], spec["batch_size"], 1, spec["seed"])
-    t.channels_last = spec["channels_last"]
+    t.channels_last, t.precision = spec["channels_last"], spec["precision"]
     cfg.sched.name = "constant"
+    cfg.dist.backend = "nccl" if spec["device"] == "cuda" else "gloo"
     cfg.dist.timeout_s = spec["timeout_s"]
     cfg.checkpoint.enabled = False
     cfg.logging.tensorboard, cfg.logging.progress, cfg.logging.trace = False, "never", True
@@ -83,26 +98,36 @@ def engine_config(spec: Spec) -> Config:
 
 
 def run_engine(spec: Spec) -> Spec:
-    """Our engine through torch's elastic agent; windows from metrics.jsonl, busy from the trace."""
+    """Our engine through torch's elastic agent; whole epochs from metrics.jsonl, steady state and busy from the
+    trace (the last module's forwards pace the pipeline; ``dp`` has one module per rank)."""
     cfg = engine_config(spec)
     validate(cfg)
+    n = spec["train_size"] // spec["batch_size"]
+    timed = range(spec["warmup"], spec["epochs"])
+    lo, hi = _workers.steady_range(n)
     with tempfile.TemporaryDirectory(prefix="fdg_bench_") as tmp:
         run_dir = Path(tmp)
         ranks = _workers.launch(_workers.engine_rank, cfg.world_size, cfg.to_dict(), tmp)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        timed = [r for r in rows if r["epoch"] >= spec["warmup"]]
-        train_s = sum(r["epoch_time_s"] for r in timed)
-        busy = [_workers.engine_busy(run_dir, r, spec["warmup"], train_s) for r in range(cfg.world_size)]
-    return {"windows": [r["samples_per_s"] for r in timed], "peak_mem_mb": [r["peak_mem_mb"] for r in ranks],
-            "busy": busy}
+        steady = [_workers.engine_steady(run_dir, r, timed, n) for r in range(cfg.world_size)]
+        bounds = None if cfg.method.name == "dp" else json.loads((run_dir / "split.json").read_text())["bounds"]
+    last = 0 if cfg.method.name == "dp" else cfg.pipeline.k - 1
+    return {"windows": [r["samples_per_s"] for r in rows if r["epoch"] in timed],
+            "steady": [spec["batch_size"] * (hi - lo) / s for s in steady[last][0]],
+            "peak_mem_mb": [r["peak_mem_mb"] for r in ranks],
+            "busy": [statistics.mean(busy) for _, busy in steady], "bounds": bounds}
 
 
 def run_pipelining(spec: Spec) -> Spec:
     """A window lasts until the slowest stage has finished it (stages start each window at a barrier)."""
     ranks = _workers.launch(_workers.pipelining_rank, spec["k"], spec)
+    lo, hi = _workers.steady_range(spec["train_size"] // spec["batch_size"])
     window_s = [max(ws) for ws in zip(*(r["window_s"] for r in ranks), strict=True)]
-    return {"windows": [spec["train_size"] / w for w in window_s], "peak_mem_mb": [r["peak_mem_mb"] for r in ranks],
-            "busy": [r["busy"] for r in ranks], "bounds": ranks[0]["bounds"]}
+    steady_s = [max(ws) for ws in zip(*(r["steady_s"] for r in ranks), strict=True)]
+    busy = None if ranks[0]["busy"] is None else [r["busy"] for r in ranks]
+    return {"windows": [spec["train_size"] / w for w in window_s],
+            "steady": [spec["batch_size"] * (hi - lo) / w for w in steady_s],
+            "peak_mem_mb": [r["peak_mem_mb"] for r in ranks], "busy": busy, "bounds": ranks[0]["bounds"]}
 
 
 def worker_main(spec_path: Path) -> None:
@@ -137,16 +162,17 @@ def run_isolated(spec: Spec, timeout_s: float, work: Path) -> Spec:
 
 
 def measure(spec: Spec, timeout_s: float, work: Path) -> Spec:
-    """One run: median samples/s of its windows, plus the load average around it."""
+    """One run: median steady-state and whole-epoch samples/s of its timed epochs, plus the load average around it."""
     load_before, tic = os.getloadavg(), time.perf_counter()
     try:
         raw = run_isolated(spec, timeout_s, work)
     except VariantError as e:
         return {"samples_per_s": None, "error": str(e), "wall_s": time.perf_counter() - tic}
-    return {"samples_per_s": statistics.median(raw["windows"]), "windows_samples_per_s": raw["windows"],
+    return {"samples_per_s": statistics.median(raw["steady"]), "epoch_samples_per_s": statistics.median(raw["windows"]),
+            "steady_samples_per_s": raw["steady"], "windows_samples_per_s": raw["windows"],
             "peak_mem_mb": raw["peak_mem_mb"], "busy": raw["busy"], "wall_s": time.perf_counter() - tic,
             "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-            **({"bounds": raw["bounds"]} if "bounds" in raw else {})}
+            **({"bounds": raw["bounds"]} if raw.get("bounds") else {})}
 
 
 def measure_variant(name: str, common: Spec, args: argparse.Namespace, work: Path) -> Spec:
@@ -167,7 +193,7 @@ def measure_variant(name: str, common: Spec, args: argparse.Namespace, work: Pat
             by_m[str(m)] = {"samples_per_s": None, "skipped": f"needs M dividing the batch{' and M >= K' * (name == '1f1b')}"}
             continue
         spec = {**common, "kind": "pipelining", "label": f"{name}_m{m}", "schedule": name, "micro_batches": m,
-                "timeout_s": min(common["timeout_s"], PIPELINING_P2P_TIMEOUT_S)}
+                "bounds": common["pipelining_bounds"], "timeout_s": min(common["timeout_s"], PIPELINING_P2P_TIMEOUT_S)}
         by_m[str(m)] = measure(spec, args.timeout, work)
         failed = m if by_m[str(m)]["samples_per_s"] is None else None
         _progress(f"{name} M={m}", by_m[str(m)])
@@ -181,102 +207,125 @@ def measure_variant(name: str, common: Spec, args: argparse.Namespace, work: Pat
 
 
 def median_run(variant_runs: list[Spec]) -> Spec:
-    """The run with the median samples/s (the lower one of an even count), so its memory and busy figures
+    """The run with the median steady-state samples/s (the lower one of an even count), so its other figures
     belong to it; a variant that failed in any round is reported failed."""
     failed = [r for r in variant_runs if r["samples_per_s"] is None]
     if failed:
         return failed[0]
     ranked = sorted(variant_runs, key=lambda r: r["samples_per_s"])
     chosen = ranked[(len(ranked) - 1) // 2]
-    return {**chosen, "repeats_samples_per_s": [r["samples_per_s"] for r in variant_runs]}
+    return {**chosen, "repeats_samples_per_s": [r["samples_per_s"] for r in variant_runs],
+            "repeats_bounds": [r.get("bounds") for r in variant_runs]}
 
 
 def _progress(label: str, r: Spec) -> None:
     if r["samples_per_s"] is None:
         print(f"  {label:>22}: FAILED ({r.get('error', r.get('skipped'))})", file=sys.stderr, flush=True)
     else:
-        print(f"  {label:>22}: {r['samples_per_s']:8.1f} samples/s  ({r['wall_s']:.0f} s, load "
-              f"{r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f})", file=sys.stderr, flush=True)
+        print(f"  {label:>22}: {r['samples_per_s']:8.1f} samples/s steady, {r['epoch_samples_per_s']:8.1f} whole epoch "
+              f"({r['wall_s']:.0f} s, load {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f})",
+              file=sys.stderr, flush=True)
 
 
-def machine_info() -> Spec:
+def machine_info(device: str) -> Spec:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
         cpu = names[0] if names else cpu
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device == "cuda" else []
     return {"hostname": platform.node(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__}
+            "gpus": gpus, "python": platform.python_version(), "torch": torch.__version__}
 
 
 def _fmt_list(values: list[float] | None, fmt: str) -> str:
     return "—" if not values else " / ".join(format(v, fmt) for v in values)
 
 
+def _speedup(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
 def table(results: dict[str, Spec], config: Spec, machine: Spec) -> str:
     k = config["k"]
-    rows = ["| variant | samples/s | speedup vs bp_single_1thread | efficiency (speedup / K) | busy per rank "
-            "| peak RSS MB per rank | notes |", "|---|---:|---:|---:|---|---|---|"]
+    cuda = config["device"] == "cuda"
+    rows = ["| variant | steady samples/s | speedup vs bp_single_1thread | whole epoch samples/s | speedup "
+            "| busy per rank | peak MB per rank | split | notes |", "|---|---:|---:|---:|---:|---|---|---|---|"]
     for name, r in results.items():
         if r["samples_per_s"] is None:
-            rows.append(f"| {name} | failed | | | | | {r['error'].splitlines()[0][:120]} |")
+            rows.append(f"| {name} | failed | | | | | | | {r['error'].splitlines()[0][:120]} |")
             continue
-        speedup = r["speedup_vs_bp_1thread"]
-        eff = "—" if name == BASELINE or speedup is None else f"{speedup / k:.2f}"
-        notes = f"{r['ranks']} rank(s) × {r['threads_per_rank']} thread(s)"
+        notes = f"{r['ranks']} rank(s) × " + ("1 GPU" if cuda else f"{r['threads_per_rank']} thread(s)")
+        if len({str(b) for b in r.get("repeats_bounds", [])}) > 1:
+            notes += ", split per repeat: " + " ".join(str(b) for b in r["repeats_bounds"])
         if "micro_batches" in r:
             notes += f", best M={r['micro_batches']} of " + ", ".join(
                 f"M={m}: {'—' if v is None else f'{v:.0f}'}" for m, v in r["by_micro_batches"].items())
-        rows.append(f"| {name} | {r['samples_per_s']:.1f} | {'—' if speedup is None else f'{speedup:.2f}×'} | {eff} "
-                    f"| {_fmt_list(r['busy'], '.2f')} | {_fmt_list(r['peak_mem_mb'], '.0f')} | {notes} |")
+        rows.append(f"| {name} | {r['samples_per_s']:.1f} | {_speedup(r['speedup_vs_bp_1thread'])} "
+                    f"| {r['epoch_samples_per_s']:.1f} | {_speedup(r['epoch_speedup_vs_bp_1thread'])} "
+                    f"| {_fmt_list(r['busy'], '.2f')} | {_fmt_list(r['peak_mem_mb'], '.0f')} "
+                    f"| {r.get('bounds', '—')} | {notes} |")
     start, end = config["loadavg_start"], config["loadavg_end"]
-    repeats = f" (the median of {config['repeats']} interleaved runs)" if config["repeats"] > 1 else ""
-    rows += ["", f"{config['model']}{' (channels_last)' * config['channels_last']}, batch {config['batch_size']}, K={k}, {config['train_size']} synthetic images "
-             f"({config['train_size'] // config['batch_size']} batches) per epoch, {config['epochs']} epochs of which "
-             f"{config['warmup']} warm-up; samples/s = median over the other epochs{repeats}. Split {config['bounds']} "
-             f"({_SPLIT_NAMES.get(config['split'], 'by hand')}; slowest / mean module measured time "
-             f"{config['balance_ratio']:.3f}). busy: engine = compute spans / "
-             "train time (trace), torch pipelining = CPU time / wall time.",
+    n = config["train_size"] // config["batch_size"]
+    lo, hi = _workers.steady_range(n)
+    repeats = f" Median run of {config['repeats']} interleaved rounds." if config["repeats"] > 1 else ""
+    where = f"{k} × {machine['gpus'][0]}" if cuda else f"{machine['cpu_count']} cores ({machine['cpu']})"
+    rows += ["", f"{config['model']} in {'NHWC' if config['channels_last'] else 'NCHW'}, {config['precision']}, "
+             f"batch {config['batch_size']}, K={k}, {config['train_size']} synthetic images ({n} batches) per epoch, "
+             f"{config['epochs']} epochs of which {config['warmup']} warm-up. Steady = batches {lo}..{hi - 1} of each "
+             f"epoch; whole epoch = all of them (our engine's fill and drain included); medians over the timed "
+             f"epochs.{repeats} Split: {_SPLIT_NAMES.get(config['split'], 'by hand')} (the split column says which "
+             "each variant ran). busy: engine = compute spans / steady-state time (trace), torch pipelining = CPU "
+             "time / wall time (— on GPUs); memory: " + ("max_memory_allocated." if cuda else "peak RSS."),
              f"Load average (1/5/15 min): {start[0]:.2f} / {start[1]:.2f} / {start[2]:.2f} at start, "
-             f"{end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f} at end, on {machine['cpu_count']} cores ({machine['cpu']}), "
-             f"torch {machine['torch']}."]
+             f"{end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f} at end, on {where}, torch {machine['torch']}."]
     return "\n".join(rows)
 
 
-def choose_bounds(common: Spec, split: str) -> tuple[list[int], list[float]]:
-    """The split every pipelined variant uses, and the measured per-block times it is judged by.
+def choose_bounds(common: Spec, split: str) -> tuple[list[int] | None, list[int], list[float]]:
+    """(our engine's bounds — None: its own default choice —, the torch pipelines' bounds, measured per-block times).
 
-    ``split``: ``time`` balances those times, ``flops`` counted FLOPs, ``i,j,…`` is given by hand.
+    ``split``: ``auto`` leaves our engine to its defaults and balances measured time for the torch pipelines,
+    ``time`` balances measured time, ``flops`` counted FLOPs, ``i,j,…`` is given by hand.
     """
     blocks = models.build_blocks(common["model"], common["num_classes"])
     torch.set_num_threads(1)
     shape = (common["batch_size"], 3, common["image_size"], common["image_size"])
-    seconds = partition.measured_block_costs(blocks, shape, torch.device("cpu"), channels_last=common["channels_last"])
-    if split == "time":
-        return partition.split_points(seconds, common["k"], "auto"), seconds
-    if split == "flops":
-        flops = partition.block_costs(blocks, (1, *shape[1:]))
-        return partition.split_points(flops, common["k"], "auto"), seconds
-    return partition.split_points(seconds, common["k"], [int(i) for i in split.split(",")]), seconds
+    device = torch.device("cuda", 0) if common["device"] == "cuda" else torch.device("cpu")
+    seconds = partition.measured_block_costs(blocks, shape, device, precision=common["precision"],
+                                             channels_last=common["channels_last"])
+    if split in ("auto", "time"):
+        bounds = partition.split_points(seconds, common["k"], "auto")
+    elif split == "flops":
+        bounds = partition.split_points(partition.block_costs(blocks, (1, *shape[1:])), common["k"], "auto")
+    else:
+        bounds = partition.split_points(seconds, common["k"], [int(i) for i in split.split(",")])
+    return (None if split == "auto" else bounds), bounds, seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet20", choices=models.names())
-    p.add_argument("--k", type=int, default=2, help="pipeline modules = ranks = cores used (default 2)")
+    p.add_argument("--k", type=int, default=2, help="pipeline modules = ranks = cores (or GPUs) used (default 2)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs including warm-up (default 3)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs including warm-up (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="leading epochs not timed (default 1)")
-    p.add_argument("--train-size", type=int, default=2048, help="synthetic images per epoch (default 2048)")
+    p.add_argument("--train-size", type=int, default=4096, help="synthetic images per epoch (default 4096)")
     p.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="NAME",
                    help=f"variants to run (default all: {' '.join(VARIANTS)})")
     p.add_argument("--micro-batches", nargs="+", type=int, default=[2, 4, 8],
                    help="micro-batch counts tried for gpipe/1f1b; the best is reported (default 2 4 8)")
-    p.add_argument("--split", default="time",
-                   help="time (balance measured block times, default), flops (balance counted FLOPs) or the "
-                        "K-1 block indices where modules 1..K-1 start, e.g. 11")
-    p.add_argument("--channels-last", action="store_true",
-                   help="every variant in NHWC memory format (trainer.channels_last=true for the engine)")
+    p.add_argument("--split", default="auto",
+                   help="auto (default: our engine chooses as users get it, torch pipelines balance measured time), "
+                        "time (everyone: balance measured block times), flops (everyone: balance counted FLOPs) or "
+                        "the K-1 block indices where modules 1..K-1 start, e.g. 11")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="every variant in NHWC (or NCHW with --no-channels-last); default: what our engine picks for "
+                        "the device (trainer.channels_last=auto)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu (one thread per rank, gloo) or cuda (one GPU per rank, NCCL); default cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32 or bf16 (autocast; trainer.precision=bf16 for our engine); default fp32")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every variant this many times, rounds interleaved; report the median run (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -291,15 +340,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             (args.batch_size < 1 or args.train_size % args.batch_size != 0,
              f"--train-size {args.train_size} must be a multiple of --batch-size {args.batch_size} (equal windows, "
              "whole micro-batches)"),
+            (args.batch_size >= 1 and args.train_size // args.batch_size < 4,
+             f"--train-size {args.train_size} must hold at least 4 batches of {args.batch_size} (a steady state "
+             "between the first and last quarter of the epoch)"),
             (args.batch_size % args.k != 0, f"--batch-size {args.batch_size} must divide over K={args.k} dp replicas"),
             (any(m < 1 for m in args.micro_batches), "--micro-batches must be ≥ 1"),
             (args.repeats < 1, f"--repeats {args.repeats} must be ≥ 1"),
-            (args.split not in ("time", "flops") and not all(i.isdigit() for i in args.split.split(",")),
-             f"--split {args.split!r} must be time, flops or comma-separated block indices"),
+            (args.split not in ("auto", "time", "flops") and not all(i.isdigit() for i in args.split.split(",")),
+             f"--split {args.split!r} must be auto, time, flops or comma-separated block indices"),
+            *_device_problems(args),
         ) if bad]
         if problems:
             p.error("; ".join(problems))
     return args
+
+
+def _device_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """--device cuda needs a GPU per rank; the K-thread baseline is a CPU variant."""
+    if args.device != "cuda":
+        return []
+    gpus = torch.cuda.device_count()
+    ranks = max(1, args.k) if set(args.methods) - set(SINGLE) else 1
+    return [(gpus == 0, "--device cuda: no CUDA GPU is visible here (torch.cuda.device_count() == 0); run on a GPU "
+                        "machine or use --device cpu"),
+            (0 < gpus < ranks, f"--device cuda: --k {args.k} needs {ranks} GPUs (one per rank) but {gpus} are visible"),
+            ("bp_single_allthreads" in args.methods,
+             "--device cuda: bp_single_allthreads is the K-thread CPU baseline; bp_single_1thread is one GPU")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,12 +373,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker is not None:
         worker_main(args.worker)
         return
+    channels_last = args.channels_last
+    if channels_last is None:
+        channels_last = device_defaults.fastest("trainer.channels_last", args.device)
     common = {"model": args.model, "k": args.k, "batch_size": args.batch_size, "epochs": args.epochs,
               "warmup": args.warmup, "train_size": args.train_size, "image_size": IMAGE_SIZE,
               "num_classes": NUM_CLASSES, "seed": args.seed, "timeout_s": min(args.timeout, 300.0),
-              "channels_last": args.channels_last}
+              "channels_last": channels_last, "device": args.device, "precision": args.precision}
     try:
-        common["bounds"], costs = choose_bounds(common, args.split)
+        common["engine_bounds"], common["pipelining_bounds"], costs = choose_bounds(common, args.split)
     except ValueError as e:
         sys.exit(f"throughput.py: --split {args.split}: {e}")
     try:
@@ -320,15 +389,17 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"throughput.py: invalid setting: {e}")
     methods = [v for v in VARIANTS if v in args.methods]
-    config = {**common, "split": args.split, "block_costs": costs, "balance_ratio": partition.balance_ratio(costs, common["bounds"]),
+    balance = partition.balance_ratio(costs, common["pipelining_bounds"])
+    config = {**common, "split": args.split, "block_costs": costs, "balance_ratio": balance,
               "methods": methods, "micro_batches": args.micro_batches, "repeats": args.repeats, "timeout_per_run_s": args.timeout,
               "optimizer": "sgd lr=0.1 momentum=0.9 weight_decay=5e-4", "data": "synthetic, augmented",
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "loadavg_start": list(os.getloadavg()),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    machine = machine_info()
-    print(f"throughput: {args.model}, batch {args.batch_size}, K={args.k}, {args.epochs} epochs × "
-          f"{args.train_size // args.batch_size} batches; split {common['bounds']} by {args.split} "
-          f"(balance {config['balance_ratio']:.3f}); load average {config['loadavg_start'][0]:.2f}",
+    machine = machine_info(args.device)
+    print(f"throughput: {args.model} on {args.device} ({args.precision}, {'NHWC' if channels_last else 'NCHW'}), "
+          f"batch {args.batch_size}, K={args.k}, {args.epochs} epochs × {args.train_size // args.batch_size} batches; "
+          f"torch pipelines split {common['pipelining_bounds']} (balance {balance:.3f}), our engine "
+          f"{common['engine_bounds'] or 'its default'}; load average {config['loadavg_start'][0]:.2f}",
           file=sys.stderr, flush=True)
     runs: dict[str, list[Spec]] = {name: [] for name in methods}
     with tempfile.TemporaryDirectory(prefix="fdg_throughput_") as tmp:
@@ -337,10 +408,10 @@ def main(argv: list[str] | None = None) -> None:
                 runs[name].append(measure_variant(name, common, args, Path(tmp)))
                 _progress(name if args.repeats == 1 else f"{name} ({round_ + 1}/{args.repeats})", runs[name][-1])
     results = {name: median_run(variant_runs) for name, variant_runs in runs.items()}
-    base = results.get(BASELINE, {}).get("samples_per_s")
+    base = results.get(BASELINE, {})
     for r in results.values():
-        sps = r["samples_per_s"]
-        r["speedup_vs_bp_1thread"] = sps / base if sps is not None and base else None
+        for rate, speedup in (("samples_per_s", "speedup_vs_bp_1thread"), ("epoch_samples_per_s", "epoch_speedup_vs_bp_1thread")):
+            r[speedup] = r[rate] / base[rate] if r.get(rate) is not None and base.get(rate) else None
         r["efficiency"] = r["speedup_vs_bp_1thread"] / args.k if r["speedup_vs_bp_1thread"] is not None else None
     config["loadavg_end"] = list(os.getloadavg())
     print(table(results, config, machine))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 from fdg_dist import data, loss, models
 from fdg_dist.cli import launch_local
@@ -43,6 +44,8 @@ def small_config(**overrides: object) -> Config:
     cfg.logging.tensorboard = False
     cfg.logging.progress = "never"
     cfg.resume = "never"
+    # the reference simulation computes in NCHW on a FLOP split; the defaults (auto) would measure both
+    cfg.trainer.channels_last, cfg.pipeline.cost = False, "flops"
     for key, value in overrides.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
@@ -54,8 +57,12 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict | None:
     return launch_local(cfg, run_dir)
 
 
-def reference_state(cfg: Config) -> dict[str, torch.Tensor]:
+def reference_state(cfg: Config, start: dict | None = None) -> dict[str, torch.Tensor]:
     """The single-process simulation of the same run: same seed, same batches, same epochs.
+
+    ``start``, an unsplit state (``fdg-checkpoint export``), replaces the built modules' weights, optimizer
+    state and LR schedule before the simulation continues from its epoch; it is loaded with torch's own
+    ``set_optimizer_state_dict``, not with the code under test.
 
     With ``pipeline.replicas`` R > 1 every replica is simulated: replica r is fed its shard of each global
     batch (so BatchNorm normalises per shard, as on the ranks), and the R simulations run in lock step on R
@@ -66,14 +73,15 @@ def reference_state(cfg: Config) -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
     R = cfg.pipeline.replicas
     mean = GradientMean(R) if R > 1 else None
-    runs = [_reference_run(cfg, r, mean) for r in range(R)]  # built in turn: building reseeds the global RNG
+    runs = [_reference_run(cfg, r, mean, start) for r in range(R)]  # built in turn: building reseeds the global RNG
     if R == 1:
         return runs[0]()
     with ThreadPoolExecutor(R) as pool:
         return [f.result() for f in [pool.submit(run) for run in runs]][0]
 
 
-def _reference_run(cfg: Config, replica: int, mean: GradientMean | None) -> Callable[[], dict[str, torch.Tensor]]:
+def _reference_run(cfg: Config, replica: int, mean: GradientMean | None,
+                   start: dict | None = None) -> Callable[[], dict[str, torch.Tensor]]:
     """Replica ``replica``'s simulation, built now; calling the result trains it and returns its state."""
     K = cfg.pipeline.k
     built = [build_module(cfg, K, k) for k in range(K)]
@@ -85,6 +93,12 @@ def _reference_run(cfg: Config, replica: int, mean: GradientMean | None) -> Call
                           seed=cfg.trainer.seed, shard=(replica, cfg.pipeline.replicas))
     total = run_batches(cfg, loader.num_batches())
     schedulers = [build_scheduler(cfg.sched, o, cfg.trainer.epochs, total) for o in optimizers]
+    if start is not None:
+        assert not any(aux), "a started reference has no DGL heads to load"
+        for m, o, s in zip(modules, optimizers, schedulers, strict=True):
+            m.load_state_dict({n: start["model"][n] for n in m.state_dict()})
+            set_optimizer_state_dict(m, o, optim_state_dict=copy.deepcopy(start["optimizer"]))
+            s.load_state_dict(start["scheduler"])
     sim = Simulation(modules, optimizers, method=cfg.method.name, beta=cfg.method.beta, stash=cfg.method.stash,
                      accum_steps=cfg.method.accum_steps, aux_heads=aux,
                      grad_sync=None if mean is None else functools.partial(mean, replica), schedules=schedulers,
@@ -92,8 +106,8 @@ def _reference_run(cfg: Config, replica: int, mean: GradientMean | None) -> Call
                      dc_momentum=cfg.corrector.dc_momentum, anneal_steps=cfg.corrector.anneal_steps)
 
     def train() -> dict[str, torch.Tensor]:
-        steps = 0
-        for epoch in range(cfg.trainer.epochs):
+        steps = 0 if start is None else start["global_step"]
+        for epoch in range(0 if start is None else start["next_epoch"], cfg.trainer.epochs):
             budget = loader.num_batches() if cfg.trainer.max_steps is None else min(
                 loader.num_batches(), cfg.trainer.max_steps - steps)
             if budget <= 0:
@@ -278,7 +292,7 @@ def assert_spans_follow_each_other(run_dir: Path, rank: int) -> None:
 
 TINY_RUN = ["model=tiny", "data=synthetic", "data.train_size=64", "data.test_size=32", "trainer.batch_size=16",
             "trainer.epochs=1", "checkpoint.enabled=false", "logging.tensorboard=false", "logging.progress=never",
-            "dist.timeout_s=60", "trainer.threads=1"]
+            "dist.timeout_s=60", "trainer.threads=1", "trainer.channels_last=false", "pipeline.cost=flops"]
 
 
 def run_cli(cwd: Path, *overrides: str, multirun: bool = False, timeout: float = 220) -> subprocess.CompletedProcess:

@@ -103,6 +103,16 @@ def test_defaults_are_the_papers_setting(composed: Callable[..., Config]) -> Non
     assert cfg.experiment is None
 
 
+def test_speed_settings_default_to_auto_and_take_explicit_values(composed: Callable[..., Config]) -> None:
+    """``auto`` (resolved per device by ``device_defaults`` in the worker) is what users run; an explicit value
+    on the command line arrives typed (a YAML bool) and validates."""
+    cfg = composed()
+    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == ("auto", "auto")
+    cfg = composed("trainer.channels_last=false", "pipeline.cost=flops")
+    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == (False, "flops")
+    assert composed("trainer.channels_last=true", "pipeline.cost=time").trainer.channels_last is True
+
+
 def test_the_papers_rows_have_presets() -> None:
     assert set(PAPER_ROWS) | {"quick_synthetic", "budget_cifar10_resnet20", "shakespeare_char_gpt"} == set(PRESETS)
 

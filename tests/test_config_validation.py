@@ -103,6 +103,7 @@ ROWS = [
     Row("fp16", "trainer.precision", {"trainer.precision": "fp16"}),
     Row("nan_policy", "trainer.nan_policy", {"trainer.nan_policy": "ignore"}),
     Row("threads=-1", "trainer.threads", {"trainer.threads": -1}),
+    Row("channels-last-unknown", "trainer.channels_last", {"trainer.channels_last": "nhwc"}),
     # optimizer and schedule
     Row("optim", "optim.name", {"optim.name": "lamb"}),
     Row("lr=0", "optim.lr", {"optim.lr": 0.0}),

@@ -36,7 +36,7 @@ TIMEOUT_S = 10
 OVERRIDES = ["model=tiny", "data=synthetic", "data.train_size=96", "data.test_size=40", "trainer.batch_size=16",
              "trainer.eval_batch_size=16", "trainer.epochs=3", "trainer.threads=1", "optim.lr=0.05",
              "sched.milestones=[1]", f"pipeline.k={K}", f"dist.timeout_s={TIMEOUT_S}", "logging.tensorboard=false",
-             "logging.progress=never", "checkpoint.enabled=true", "resume=auto"]
+             "logging.progress=never", "checkpoint.enabled=true", "resume=auto", "pipeline.cost=flops"]
 SAME_FIELDS = ("epoch", "lr", "train_loss", "train_error", "test_loss", "test_error")  # not the timings
 
 

@@ -28,7 +28,7 @@ def test_imagefolder_class_names_and_measured_normalisation_are_exported(tmp_pat
     assert train.classes == test.classes == ("cat", "dog")
     assert train.labels.tolist() == [0, 1] and train.images[0].eq(140).all()  # "cat" holds the 140s
     meta = inference.metadata(cfg, train)
-    assert (meta["classes"], meta["num_classes"], meta["model"], meta["image_size"]) == (["cat", "dog"], 2, "tiny", 8)
+    assert (meta["classes"], meta["num_classes"], meta["model"], meta["image_size"]) == (["cat", "dog"], 2, {"name": "tiny"}, 8)
     assert meta["mean"] == pytest.approx([90 / 255] * 3) and meta["std"] == pytest.approx([50 / 255] * 3)
 
 

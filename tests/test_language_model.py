@@ -27,6 +27,7 @@ from emulated import merged_state, run_emulated
 from test_checkpoint import _fit, world1  # noqa: F401  (world1 is a fixture)
 from torch import nn
 
+import fdg_dist
 from fdg_dist import checkpoint, data, loss, models, optim
 from fdg_dist.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedConfig, validate
 from fdg_dist.stage import Stage
@@ -225,7 +226,8 @@ def test_pipeline_on_text_equals_reference_and_reports_bits_per_char(text: Path,
     carry bits per character and perplexity; the log's split table shows (batch, context, width)."""
     cfg = _cfg(text, "fdg", 2, **{"logging.tensorboard": True, "logging.trace": True})
     result = run_pipeline(cfg, run_dir)
-    assert_same_weights(final_state(run_dir), reference_state(cfg))
+    reference = reference_state(cfg)
+    assert_same_weights(final_state(run_dir), reference)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
@@ -240,6 +242,17 @@ def test_pipeline_on_text_equals_reference_and_reports_bits_per_char(text: Path,
     events = EventAccumulator(str(run_dir / "tb" / "module1"))
     events.Reload()
     assert {"train/bpc", "test/bpc", "test/perplexity"} <= set(events.Tags()["scalars"])
+    # the exported model and its tokenizer: the run's own validation loss on the last validation sequence
+    model, tokenizer = fdg_dist.load_model(run_dir)
+    _, val = data.load(cfg.data, cfg.trainer.seed)
+    ids, targets = val.sequences(torch.tensor([len(val) - 1]), 0)
+    assert torch.equal(tokenizer(tokenizer.decode(ids)), ids) and tokenizer.context == cfg.data.context
+    with torch.no_grad():
+        got = loss.cross_entropy(model(ids), targets)
+    simulated = models.build(cfg.model, cfg.data.num_classes)
+    simulated.load_state_dict(reference)
+    with torch.no_grad():
+        assert torch.equal(got, loss.cross_entropy(simulated.eval()(ids), targets))
 
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"

@@ -7,6 +7,7 @@ one line, and the same command resumes to the uninterrupted run's weights, bit f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -29,7 +30,8 @@ K = 3
 OVERRIDES = ["model=tiny", "data=synthetic", "data.train_size=480", "data.test_size=32", "trainer.batch_size=16",
              "trainer.eval_batch_size=32", "trainer.epochs=3", "trainer.threads=1", "optim.lr=0.05",
              "sched.milestones=[1]", f"pipeline.k={K}", "dist.timeout_s=60", "logging.tensorboard=false",
-             "logging.progress=never", "checkpoint.enabled=true", "resume=auto"]
+             "logging.progress=never", "checkpoint.enabled=true", "resume=auto",
+             "trainer.channels_last=false"]  # the reference computes in NCHW; the split stays the default (auto)
 
 
 def _fdg_train(run_dir: Path, **env: str) -> subprocess.Popen:
@@ -38,9 +40,10 @@ def _fdg_train(run_dir: Path, **env: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _uninterrupted() -> dict[str, torch.Tensor]:
+def _uninterrupted(bounds: list[int]) -> dict[str, torch.Tensor]:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return reference_state(config_from_hydra(compose("train", overrides=OVERRIDES)))
+        split = f"pipeline.split=[{','.join(map(str, bounds[1:-1]))}]"
+        return reference_state(config_from_hydra(compose("train", overrides=[*OVERRIDES, split])))
 
 
 def _stopped_then_resumed(run_dir: Path, proc: subprocess.Popen, signalled: float, *, mid_epoch: bool) -> None:
@@ -58,7 +61,11 @@ def _stopped_then_resumed(run_dir: Path, proc: subprocess.Popen, signalled: floa
     resumed = re.search(r"resumed from .*(epoch\d{4}(-tick\d{6})?) \(next epoch \d/3(, after its tick \d+)?\)",
                         (run_dir / "train.log").read_text())
     assert resumed and bool(resumed.group(2)) == bool(cuts), resumed
-    assert_same_weights(final_state(run_dir), _uninterrupted())
+    # the split chosen at the first start (pipeline.cost=auto: measured and tried) is the one the resume built
+    bounds = json.loads((run_dir / "split_choice.json").read_text())["bounds"]
+    assert json.loads((run_dir / "split.json").read_text())["bounds"] == bounds
+    assert "kept from" in (run_dir / "train.log").read_text()
+    assert_same_weights(final_state(run_dir), _uninterrupted(bounds))
 
 
 def test_sigterm_to_one_worker_cuts_the_epoch_and_the_same_command_resumes_bitwise(tmp_path: Path) -> None:

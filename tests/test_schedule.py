@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fdg_dist.schedule import Kind, grid, plan, train_actions
+from fdg_dist.schedule import Kind, grid, plan, program, train_actions
 
 METHODS = ["fdg", "adl", "dgl", "ddg", "fr", "bp"]
 
@@ -96,3 +96,42 @@ def test_grid_shows_the_pipeline() -> None:
     text = grid("fdg", 2, 2)
     assert text.splitlines()[1].split("|")[1:] == [" F0 ", " ."]
     assert "B0 S" in text  # module 0 back-propagates batch 0 at tick 2 = 0 + 2(K-1) - 0
+
+
+@pytest.mark.parametrize("method", ["fdg", "adl", "dgl"])
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_receives_are_posted_an_action_before_the_one_that_takes_them(method: str, K: int) -> None:
+    """gloo moves a message only once its receive is posted: posted right before the action that takes it, the
+    rank waits for the whole transfer.  In the steady state of the decoupled methods (not in the fill, not in
+    the drain, whose ticks have nothing else to run), some action of the rank's own runs between posting a
+    receive and taking that message, so the transfer overlaps it."""
+    n = 8
+    for k in range(K):
+        steps = program(plan(method, k, K, n, train=True, accum_steps=2 if method == "adl" else 1), K)
+        posted_after: dict[tuple[str, int], int] = {}  # message -> actions this rank had run when it was posted
+        done = 0
+        for step in steps:
+            for action, needs in step.actions:
+                if needs is not None and 2 * (K - 1) <= action.tick < n:
+                    assert done > posted_after[needs], (method, K, k, step.time, needs)
+                done += 1
+            for m in step.recvs:
+                posted_after[(m.kind, m.batch)] = done
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("K", [2, 3])
+def test_a_cut_and_its_resumed_program_post_every_receive_once_in_order(method: str, K: int) -> None:
+    """Cut after any tick: the steps up to it (the last posting only ``recvs_until``) and the program resumed
+    after it (``program(after=tick)``) post exactly the uncut program's receives, in its order, and the
+    steps before the cut post none of a message produced after it (no neighbour sends it before the resume)."""
+    n = 6
+    for k in range(K):
+        p = plan(method, k, K, n, train=True, accum_steps=2 if method == "adl" else 1)
+        whole = [m for step in program(p, K) for m in step.recvs]
+        for tick in range(max(a.tick for a in p.actions) + 1):
+            before = [step for step in program(p, K) if step.time[0] <= tick]
+            cut = [m for step in before[:-1] for m in step.recvs] + (before[-1].recvs_until(tick) if before else [])
+            assert all(m.time[0] <= tick for m in cut), (method, K, k, tick)
+            resumed = [m for step in program(p, K, after=tick) for m in step.recvs]
+            assert cut + resumed == whole, (method, K, k, tick)

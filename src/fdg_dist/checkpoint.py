@@ -10,8 +10,12 @@ manifest, or whose files fail their hash, is not a checkpoint: a flipped byte lo
 wrong values, so the hash is checked before loading.
 
 What a rank's file holds is its trainer's ``state_dict()`` (state belongs to its owner); this module
-only files, hashes, checks and prunes it.  Every load passes ``weights_only=True``: states are tensors
-and plain types.  Nothing read from a checkpoint is ever instantiated: its configuration is only compared.
+only files, hashes, checks and prunes it.  A drained checkpoint of another split, K, number of replicas or
+method is re-cut: every rank reads the module files of replica 0, gathers them into one unsplit state and
+takes its part (``unsplit``); a directory holding one ``unsplit.pt`` (``fdg-checkpoint import``) is read
+directly.  A mid-epoch cut holds its split's stashes and messages in flight: it resumes only as it was.
+Every load passes ``weights_only=True``: states are tensors and plain types.  Nothing read from a checkpoint
+is ever instantiated: its configuration is only compared.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from fdg_dist import unsplit
 from fdg_dist.schedule import Kind
 
 if TYPE_CHECKING:
@@ -47,7 +52,7 @@ _EPOCH_DIR = re.compile(r"epoch(\d{4,})(?:-tick(\d{6,}))?")
 # What a checkpoint's numbers depend on.  Where and how data is read (root, download, cache) does not
 # change them, nor do the epoch count, logging or the launcher settings.  How the split was chosen
 # does not matter either: every rank checkpoint records its block bounds, which are compared exactly.
-_FINGERPRINT_SECTIONS = ("model", "data", "method", "optim", "sched", "pipeline")
+_FINGERPRINT_SECTIONS = ("model", "data", "method", "corrector", "optim", "sched", "pipeline")
 _FINGERPRINT_KEYS = ("trainer.batch_size", "trainer.seed", "trainer.precision")
 _NEUTRAL_KEYS = ("data.root", "data.download", "data.cache", "pipeline.split", "pipeline.cost")
 
@@ -135,9 +140,15 @@ def config_hash(fp: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
 
 
-def _differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    return ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in keys)
+def _differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None) -> str:
+    keys = {k for k in set(saved) | set(current) if saved.get(k) != current.get(k)} if keys is None else keys
+    return ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in sorted(keys))
+
+
+def _recuttable(key: str) -> bool:
+    """Whether a resume may change this fingerprint key: a drained checkpoint is re-cut for another number of
+    modules, of replicas, or another method (the split itself is neutral: it is read from the files)."""
+    return key.startswith("method.") or key in ("pipeline.k", "pipeline.replicas")
 
 
 # ------------------------------------------------------------------------ save
@@ -183,7 +194,8 @@ def _commit(reports: list[Any], directory: Path, epoch: int, tick: int | None, t
     manifest = {
         "format": FORMAT, "epoch": epoch, "tick": tick, "next_epoch": trainer.start_epoch,
         "global_step": trainer.global_step,
-        "k": trainer.K, "replicas": trainer.ctx.R, "config_hash": chash, "config": fp,
+        "k": trainer.K, "replicas": trainer.ctx.R, "bounds": trainer.bounds, "method": trainer.cfg.method.name,
+        "config_hash": chash, "config": fp,
         "files": {name: {"sha256": digest, "bytes": size} for name, digest, size, _ in reports},
     }
     try:
@@ -238,21 +250,61 @@ def verify(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def _check_config(directory: Path, manifest: dict[str, Any], fp: dict[str, Any]) -> None:
-    if manifest.get("config_hash") != config_hash(fp):
+    """Refuse a checkpoint of another model, data, optimizer, schedule, batch, seed or precision, naming the
+    keys; another K, number of replicas or method is a re-cut, which a mid-epoch cut cannot take."""
+    if manifest.get("config_hash") == config_hash(fp):
+        return
+    saved = manifest.get("config", {})
+    fixed = {k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k) and not _recuttable(k)}
+    if fixed:
         raise CheckpointError(f"checkpoint {directory} was written by a different configuration "
-                              f"({_differences(manifest.get('config', {}), fp)}); resume it with that "
-                              f"configuration, or start this run in another directory (hydra.run.dir=...)")
+                              f"({_differences(saved, fp, fixed)}); a resume may change only pipeline.k, "
+                              "pipeline.split, pipeline.replicas and method.*: resume it with that configuration, "
+                              "or start this run in another directory (hydra.run.dir=...)")
+    _refuse_recutting_a_cut(directory, manifest, _differences(saved, fp))
 
 
-def _newest_complete(root: Path, fp: dict[str, Any]) -> Path | None:
-    """Newest complete checkpoint under ``root``; broken ones are logged and skipped."""
+def _refuse_recutting_a_cut(directory: Path, manifest: dict[str, Any], change: str) -> None:
+    """A mid-epoch cut holds stashes and messages in flight that belong to its own split: it resumes only as is."""
+    if manifest.get("tick") is None:
+        return
+    raise CheckpointError(f"checkpoint {directory} was cut mid-epoch (after tick {manifest['tick']} of epoch "
+                          f"{manifest['epoch'] + 1}): its stashes and messages in flight belong to its split and "
+                          f"cannot be re-cut ({change}); resume it first with the configuration that wrote it; the "
+                          "checkpoint of that epoch's end can then be resumed with another split, K or method")
+
+
+def _newest_complete(root: Path, fp: dict[str, Any] | None) -> Path | None:
+    """Newest complete checkpoint under ``root``; broken ones are logged and skipped; ``fp``: its configuration
+    must fit (``_check_config``)."""
     for directory in epoch_dirs(root):
         manifest, problem = verify(directory)
         if problem is None:
-            _check_config(directory, manifest, fp)
+            if fp is not None:
+                _check_config(directory, manifest, fp)
             return directory
         log.warning("skipping checkpoint: %s", problem)
     return None
+
+
+def locate(path: Path, checkpoint_dir: str, fp: dict[str, Any] | None, *, label: str) -> Path:
+    """The checkpoint ``path`` names: ``path`` itself if it is one (verified), else the newest complete one in
+    it (a checkpoint folder) or in its ``checkpoint_dir`` (a run directory); ``label`` starts every error."""
+    if (path / MANIFEST).exists() or _EPOCH_DIR.fullmatch(path.name):
+        manifest, problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"{label}: {problem}")
+        if fp is not None:
+            _check_config(path, manifest, fp)
+        return path
+    root = path / checkpoint_dir if (path / checkpoint_dir).is_dir() else path
+    if not root.is_dir() or not epoch_dirs(root):
+        raise CheckpointError(f"{label}: not a checkpoint (an epochNNNN/ directory with {MANIFEST}), "
+                              f"a checkpoint directory, or a run directory holding {checkpoint_dir}/")
+    found = _newest_complete(root, fp)
+    if found is None:
+        raise CheckpointError(f"{label}: no complete checkpoint under {root} (see the warnings above)")
+    return found
 
 
 def choose(cfg: Config, run_dir: Path) -> Path | None:
@@ -260,25 +312,12 @@ def choose(cfg: Config, run_dir: Path) -> Path | None:
     fp = fingerprint(cfg)
     if cfg.resume == "auto":
         return _newest_complete(checkpoint_root(cfg, run_dir), fp)
-    path = Path(cfg.resume)
-    if (path / MANIFEST).exists() or _EPOCH_DIR.fullmatch(path.name):
-        manifest, problem = verify(path)
-        if problem is not None:
-            raise CheckpointError(f"resume={cfg.resume}: {problem}")
-        _check_config(path, manifest, fp)
-        return path
-    root = path / cfg.checkpoint.dir if (path / cfg.checkpoint.dir).is_dir() else path
-    if not root.is_dir() or not epoch_dirs(root):
-        raise CheckpointError(f"resume={cfg.resume}: not a checkpoint (an epochNNNN/ directory with {MANIFEST}), "
-                              f"a checkpoint directory, or a run directory holding {cfg.checkpoint.dir}/")
-    found = _newest_complete(root, fp)
-    if found is None:
-        raise CheckpointError(f"resume={cfg.resume}: no complete checkpoint under {root} (see the warnings above)")
-    return found
+    return locate(Path(cfg.resume), cfg.checkpoint.dir, fp, label=f"resume={cfg.resume}")
 
 
 def restore(trainer: Trainer) -> Path | None:
-    """Load the checkpoint ``cfg.resume`` designates; all ranks load the same one (chosen on rank 0).
+    """Load the checkpoint ``cfg.resume`` designates; all ranks load the same one (chosen on rank 0), each its
+    own file, or, when the split, K, replicas or method changed, its part of the checkpoint's unsplit state.
 
     Also cuts ``metrics.jsonl`` back to the epochs before the one the run (re)starts from, so a resumed
     run's file equals an uninterrupted run's.
@@ -286,11 +325,12 @@ def restore(trainer: Trainer) -> Path | None:
     cfg, ctx = trainer.cfg, trainer.ctx
     directory = None
     if cfg.resume != "never":
-        decision: list[str | None] = [None, None]  # chosen directory, error
+        decision: list[Any] = [None, None, False]  # chosen directory, error, whether it is re-cut
         if ctx.rank == 0:
             try:
                 found = choose(cfg, trainer.run_dir)
                 decision[0] = None if found is None else str(found)
+                decision[2] = found is not None and _needs_recut(found, trainer)
             except CheckpointError as e:
                 decision[1] = str(e)
         dist.broadcast_object_list(decision, src=0, group=ctx.header_group)
@@ -298,15 +338,15 @@ def restore(trainer: Trainer) -> Path | None:
             raise CheckpointError(decision[1])
         if decision[0] is not None:
             directory = Path(decision[0])
-            _load(trainer, directory)
+            (_recut if decision[2] else _load)(trainer, directory)
     if trainer.is_reporter:  # a run resumed after its last epoch still reports that epoch's numbers
         kept = truncate_metrics(trainer.log.metrics_path, trainer.start_epoch)
         trainer.log.last = kept[-1] if kept else None
     return directory
 
 
-def _load(trainer: Trainer, directory: Path) -> None:
-    path = directory / file_name(trainer.k, trainer.ctx.replica)
+def _read(path: Path) -> dict[str, Any]:
+    """One rank's file, of this format."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors have no common base class
@@ -314,12 +354,104 @@ def _load(trainer: Trainer, directory: Path) -> None:
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {state.get('format')!r}; this fdg_dist reads format "
                               f"{FORMAT}: resume it with the version that wrote it, or start afresh with resume=never")
-    if state.get("config_hash") != config_hash(fingerprint(trainer.cfg)) or state.get("module") != trainer.k:
-        raise CheckpointError(f"{path} belongs to another configuration or module than module {trainer.k} of this run")
-    if state["bounds"] != trainer.bounds:
-        raise CheckpointError(f"{path} holds the model split at blocks {state['bounds']}, this run splits at "
-                              f"{trainer.bounds}; resume with pipeline.split={state['bounds'][1:-1]}")
+    return state
+
+
+def _load(trainer: Trainer, directory: Path) -> None:
+    path = directory / file_name(trainer.k, trainer.ctx.replica)
+    state = _read(path)
+    if (state.get("config_hash") != config_hash(fingerprint(trainer.cfg)) or state.get("module") != trainer.k
+            or state.get("bounds") != trainer.bounds):  # the manifest said otherwise: an inconsistent checkpoint
+        raise CheckpointError(f"{path} belongs to another configuration, split or module than module {trainer.k} of "
+                              "this run, unlike its manifest says")
     trainer.load_state_dict(state)
+
+
+# ------------------------------------------------------------- another layout
+def _layout(manifest: dict[str, Any], directory: Path) -> str:
+    """How a checkpoint (or a run: ``_run_layout``) is cut, in words; two layouts are equal when their words are."""
+    if manifest.get("layout") == unsplit.FILE:
+        return f"unsplit ({manifest['method']})"
+    bounds = manifest.get("bounds") or _read(directory / file_name(0, 0))["bounds"]
+    method = manifest["method"] if "method" in manifest else manifest["config"].get("method.name")
+    return f"{method}, K={manifest['k']}, {manifest['replicas']} replica(s), blocks {bounds}"
+
+
+def _run_layout(trainer: Trainer) -> dict[str, Any]:
+    return {"k": trainer.K, "replicas": trainer.ctx.R, "bounds": trainer.bounds, "method": trainer.cfg.method.name}
+
+
+def _needs_recut(directory: Path, trainer: Trainer) -> bool:
+    """Whether ``directory`` was written by another layout (split, K, replicas, method) than this run's."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    mine = _layout(_run_layout(trainer), directory)
+    theirs = _layout(manifest, directory)
+    if theirs == mine and manifest.get("config_hash") == config_hash(fingerprint(trainer.cfg)):
+        return False
+    _refuse_recutting_a_cut(directory, manifest, f"written as {theirs}, this run is {mine}")
+    return True
+
+
+def read_unsplit(directory: Path) -> dict[str, Any]:
+    """The unsplit state of a complete, drained checkpoint: its imported file, or gathered from the module
+    files of replica 0 (``unsplit.gather``)."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    _refuse_recutting_a_cut(directory, manifest, "converting it")
+    try:
+        if manifest.get("layout") == unsplit.FILE:
+            state = read_unsplit_file(directory / unsplit.FILE)
+        else:
+            states = [_read(directory / file_name(k, 0)) for k in range(manifest["k"])]
+            foreign = [k for k, s in enumerate(states) if s.get("config_hash") != manifest["config_hash"]]
+            if foreign:
+                raise unsplit.UnsplitError(f"{file_name(foreign[0], 0)} belongs to another configuration than its "
+                                           "manifest")
+            state = unsplit.gather(states, manifest["config"], manifest["replicas"])
+    except unsplit.UnsplitError as e:
+        raise CheckpointError(f"checkpoint {directory} cannot be re-cut: {e}") from e
+    return state
+
+
+def read_unsplit_file(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """An unsplit state from ``path`` (or from ``data``, its bytes already read and checked)."""
+    try:
+        state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have no common base class
+        raise CheckpointError(f"{path} cannot be loaded: {type(e).__name__}: {e}") from e
+    try:
+        unsplit.check(state)
+    except unsplit.UnsplitError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return state
+
+
+def _recut(trainer: Trainer, directory: Path) -> None:
+    """Take this rank's part of the checkpoint's unsplit state; rank 0 says what is carried and what is not."""
+    cfg = trainer.cfg
+    state = read_unsplit(directory)
+    try:
+        trainer.load_unsplit(state)
+    except unsplit.UnsplitError as e:
+        raise CheckpointError(f"checkpoint {directory} cannot be re-cut for module {trainer.k}: {e}") from e
+    if trainer.ctx.rank == 0:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        log.info("re-cut checkpoint %s (%s) as %s: weights, buffers, optimizer state per parameter, LR schedule "
+                 "and counters carried over", directory, _layout(manifest, directory),
+                 _layout(_run_layout(trainer), directory))
+        log.info("not carried over: %s", "; ".join(unsplit.not_carried(state, cfg.method.name, trainer.bounds,
+                                                                       cfg.method.aux_channels)))
+
+
+def commit_unsplit(data: bytes, state: dict[str, Any], directory: Path) -> None:
+    """Write an unsplit state (its file's bytes) as a checkpoint directory: the file, then the manifest."""
+    atomic_write(data, directory / unsplit.FILE)
+    manifest = {
+        "format": FORMAT, "layout": unsplit.FILE, "epoch": state["next_epoch"] - 1, "tick": None,
+        "next_epoch": state["next_epoch"], "global_step": state["global_step"], "method": state["source"]["method"],
+        "config_hash": config_hash(state["config"]), "config": state["config"],
+        "files": {unsplit.FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+    }
+    atomic_write((json.dumps(manifest, indent=1) + "\n").encode(), directory / MANIFEST)
 
 
 def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic", "text")
 TEXT_TOKENS = ("byte", "char")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip_step", "off")
+SPLIT_COSTS = ("auto", "flops", "time")
 BACKENDS = ("auto", "nccl", "gloo")
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 MIN_TIMEOUT_S = 1.0
@@ -36,9 +37,9 @@ class ModelConfig:
     ``model`` is an argument of that builder (``model.arch``, ``model.width``, ...), kept in ``args``."""
 
     name: str = "resnet20"
-    variant: str = "ours"  # ours | official (the FDG authors' definition: models/official.py)
     _target_: str | None = None  # model=custom: "pkg.module.fn" returning blocks (called by hydra.utils.instantiate)
     args: dict[str, Any] = field(default_factory=dict)
+    variant: str = "ours"  # ours | official (the FDG authors' definition: models/official.py)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -125,7 +126,7 @@ class SchedConfig:
 class PipelineConfig:
     k: int = 2
     split: Any = "auto"  # "auto" or a list of K-1 block indices where modules 1..K-1 start
-    cost: str = "flops"  # what "auto" balances: counted FLOPs (reproducible) or measured "time" (faster)
+    cost: str = "auto"  # what split "auto" balances: flops (counted), time (measured), auto (fastest for the device)
     replicas: int = 1
 
 
@@ -137,7 +138,7 @@ class TrainerConfig:
     max_steps: int | None = None
     seed: int = 0
     precision: str = "fp32"
-    channels_last: bool = False  # NHWC activations and conv weights: faster convolutions on CPUs and GPUs
+    channels_last: bool | str = "auto"  # NHWC activations and conv weights; auto: the fastest for the device
     threads: int | None = None  # intra-op threads per process (CPU)
     nan_policy: str = "stop"  # stop | skip_step | off (no finiteness checks: no host sync per step on a GPU)
 
@@ -359,8 +360,9 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(p.split != "auto" or stages <= groups, "pipeline.k",
              f"K={p.k} modules but an automatic split of model {cfg.model.name!r} can make only {groups} (a module "
              f"starts after a block with weights); use pipeline.k ≤ {groups} or give pipeline.split")
-    _require(p.cost in ("flops", "time"), "pipeline.cost",
-             f"{p.cost!r} is not one of flops (counted, the same on every machine), time (measured at start)")
+    _require(p.cost in SPLIT_COSTS, "pipeline.cost",
+             f"{p.cost!r} is not one of auto (the fastest for the device), flops (counted, the same on every machine), "
+             "time (measured at start)")
     if p.split != "auto":
         split = list(p.split) if isinstance(p.split, (list, tuple)) else None
         _require(split is not None and all(_has_type(i, int) for i in split), "pipeline.split",
@@ -384,6 +386,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps",
              f"{t.max_steps!r} must be null or an integer ≥ 1")
     _require(t.precision in PRECISIONS, "trainer.precision", f"{t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    _require(t.channels_last in (True, False, "auto"), "trainer.channels_last",
+             f"{t.channels_last!r} is not one of true (NHWC), false (NCHW), auto (the fastest for the device)")
     _require(t.nan_policy in NAN_POLICIES, "trainer.nan_policy", f"{t.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
     _require(t.threads is None or t.threads >= 1, "trainer.threads",
              f"{t.threads!r} must be null (cores / local processes) or ≥ 1")

@@ -203,9 +203,8 @@ class Executor:
         """The steady state: every schedule time's actions, then its messages; no device value is read."""
         outbox: dict[tuple[str, int], list[torch.Tensor]] = {}
         applied: list[int] = []  # batches whose gradients are accumulated but not yet stepped
-        steps = schedule.program(plan, self.K)
+        steps = schedule.program(plan, self.K, after=None if resume is None else resume.tick)
         if resume is not None:
-            steps = [step for step in steps if step.time[0] > resume.tick]
             self.transport.deliver(resume.messages)
             applied = list(resume.applied)
             result.loss_sum += resume.loss_sum.to(self.stage.device)
@@ -252,14 +251,17 @@ class Executor:
                     result.events.append(event)
                 if on_action is not None:
                     on_action(event)
+            tick = step.time[0]
+            tick_done = i + 1 == len(steps) or steps[i + 1].time[0] != tick
+            # decided before posting: a cut posts no receive of a message produced after it
+            stopping = stop is not None and tick_done and tick in votes and stop.at(tick)
             self.transport.post(
                 [(m.dst, self._envelopes(m, batch_sizes[m.batch], epoch, phase), outbox.pop((m.kind, m.batch)))
                  for m in step.sends],
-                [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase)) for m in step.recvs])
+                [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase))
+                 for m in (step.recvs_until(tick) if stopping else step.recvs)])
             self.transport.reap()
-            tick = step.time[0]
-            tick_done = i + 1 == len(steps) or steps[i + 1].time[0] != tick
-            if stop is not None and tick_done and tick in votes and stop.at(tick):
+            if stopping:
                 result.stopped = Cut(tick, applied, self.transport.settle(), result.loss_sum, result.errors,
                                      result.samples)
                 return

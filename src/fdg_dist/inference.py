@@ -4,7 +4,8 @@ The pipeline feeds its network normalised inputs, (x/255 - mean)/std per channel
 belong to the data (measured on the training images for ImageFolder and synthetic data, constants for
 CIFAR), and its outputs are indices into a class order that only the dataset knows.  Neither is in
 ``final_model.pt`` (a plain ``state_dict``, loadable with ``weights_only=True``), so the export writes
-them beside it as ``final_model.json``: that pair is all inference needs.
+them beside it as ``final_model.json``: that pair is all inference needs.  For a language model the
+"transform" is its tokenizer: the characters in id order (``data.tokens=char``) or raw bytes.
 """
 
 from __future__ import annotations
@@ -18,27 +19,23 @@ import torch
 from torch import nn
 
 from fdg_dist import models
-from fdg_dist.config import Config
-from fdg_dist.data import ImageSet, Normalize
+from fdg_dist.config import Config, ModelConfig
+from fdg_dist.data import ImageSet, Normalize, TextSet
 
 WEIGHTS = "final_model.pt"
 METADATA = "final_model.json"
-FORMAT = 1
+FORMAT = 2  # 2: "model" is the whole model config (custom, torchvision, gpt, variants); 1: a zoo name
 
 
-def metadata(cfg: Config, train: ImageSet) -> dict[str, Any]:
+def metadata(cfg: Config, train: ImageSet | TextSet) -> dict[str, Any]:
     """What ``final_model.json`` holds: how to build the model and how to feed it."""
-    return {
-        "format": FORMAT,
-        "model": cfg.model.name,
-        "num_classes": train.num_classes,
-        "classes": list(train.classes),
-        "image_size": cfg.data.image_size,
-        "mean": list(train.mean),
-        "std": list(train.std),
-        "input": "RGB, (x/255 - mean)/std per channel, NCHW float32",
-        "data": cfg.data.name,
-    }
+    common = {"format": FORMAT, "model": cfg.model.to_dict(), "num_classes": train.num_classes,
+              "data": cfg.data.name}
+    if isinstance(train, TextSet):
+        return {**common, "tokens": cfg.data.tokens, "vocab": train.vocab, "context": cfg.data.context,
+                "input": f"int64 token ids (N, T), T <= {cfg.data.context}"}
+    return {**common, "classes": list(train.classes), "image_size": cfg.data.image_size, "mean": list(train.mean),
+            "std": list(train.std), "input": "RGB, (x/255 - mean)/std per channel, NCHW float32"}
 
 
 @dataclass(frozen=True)
@@ -81,12 +78,40 @@ def _as_tensor(image: Any) -> torch.Tensor:
     return torch.as_tensor(image).permute(2, 0, 1)
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Transform]:
+@dataclass(frozen=True)
+class Tokenizer:
+    """Text → a language model's input ids and back, as the run tokenized its file: ``vocab`` holds the
+    characters in id order (``data.tokens=char``), or is None for raw UTF-8 bytes."""
+
+    vocab: tuple[str, ...] | None
+    context: int  # the longest sequence the model's position embedding covers
+
+    def __call__(self, text: str) -> torch.Tensor:
+        """int64 ids of shape (1, len); an unknown character is named (the model has no id for it)."""
+        if self.vocab is None:
+            return torch.tensor(list(text.encode()), dtype=torch.int64)[None]
+        index = {c: i for i, c in enumerate(self.vocab)}
+        missing = sorted({c for c in text if c not in index})
+        if missing:
+            raise ValueError(f"characters {missing!r} are not in the model's vocabulary of {len(self.vocab)}")
+        return torch.tensor([index[c] for c in text], dtype=torch.int64)[None]
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """Ids (any shape, read in order) back to text."""
+        flat = ids.flatten().tolist()
+        if self.vocab is None:
+            return bytes(flat).decode(errors="replace")
+        return "".join(self.vocab[i] for i in flat)
+
+
+def load_model(run_dir: str | Path,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, Transform | Tokenizer]:
     """The run's final model (unsplit, eval mode, on ``device``) and the transform its inputs need.
 
-    ``logits = model(transform(images).to(device))``; ``transform.classes[logits.argmax(1)]`` names the
-    prediction.  Reads ``final_model.pt`` and ``final_model.json`` of ``run_dir`` (written when a run
-    finishes; a copied model needs both files).
+    Images: ``logits = model(transform(images).to(device))``; ``transform.classes[logits.argmax(1)]`` names
+    the prediction.  Language models: ``logits = model(tokenizer(text).to(device))`` (at most ``context``
+    tokens), ``tokenizer.decode(logits[0, -1:].argmax(-1))`` the next character.  Reads ``final_model.pt``
+    and ``final_model.json`` of ``run_dir`` (written when a run finishes; a copied model needs both files).
     """
     run_dir = Path(run_dir)
     weights, meta_path = run_dir / WEIGHTS, run_dir / METADATA
@@ -95,7 +120,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
             raise FileNotFoundError(f"{path} not found: a run writes {WEIGHTS} and {METADATA} when it finishes; "
                                     "pass the directory of a finished run")
     meta = json.loads(meta_path.read_text())
-    model = models.build(meta["model"], meta["num_classes"])
+    spec = ModelConfig.from_dict(meta["model"]) if isinstance(meta["model"], dict) else ModelConfig(meta["model"])
+    model = models.build(spec, meta["num_classes"])
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.to(device).eval()
+    if "tokens" in meta:
+        vocab = meta["vocab"]
+        return model, Tokenizer(tuple(vocab) if vocab is not None else None, meta["context"])
     return model, Transform(tuple(meta["mean"]), tuple(meta["std"]), meta["image_size"], tuple(meta["classes"]))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from fdg_dist import models
+from fdg_dist import models, pace
 
 _META = torch.device("meta")
 
@@ -81,11 +81,12 @@ def _charged(shapes: Sequence[torch.Size], flops: Sequence[int]) -> list[float]:
     ]
 
 
-def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
+def measured_block_times(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
                          *, precision: str = "fp32", channels_last: bool = False, repeats: int = 5,
-                         warmup: int = 2, dtype: torch.dtype = torch.float32) -> list[float]:
-    """Per-block seconds of one training forward + backward at ``input_shape``: the fastest of ``repeats``
-    rounds after ``warmup`` rounds.
+                         warmup: int = 2, dtype: torch.dtype = torch.float32) -> list[pace.BlockTime]:
+    """Per-block seconds of one training forward, its backward, an SGD step of the block's parameters and a copy
+    of its output at ``input_shape`` (of ``dtype``: int64 tokens for a language model): the fastest of
+    ``repeats`` rounds after ``warmup`` rounds, each part on its own.
 
     Counted FLOPs miss what makes real stages unequal (memory-bound BatchNorm/ReLU on large early
     activations, kernel efficiency per layer shape), so this times the real thing.  Each block runs
@@ -98,6 +99,9 @@ def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fmt = models.memory_format(channels_last)
     probes = [copy.deepcopy(b).to(device, memory_format=fmt).train() for b in blocks]
+    # momentum and weight decay as in training; lr 0 so the copies do not drift between rounds
+    optimizers = [torch.optim.SGD(p.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+                  if any(True for _ in p.parameters()) else None for p in probes]
     inputs = []
     x = (torch.randn(tuple(input_shape), device=device) if dtype.is_floating_point
          else torch.zeros(tuple(input_shape), dtype=dtype, device=device))  # token 0 is valid in any vocabulary
@@ -105,21 +109,40 @@ def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int]
         for probe in probes:
             inputs.append(models.to_layout(x, fmt))
             x = probe(inputs[-1])
-    rounds: list[list[float]] = []
+    rounds: list[list[tuple[float, float, float, float]]] = []
     for _ in range(warmup + repeats):
         seconds = []
-        for i, probe in enumerate(probes):
+        for i, (probe, optimizer) in enumerate(zip(probes, optimizers, strict=True)):
             inp = inputs[i].detach().requires_grad_(i > 0 and inputs[i].is_floating_point())
             sync()
             tic = time.perf_counter()
             with autocast:
                 out = probe(inp)
+            sync()
+            mid = time.perf_counter()
             out.backward(torch.ones_like(out))
             sync()
-            seconds.append(time.perf_counter() - tic)
+            end = time.perf_counter()
+            stepped = end
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sync()
+                stepped = time.perf_counter()
+            out.detach().clone()
+            sync()
+            seconds.append((mid - tic, end - mid, stepped - end, time.perf_counter() - stepped))
             del inp, out  # free before the next block allocates, as a pipeline stage would
         rounds.append(seconds)
-    return [min(r[i] for r in rounds[warmup:]) for i in range(len(probes))]
+    return [pace.BlockTime(*(min(r[i][part] for r in rounds[warmup:]) for part in range(4)))
+            for i in range(len(probes))]
+
+
+def measured_block_costs(blocks: Sequence[nn.Module], input_shape: Sequence[int], device: torch.device,
+                         **kwargs: object) -> list[float]:
+    """Per-block seconds of a training forward + backward + step (``measured_block_times`` summed): what a
+    balanced split by measured time balances."""
+    return [t.total for t in measured_block_times(blocks, input_shape, device, **kwargs)]
 
 
 def stash_bytes(blocks: Sequence[nn.Module], input_shape: Sequence[int], mode: str = "weights",
@@ -245,9 +268,9 @@ def describe(
 ) -> str:
     """Printable per-module table: blocks, parameters, GFLOPs per sample, activation sent downstream
     (at ``batch_size``), stash memory (depth x ``stash_bytes`` in fp32, measured) and, given measured
-    per-block ``seconds``, the module's forward + backward time; then the balance of what split it.
-    ``dtype`` is the model input's (int64 tokens for a language model); ``names`` (the blocks' names in
-    the model) add each module's first and last block.
+    per-block ``seconds``, the module's training time (forward, backward, step); then the balance of what
+    split it. ``dtype`` is the model input's (int64 tokens for a language model); ``names`` (the blocks' names
+    in the model) add each module's first and last block.
     """
     k = len(bounds) - 1
     if len(stash_depths) != k:
@@ -259,7 +282,7 @@ def describe(
     rows = [
         f"{'module':>6} {'blocks':>9} {'params':>11} {'GFLOP/sample':>12} "
         f"{'sends (batch ' + str(batch_size) + ')':>24} {'MiB':>8} {'stash MiB':>10}"
-        + (f" {'fwd+bwd ms':>10}" if seconds is not None else "")
+        + (f" {'train ms':>10}" if seconds is not None else "")
         + ("  first .. last block" if names is not None else "")
     ]
     for i, (a, b) in enumerate(pairwise(bounds)):

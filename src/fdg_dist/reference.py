@@ -125,7 +125,7 @@ class Simulation:
         h, y = data
         for m in chain:
             h = m(h)
-        self.loss(h, y).backward()
+        loss.cross_entropy(h, y).backward()
         shrink = self.beta ** (self.K - 1 - k) / self.M
         full = [p.grad * shrink for p in chain[k].parameters()]
 

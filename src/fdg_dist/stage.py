@@ -289,6 +289,7 @@ class Stage:
             "stash": {b: {"x": e.x.detach(), "steps": e.steps, "rng": e.rng,
                           "params": None if e.params is None else {n: t.detach() for n, t in e.params.items()}}
                       for b, e in self.stash.items()},
+            "param_names": self.param_names(),  # the optimizer's parameter order: re-cutting maps by name
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -330,6 +331,12 @@ class Stage:
         uses the same LR for the same batches whatever its accumulation; epoch-wise ones wait for the epoch end."""
         if self.scheduler is not None:
             self.scheduler.advance(batches)
+
+    def param_names(self) -> list[str]:
+        """Names of the optimizer's parameters in its ``state_dict``'s index order (group by group): the unsplit
+        model's keys, ``aux_head.*`` for DGL's head."""
+        name = {id(p): n for n, p in self._named_parameters()}
+        return [name[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def parameters(self) -> list[nn.Parameter]:
         """Everything this stage's optimizer owns (module and, for DGL, its auxiliary head)."""

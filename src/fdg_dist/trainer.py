@@ -23,7 +23,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import checkpoint, correctors, data, inference, models, partition, schedule
+from fdg_dist import (
+    checkpoint,
+    correctors,
+    data,
+    inference,
+    models,
+    partition,
+    schedule,
+    split_choice,
+    unsplit,
+)
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
@@ -73,20 +83,21 @@ class BuiltModule:
     shapes: list[torch.Size]  # input and output activation shape of module k (batch 1)
 
 
-def build_module(cfg: Config, K: int, k: int, seconds: list[float] | None = None) -> BuiltModule:
+def build_module(cfg: Config, K: int, k: int, bounds: list[int] | None = None) -> BuiltModule:
     """Module k of the split model, from the same seed on every rank.
 
     Every rank builds the whole model and keeps its blocks, so the split is deterministic and the
-    weights equal those of the unsplit model built with that seed.  ``seconds`` (measured per-block
-    times, identical on every rank) replace counted FLOPs as the cost an automatic split balances.
+    weights equal those of the unsplit model built with that seed.  ``bounds`` (a split chosen by
+    ``split_choice``, identical on every rank) replaces ``pipeline.split`` balanced by counted FLOPs.
     """
     seed_everything(cfg.trainer.seed)
     blocks = models.build_blocks(cfg.model, cfg.data.num_classes)
     spec = data.sample_spec(cfg.data)
     sample = (1, *spec.shape)
-    split = cfg.pipeline.split if K > 1 else "auto"
-    costs = seconds if seconds is not None else partition.block_costs(blocks, sample, spec.dtype)
-    bounds = partition.split_points(costs, K, split, partition.weighted_starts(blocks))
+    if bounds is None:
+        split = cfg.pipeline.split if K > 1 else "auto"
+        bounds = partition.split_points(partition.block_costs(blocks, sample, spec.dtype), K, split,
+                                        partition.weighted_starts(blocks))
     shapes = partition.boundary_shapes(blocks, sample, spec.dtype)
     module = nn.Sequential(OrderedDict((str(i), blocks[i]) for i in range(bounds[k], bounds[k + 1])))
     aux = None
@@ -108,7 +119,7 @@ def split_table(cfg: Config, bounds: list[int], seconds: list[float] | None = No
                               stash=stash, dtype=spec.dtype, names=model.block_names())
 
 
-def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: list[float] | None = None,
+def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, bounds: list[int] | None = None,
                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
                 total_batches: int | None = None) -> tuple[Stage, Boundary, BuiltModule]:
     """Module k as a stage on ``device`` (weights, optimizer, LR schedule, method settings) and its boundary.
@@ -117,7 +128,7 @@ def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, seconds: l
     ``total_batches`` (see ``run_batches``) sizes a per-batch LR schedule.
     """
     t, m = cfg.trainer, cfg.method
-    built = build_module(cfg, K, k, seconds)
+    built = build_module(cfg, K, k, bounds)
     fmt = models.memory_format(t.channels_last)
     module = built.module.to(device, memory_format=fmt)
     aux = built.aux_head.to(device, memory_format=fmt) if built.aux_head is not None else None
@@ -156,19 +167,22 @@ class Trainer:
         m = cfg.method
         self.k, self.K = ctx.module, ctx.K
         check_agreement(json.dumps(cfg.to_dict(), sort_keys=True, default=str), "configuration", ctx.header_group)
-        timed = cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1
-        seconds = self._measured_block_seconds() if timed else None
         self.train_data, self.test_data = self._load_data()
         sync = (lambda ps: allreduce_mean(ps, ctx.replica_group)) if ctx.R > 1 else None
-        self.stage, boundary, built = build_stage(cfg, self.K, self.k, ctx.device, seconds=seconds, grad_sync=sync,
+        wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
+        transport = Transport(wire, self.k, ctx.device, memory_format=models.memory_format(cfg.trainer.channels_last))
+        measured = cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1
+        choice = self._choose_split(transport, sync) if measured else None
+        self.stage, boundary, built = build_stage(cfg, self.K, self.k, ctx.device,
+                                                  bounds=choice.bounds if choice else None, grad_sync=sync,
                                                   total_batches=run_batches(cfg, len(self._train_sizes())))
         self.bounds = built.bounds
         if ctx.rank == 0:
+            if choice is not None:
+                log.info("split %s by measured time: %s", self.bounds, choice.how)
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.label, self.K,
                      {"weights": "stashed weights", "mixed": "stored activations, live weights"}.get(m.stash, m.stash),
-                     split_table(cfg, self.bounds, seconds))
-        wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
-        transport = Transport(wire, self.k, ctx.device, memory_format=self.stage.memory_format)
+                     split_table(cfg, self.bounds, choice.block_seconds if choice else None))
         clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
         self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps,
                                  clock=clock,  # staleness probes feed TensorBoard only: none without it
@@ -182,27 +196,13 @@ class Trainer:
         self.preemption = Preemption(ctx.control_group, lag=self.K + 1)  # the worker installs its signal handlers
         self.trace = TraceWriter(run_dir, ctx.rank, self.k, time.perf_counter()) if cfg.logging.trace else None
 
-    def _measured_block_seconds(self) -> list[float]:
-        """Per-block training time, measured once by rank 0 and broadcast so every rank splits alike.
+    def _choose_split(self, transport: Transport, sync: Callable[[list[torch.Tensor]], None] | None
+                      ) -> split_choice.Choice:
+        """``pipeline.cost=time``: measured, ranked, tried in this pipeline, kept in the run directory."""
+        def trial_stage(bounds: list[int]) -> tuple[Stage, Boundary]:
+            return build_stage(self.cfg, self.K, self.k, self.ctx.device, bounds=bounds, grad_sync=sync)[:2]
 
-        Kept in ``block_costs.json``: a restarted run reuses the split it started with (its checkpoints
-        hold that split's modules) instead of a new measurement that might move a boundary.
-        """
-        cfg, ctx = self.cfg, self.ctx
-        seconds: list[list[float] | None] = [None]
-        if ctx.rank == 0:
-            path = self.run_dir / "block_costs.json"
-            if path.exists():
-                seconds[0] = json.loads(path.read_text())["seconds"]
-            else:
-                blocks = models.build_blocks(cfg.model, cfg.data.num_classes)
-                spec = data.sample_spec(cfg.data)
-                shape = (cfg.trainer.batch_size // ctx.R, *spec.shape)
-                seconds[0] = partition.measured_block_costs(blocks, shape, ctx.device, precision=cfg.trainer.precision,
-                                                            channels_last=cfg.trainer.channels_last, dtype=spec.dtype)
-                checkpoint.atomic_write(json.dumps({"shape": shape, "seconds": seconds[0]}).encode(), path)
-        dist.broadcast_object_list(seconds, src=0, group=ctx.header_group)
-        return seconds[0]
+        return split_choice.choose(self.cfg, self.ctx, self.run_dir, transport, trial_stage)
 
     # -------------------------------------------------------------------- data
     def _load_data(self) -> tuple[data.Batches | None, data.Batches | None]:
@@ -326,6 +326,19 @@ class Trainer:
         self.start_epoch, self.global_step = state["next_epoch"], state["global_step"]
         self.cut = None if state["cut"] is None else Cut(**state["cut"])
         set_rng_state(state["rng"], self.ctx.device)
+
+    def load_unsplit(self, state: dict[str, Any]) -> None:
+        """This rank's part of an unsplit state (a checkpoint of another split, K, replicas or method, drained).
+
+        Random generators are streams of the old ranks, which the new ones do not correspond to: each rank is
+        reseeded from the seed, the epoch, its module and its replica instead (reproducible, never a replay).
+        """
+        boundary = self.bounds[self.k + 1] if self.stage.aux_head is not None else None
+        self.stage.load_state_dict(unsplit.cut(state, self.stage, boundary=boundary,
+                                               aux_channels=self.cfg.method.aux_channels))
+        self.start_epoch, self.global_step, self.cut = state["next_epoch"], state["global_step"], None
+        seed_everything(data.stable_seed(self.cfg.trainer.seed, "re-cut", self.start_epoch, self.k,
+                                         self.ctx.replica) % 2**32)
 
     def evaluate(self, epoch: int) -> EpochResult:
         if self.ctx.R > 1:  # replicas normalise alike: replica 0's BatchNorm statistics everywhere

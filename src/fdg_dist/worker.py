@@ -7,6 +7,7 @@ composed it once).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fdg_dist import distributed, rendezvous
+from fdg_dist import device_defaults, distributed, rendezvous
 from fdg_dist.config import Config
 from fdg_dist.preempt import Stopped
 from fdg_dist.trainer import Trainer
@@ -40,6 +41,23 @@ def setup_logging(run_dir: Path, module: int, replica: int, console: bool) -> No
     log.addHandler(stream)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit systems
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel (CPU tensors have no
+    caching allocator): otherwise every step's activations are fresh pages, each one a page fault and a
+    zeroing.  Measured on ResNet-20 at batch 128, one thread: 20,000 page faults per step and 8-13 % more CPU
+    time per step without it, none with it.  Memory stays at its peak, as with the CUDA caching allocator.
+    Returns whether it applied (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, -1)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX))
+
+
 def run(raw: dict, run_dir: str) -> dict | None:
     """Entry of every worker process; returns the run's result on the reporting rank."""
     cfg = Config.from_dict(raw)
@@ -49,10 +67,14 @@ def run(raw: dict, run_dir: str) -> dict | None:
     setup_logging(Path(run_dir), module, replica, console=rank == 0 or (module == stages - 1 and replica == 0))
     threads = cfg.trainer.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     torch.set_num_threads(threads)
+    keep_freed_memory()
     ctx = distributed.init(stages, replicas, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s,
                            precision=cfg.trainer.precision)
     log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s)", rank, world, module, stages,
              replica, ctx.backend, ctx.device, threads)
+    for line in device_defaults.resolve(cfg, ctx.device):
+        if rank == 0:
+            log.info("default: %s", line)
     finished = False
     try:
         rendezvous.check_shared_run_dir(Path(run_dir), rank, ctx.header_group)

@@ -1,0 +1,132 @@
+"""Defaults by device and the measured split: candidates, the trial in the real pipeline, the kept choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import assert_same_weights, final_state, reference_state, run_pipeline, small_config
+
+from fdg_dist import device_defaults, models, split_choice
+from fdg_dist.config import Config
+from fdg_dist.pace import BlockTime
+from fdg_dist.partition import split_points
+
+
+def test_auto_settings_become_the_fastest_for_the_device_and_explicit_ones_stay() -> None:
+    cfg = Config()
+    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == ("auto", "auto")
+    lines = device_defaults.resolve(cfg, torch.device("cpu"))
+    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == (True, "time")
+    assert [line.split(" (")[0] for line in lines] == ["trainer.channels_last=auto -> true on cpu",
+                                                       "pipeline.cost=auto -> time on cpu"]
+    cfg = Config()
+    cfg.trainer.channels_last, cfg.pipeline.cost = False, "flops"
+    assert device_defaults.resolve(cfg, torch.device("cuda", 0)) == []
+    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == (False, "flops")
+    assert device_defaults.fastest("trainer.channels_last", "cuda") is True
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        models.memory_format("auto")
+
+
+def test_candidates_are_the_balanced_split_and_its_neighbours_fastest_predicted_first() -> None:
+    times = [BlockTime(0.1, 0.2, 0.0)] * 4 + [BlockTime(0.05, 0.1, 0.0)] * 8  # a costly first half
+    ranked = split_choice.rank_candidates(times, 2, "fdg", recompute=False)
+    balanced = split_points([t.total for t in times], 2, "auto")
+    assert ranked[0][0] == balanced
+    assert sorted(b[1] for b, _ in ranked) == [balanced[1] + d for d in range(-2, 3)]
+    periods = [p for _, p in ranked]
+    assert periods == sorted(periods) and ranked[0][1] == pytest.approx(max(0.3 * 4 - 0.0, 0.15 * 8) / 1.0, rel=0.2)
+    three = split_choice.rank_candidates(times, 3, "fdg", recompute=False)
+    assert all(0 < b[1] < b[2] < 12 for b, _ in three) and len(three) <= 25
+
+
+def test_candidates_start_modules_only_where_a_module_has_weights_to_train() -> None:
+    """With ``starts`` (``partition.weighted_starts``) no candidate puts a boundary elsewhere, even when a
+    neighbour of the balanced split would be predicted faster."""
+    times = [BlockTime(0.1, 0.2, 0.0)] * 12
+    starts = [2, 4, 6, 8, 10]
+    ranked = split_choice.rank_candidates(times, 2, "fdg", recompute=False, starts=starts)
+    assert ranked and all(b[1] in starts for b, _ in ranked)
+    assert sorted(b[1] for b, _ in ranked) == [4, 6, 8]  # the balanced split 6 and its allowed neighbours
+
+
+def test_trial_batches_of_a_language_model_are_tokens_with_a_label_per_token() -> None:
+    """The trial feeds module 0 what the data would: int64 tokens (a float input fails the embedding)."""
+    cfg = Config()
+    cfg.data.name, cfg.data.context, cfg.data.num_classes, cfg.trainer.batch_size = "text", 16, 40, 8
+    shape = split_choice._batch_shape(cfg, SimpleNamespace(R=2))
+    assert shape == [4, 16]
+    x, y = next(split_choice._synthetic(cfg, shape, torch.device("cpu"), 1))
+    assert x.dtype == torch.int64 and x.shape == (4, 16) and int(x.min()) >= 0 and int(x.max()) < 40
+    assert y.shape == (4, 16)
+
+
+def test_a_trial_compares_the_best_plausible_candidates_that_fit_its_budget() -> None:
+    ranked = [([0, 5, 11], 1.00), ([0, 4, 11], 1.05), ([0, 6, 11], 1.09), ([0, 3, 11], 1.30)]
+    assert split_choice.worth_trying(ranked, runs=10) == ranked[:3]
+    assert split_choice.worth_trying(ranked, runs=2) == ranked[:2]  # the budget affords two runs
+    assert split_choice.worth_trying(ranked, runs=1) == []
+    assert split_choice.worth_trying([ranked[0], ranked[3]], runs=10) == []  # the runner-up is 30 % slower
+
+
+def test_the_trial_winner_is_the_fastest_best_round_and_near_ties_go_to_fewer_blocks_on_the_first_modules() -> None:
+    bounds = [[0, 12, 29], [0, 11, 29], [0, 13, 29]]
+    assert split_choice.decide(bounds, [[0.300, 0.310], [0.400, 0.290], [0.280, 0.290]]) == 2  # 0.280 wins by 3.5 %
+    assert split_choice.decide(bounds, [[0.300, 0.350], [0.303, 0.303], [0.330, 0.330]]) == 1  # within 2 %: [0, 11, 29]
+    assert split_choice.decide(bounds, [[0.300, 0.300], [0.310, 0.310], [0.330, 0.330]]) == 0  # 3.3 % slower: out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_a_default_run_tries_the_best_candidates_in_its_pipeline_and_a_restart_keeps_the_choice(tmp_path: Path) -> None:
+    """Defaults (auto): NHWC and a measured split on the CPU, said in the log; rank 0 measures, every rank tries
+    the same candidates and agrees; the choice is kept in split_choice.json, and a restart in that run
+    directory (resume=auto) builds its modules on the kept split, whatever a new measurement would say.
+
+    Method bp: a locked pipeline runs every module in turn, so every candidate is predicted about as fast and
+    the best three are always tried (for fdg, candidates predicted more than 10 % slower are not)."""
+    cfg = small_config(**{"pipeline.k": 3, "trainer.epochs": 1, "trainer.channels_last": "auto",
+                          "pipeline.cost": "auto", "method.name": "bp"})
+    fresh = tmp_path / "fresh"
+    run_pipeline(cfg, fresh)
+    log = (fresh / "train.log").read_text()
+    assert "default: trainer.channels_last=auto -> true on cpu" in log and "default: pipeline.cost=auto -> time" in log
+    record = json.loads((fresh / split_choice.FILE).read_text())
+    assert len(record["block_times"]) == 7 and record["shape"] == [16, 3, 32, 32]
+    tried = record["tried"]
+    assert len(tried) == split_choice.TRIALS
+    assert max(t["predicted_s"] for t in tried) <= min(t["predicted_s"] for t in tried) * (1 + split_choice.PLAUSIBLE)
+    assert all(len(t["trial_s"]) == split_choice.ROUNDS and min(t["trial_s"]) > 0 for t in tried)
+    assert record["bounds"] == tried[split_choice.decide([t["bounds"] for t in tried],
+                                                         [t["trial_s"] for t in tried])]["bounds"]
+    assert json.loads((fresh / "split.json").read_text())["bounds"] == record["bounds"]
+    assert f"split {record['bounds']} by measured time: the fastest in this pipeline" in log
+
+    restarted = tmp_path / "restarted"  # a choice no measurement of these blocks would make
+    restarted.mkdir()
+    (restarted / split_choice.FILE).write_text(json.dumps({**record, "bounds": [0, 1, 2, 7]}))
+    kept = small_config(**{"pipeline.k": 3, "trainer.epochs": 1, "pipeline.cost": "time"})
+    kept.resume = "auto"
+    run_pipeline(kept, restarted)
+    assert json.loads((restarted / "split.json").read_text())["bounds"] == [0, 1, 2, 7]
+    assert "kept from" in (restarted / "train.log").read_text()
+    assert_same_weights(final_state(restarted), reference_state(small_config(**{"pipeline.k": 3, "trainer.epochs": 1,
+                                                                                 "pipeline.split": [1, 2]})))
+
+
+def test_a_choice_is_kept_only_for_as_many_modules_as_it_cut(tmp_path: Path) -> None:
+    """A restart, or a resume from another run's checkpoint, keeps that run's split only at the same K: a
+    checkpoint re-cut for another K (resume=PATH with another pipeline.k) chooses afresh."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / split_choice.FILE).write_text(json.dumps({"bounds": [0, 2, 5, 7, 9], "block_times": []}))
+    cfg = small_config(**{"pipeline.k": 4})
+    cfg.resume = str(old / "checkpoints")
+    where, record = split_choice._kept(cfg, tmp_path / "new")
+    assert (where, record["bounds"]) == (str(old / split_choice.FILE), [0, 2, 5, 7, 9])
+    cfg.pipeline.k = 2
+    assert split_choice._kept(cfg, tmp_path / "new") is None
