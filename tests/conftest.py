@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -220,10 +221,73 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "final_model.pt", weights_only=True)
 
 
-def train_spans(run_dir: Path, rank: int) -> list[dict]:
-    """Rank's forward/backward/step spans of training (``logging.trace=true``), in execution order."""
+def train_spans(run_dir: Path, rank: int, *, waits: bool = False) -> list[dict]:
+    """Rank's forward/backward/step spans of training (``logging.trace=true``; with ``waits`` also the spans
+    of waiting for their inputs), in execution order."""
     spans = json.loads((run_dir / "trace" / f"rank{rank}.json").read_text())["traceEvents"]
-    return [s for s in spans if s.get("cat") in ("forward", "backward", "step") and s["args"]["phase"] == "train"]
+    cats = ("forward", "backward", "step") + (("wait",) if waits else ())
+    return [s for s in spans if s.get("cat") in cats and s["args"]["phase"] == "train"]
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One gradient a rank applied, as its trace recorded it."""
+
+    epoch: int
+    batch: int
+    ticks: int  # the step's tick label minus that of the batch's forward
+    first_seen_by: int | None  # the first forward (batch) this rank started after the step; None: none followed
+
+
+def applied_gradients(run_dir: Path, rank: int) -> list[Applied]:
+    """Every gradient the rank applied in training, with what the trace's recorded times say about it: which
+    forward of the epoch was the first to run on the updated weights (measured, not derived from ticks)."""
+    spans = sorted(train_spans(run_dir, rank), key=lambda s: s["ts"])
+    out = []
+    for step in (s for s in spans if s["cat"] == "step"):
+        epoch = step["args"]["epoch"]
+        forwards = {f["args"]["batch"]: f for f in spans if f["cat"] == "forward" and f["args"]["epoch"] == epoch}
+        later = [b for b, f in forwards.items() if f["ts"] > step["ts"]]
+        for b in step["args"]["applied_batches"]:
+            out.append(Applied(epoch, b, step["args"]["tick"] - forwards[b]["args"]["tick"], min(later, default=None)))
+    return out
+
+
+def assert_delays_measured(run_dir: Path, rank: int, delay: int, epoch_batches: list[int], *, group: int = 1) -> None:
+    """Every update the rank made from batch b (a group of ``group`` batches ending at b) is first used by its
+    forward of batch b + ``delay``, or by none when the epoch of ``epoch_batches[e]`` batches has ended first;
+    measured from the trace's recorded times, on a timeline ``assert_spans_follow_each_other`` checks."""
+    assert_spans_follow_each_other(run_dir, rank)
+    applied = applied_gradients(run_dir, rank)
+    assert len(applied) == sum(epoch_batches)
+    for g in applied:
+        last = min(-(-(g.batch + 1) // group) * group, epoch_batches[g.epoch]) - 1  # the group's last batch
+        want = last + delay if last + delay < epoch_batches[g.epoch] else None
+        assert g.first_seen_by == want, f"rank {rank}, epoch {g.epoch}: batch {g.batch}'s update first seen by {g}"
+
+
+def assert_staleness_is_the_traces(run_dir: Path, module: int) -> None:
+    """TensorBoard's ``module/staleness_ticks`` of every epoch is the mean, over the gradients the module
+    applied in it, of the ticks from the batch's forward to its step, as the trace recorded them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tb" / f"module{module}"))
+    ea.Reload()
+    logged = [s.value for s in ea.Scalars("module/staleness_ticks")]
+    per_epoch: dict[int, list[int]] = {}
+    for g in applied_gradients(run_dir, module):
+        per_epoch.setdefault(g.epoch, []).append(g.ticks)
+    assert logged == pytest.approx([sum(t) / len(t) for _, t in sorted(per_epoch.items())]), f"module {module}"
+
+
+def assert_spans_follow_each_other(run_dir: Path, rank: int) -> None:
+    """The recorded timeline is a sequence: every span (waits included) starts after the previous one ended,
+    and within an epoch the tick labels never go back in time."""
+    spans = sorted(train_spans(run_dir, rank, waits=True), key=lambda s: (s["ts"], s["cat"] != "wait"))
+    for a, b in zip(spans, spans[1:]):
+        assert b["ts"] >= a["ts"] + a["dur"] - 0.01, f"rank {rank}: {b['name']} starts inside {a['name']}"  # µs rounding
+        when = [(s["args"]["epoch"], s["args"]["tick"]) for s in (a, b)]
+        assert when[1] >= when[0], f"rank {rank}: {b['name']} {when[1]} ran after {a['name']} {when[0]}"
 
 
 TINY_RUN = ["model=tiny", "data=synthetic", "data.train_size=64", "data.test_size=32", "trainer.batch_size=16",

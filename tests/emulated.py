@@ -15,7 +15,7 @@ import torch
 
 from fdg_dist import data, schedule
 from fdg_dist.config import Config
-from fdg_dist.executor import EpochResult, Executor
+from fdg_dist.executor import Clock, EpochResult, Executor
 from fdg_dist.fabric import Fabric
 from fdg_dist.stage import Stage
 from fdg_dist.trainer import build_stage
@@ -127,6 +127,30 @@ def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.pl
         return go
 
     return Fabric([dev] * K).run([body(k) for k in range(K)])
+
+
+def fake_timeline(costs: dict[str, float], wait_s: float, clock: Callable[[list[float]], Clock],
+                  nows: dict[int, list[float]], *, post_s: float = 0.0) -> Callable[[int, RankRun], None]:
+    """A ``setup`` putting every rank on a fake timeline of its own, ``nows[k][0]`` (seconds): it advances
+    ``costs[kind]`` in each stage action, ``wait_s`` in each wait for a message and ``post_s`` in each
+    posting of a time's messages, and nowhere else; ``clock(now)`` is the rank's clock reading it."""
+    def setup(k: int, run: RankRun) -> None:
+        now = nows.setdefault(k, [0.0])
+        run.executor.clock = clock(now)
+
+        def advancing(original: Callable, seconds: float) -> Callable:
+            def timed(*a, **kw):
+                now[0] += seconds
+                return original(*a, **kw)
+            return timed
+
+        for kind, seconds in costs.items():
+            setattr(run.stage, kind, advancing(getattr(run.stage, kind), seconds))
+        transport = run.executor.transport
+        transport.take = advancing(transport.take, wait_s)
+        transport.post = advancing(transport.post, post_s)
+
+    return setup
 
 
 def merged_state(runs: list[RankRun]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import small_config
-from emulated import run_emulated
+from emulated import fake_timeline, run_emulated
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fdg_dist import distributed, worker
@@ -96,28 +96,11 @@ def test_on_a_gpu_the_time_split_is_device_time_from_events() -> None:
     step, 5 idling for each message — while the host runs at its own pace: the split is the device's."""
     cfg = small_config(**{"method.name": "fdg", "pipeline.k": 2, "trainer.epochs": 1})
     cost = {"forward": 0.010, "backward": 0.020, "step": 0.001}
-    clocks: dict[int, list[float]] = {}
 
-    def fake_device(k, run):
-        now = clocks.setdefault(k, [0.0])
-        run.executor.clock = DeviceClock(event=lambda: _FakeEvent(now))
-        for name, seconds in cost.items():
-            original = getattr(run.stage, name)
+    def clock(now: list[float]) -> DeviceClock:
+        return DeviceClock(event=lambda: _FakeEvent(now))
 
-            def timed(*a, _original=original, _s=seconds, **kw):
-                now[0] += _s
-                return _original(*a, **kw)
-
-            setattr(run.stage, name, timed)
-        take = run.executor.transport.take
-
-        def waiting(*a, **kw):
-            now[0] += 0.005
-            return take(*a, **kw)
-
-        run.executor.transport.take = waiting
-
-    runs = run_emulated(cfg, setup=fake_device, evaluate=False)
+    runs = run_emulated(cfg, setup=fake_timeline(cost, 0.005, clock, {}), evaluate=False)
     for k, run in enumerate(runs):
         for e in run.train[0].events:
             kind = e.action.kind.value

@@ -16,7 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    assert_delays_measured,
     assert_same_weights,
+    assert_staleness_is_the_traces,
     data_parallel_reference,
     epoch_batches,
     final_state,
@@ -33,6 +35,9 @@ from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.trainer import build_module
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
+
+
+EPOCH_BATCHES = [6, 6, 4]  # what _traced runs: 3 epochs of 6 batches capped at 16 steps
 
 
 def _traced(**overrides: object) -> Config:
@@ -58,9 +63,11 @@ def _ticks(run_dir: Path, rank: int, kind: str) -> dict[tuple[int, int], int]:
 
 
 def test_ddg_and_fr_delay_is_k_minus_1_minus_k_and_fr_replays_with_current_weights(tmp_path: Path) -> None:
-    """Module k steps on batch b at tick b + K-1-k (forward locked at tick b), for ddg and fr alike.  fr is
-    exactly ddg with each stashed forward replaced by a replay with the current weights: the fr run equals
-    the oracle of ddg with method.stash=recompute, and differs from the ddg run."""
+    """Module k's update from batch b is first used by its forward of batch b + K-1-k (b + 1 at the last
+    module), measured from the trace's times, for ddg and fr alike; every module forwards batch b while its
+    neighbours do (locked: one tick label).  fr is exactly ddg with each stashed forward replaced by a replay
+    with the current weights: the fr run equals the oracle of ddg with method.stash=recompute, and differs
+    from the ddg run."""
     K = 3
     finals = {}
     for method in ("ddg", "fr"):
@@ -68,10 +75,8 @@ def test_ddg_and_fr_delay_is_k_minus_1_minus_k_and_fr_replays_with_current_weigh
         run_pipeline(cfg, tmp_path / method)
         finals[method] = final_state(tmp_path / method)
         for k in range(K):
-            forwards, steps = _ticks(tmp_path / method, k, "forward"), _ticks(tmp_path / method, k, "step")
-            assert len(steps) == 16 and steps.keys() == forwards.keys()
-            assert {steps[b] - forwards[b] for b in steps} == {K - 1 - k}, f"{method} module {k}"
-            assert all(f == b for (_, b), f in forwards.items()), "forward is locked: batch b at tick b"
+            assert_delays_measured(tmp_path / method, k, max(K - 1 - k, 1), EPOCH_BATCHES)
+            assert all(f == b for (_, b), f in _ticks(tmp_path / method, k, "forward").items()), "forward is locked"
     assert_same_weights(finals["fr"], reference_state(_traced(**{"method.name": "ddg", "method.stash": "recompute",
                                                                  "pipeline.k": K})))
     assert any(not torch.equal(finals["fr"][n], finals["ddg"][n]) for n in finals["ddg"]), "fr == ddg"
@@ -125,20 +130,24 @@ def test_adl_with_one_accumulation_step_is_fdg(run_dir: Path) -> None:
 
 def test_adl_steps_once_every_m_ticks(run_dir: Path) -> None:
     """M = 3, K = 2, epochs of 6, 6 and 4 batches: module k's steps apply batches [0,1,2] and [3,4,5]
-    three ticks apart, at the tick of the last one's backward (b + 2(K-1) - k); the cut epoch drains
-    with a short step [3] one tick after [0,1,2]; the run equals its reference simulation."""
+    three ticks apart; the update is first used by the forward of the group's last batch + 2(K-1-k) (+1 at
+    the last module), measured from the trace's times; the cut epoch drains with a short step [3] one tick
+    after [0,1,2]; TensorBoard's staleness is the trace's; the run equals its reference simulation."""
     K, M = 2, 3
-    cfg = _traced(**{"method.name": "adl", "method.accum_steps": M, "pipeline.k": K})
+    cfg = _traced(**{"method.name": "adl", "method.accum_steps": M, "pipeline.k": K, "logging.tensorboard": True})
     run_pipeline(cfg, run_dir)
     want_batches = [[0, 1, 2], [3, 4, 5]] * 2 + [[0, 1, 2], [3]]
     for k in range(K):
         steps = [s["args"] for s in train_spans(run_dir, k) if s["cat"] == "step"]
         assert [a["applied_batches"] for a in steps] == want_batches
-        assert [a["tick"] for a in steps] == [a["batch"] + 2 * (K - 1) - k for a in steps]
+        assert_delays_measured(run_dir, k, max(2 * (K - 1 - k), 1), EPOCH_BATCHES, group=M)
         ticks: dict[int, list[int]] = {}
         for a in steps:
             ticks.setdefault(a["epoch"], []).append(a["tick"])
         assert [t[1] - t[0] for t in ticks.values()] == [M, M, 1]
+        # accumulated gradients are older than the stash is deep (module 0: 4, 3, 2 ticks; it holds 2): a
+        # staleness that restated the stash depth or the FDG rule would differ here
+        assert_staleness_is_the_traces(run_dir, k)
     assert_same_weights(final_state(run_dir), reference_state(cfg))
 
 

@@ -9,13 +9,23 @@ import io
 import json
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import run_pipeline, small_config
+from conftest import (
+    assert_delays_measured,
+    assert_staleness_is_the_traces,
+    run_pipeline,
+    small_config,
+    train_spans,
+)
+from emulated import fake_timeline, run_emulated
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from fdg_dist import schedule
+from fdg_dist.executor import HostClock
 from fdg_dist.metrics import Timing, chain, progress_style, staleness
 
 EPOCHS, BATCHES, LOG_EVERY = 2, 6, 4
@@ -29,7 +39,8 @@ def trained_run(base: Path, beta: float) -> Path:
     run_dir = base / "runs" / f"beta{beta:g}"
     if not (run_dir / "result.json").exists():
         cfg = small_config(**{"pipeline.k": 2, "trainer.epochs": EPOCHS, "method.beta": beta,
-                              "logging.tensorboard": True, "logging.log_every_steps": LOG_EVERY})
+                              "logging.tensorboard": True, "logging.log_every_steps": LOG_EVERY,
+                              "logging.trace": True})
         run_pipeline(cfg, run_dir)
     return run_dir
 
@@ -64,8 +75,10 @@ def test_every_tag_has_one_point_per_epoch_or_step(run: Path, module: int) -> No
     # the ratio is measured when the stage's step count (before the step) is a multiple of LOG_EVERY
     assert [s for s, _ in _points(ea, "module/update_ratio")] == list(range(1, steps + 1, LOG_EVERY))
     assert all(v > 0 for _, v in _points(ea, "module/grad_norm") + _points(ea, "module/update_ratio"))
-    # FDG: module k applies batch b's gradient 2(K-1-k) ticks after its forward and stashes as many
-    assert {v for _, v in _points(ea, "module/staleness_ticks")} == {2.0 * (1 - module)}
+    # staleness as the trace recorded it, whose timeline shows module k's update from batch b first used by
+    # its forward of b + 2(K-1-k) (b + 1 at the last module)
+    assert_delays_measured(run, module, max(2 * (1 - module), 1), [BATCHES] * EPOCHS)
+    assert_staleness_is_the_traces(run, module)
     assert {v for _, v in _points(ea, "module/stash_max")} == {2.0 * (1 - module)}
     if module == 1:
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -90,11 +103,49 @@ def test_hparams_row_holds_config_and_final_error(run: Path) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
-def test_timing_files_add_up(run: Path) -> None:
+def test_timing_files_sum_the_traced_spans(run: Path) -> None:
+    """compute and waits are the trace's spans summed (the same actions, recorded independently of the
+    totals); the spans follow each other, so they fit in the training time and other_s is what is left,
+    not a clamp hiding an overrun."""
     for module in (0, 1):
         t = json.loads((run / "timing" / f"module{module}.json").read_text())
-        parts = t["compute_s"] + t["wait_input_s"] + t["wait_grad_s"] + t["other_s"]
-        assert parts == pytest.approx(t["train_s"]) and t["samples"] == EPOCHS * 96
+        spans = train_spans(run, module, waits=True)
+        seconds = {key: sum(s["dur"] for s in spans if pick(s)) / 1e6 for key, pick in (
+            ("compute_s", lambda s: s["cat"] != "wait"),
+            ("wait_input_s", lambda s: s["cat"] == "wait" and s["name"].startswith("wait forward")),
+            ("wait_grad_s", lambda s: s["cat"] == "wait" and s["name"].startswith("wait backward")))}
+        assert {key: t[key] for key in seconds} == pytest.approx(seconds, rel=1e-6, abs=1e-9), module
+        assert all(s["dur"] > 0 for s in spans if s["cat"] in ("forward", "backward")), "an action took no time"
+        assert t["train_s"] - sum(seconds.values()) == pytest.approx(t["other_s"]) and t["other_s"] > 0
+        assert t["samples"] == EPOCHS * 96
+
+
+class _FakeHostClock(HostClock):
+    """The host clock reading a fake timeline instead of ``time.perf_counter``."""
+
+    def __init__(self, now: list[float]) -> None:
+        self.now = now
+
+    def mark(self) -> float:
+        return self.now[0]
+
+
+def test_the_host_clock_splits_training_time_into_compute_waits_and_the_rest() -> None:
+    """On a fake timeline (10 ms per forward, 20 per backward, 1 per step, 5 waiting for each message, 3
+    posting each time's messages) each rank's Timing holds every part exactly: compute, both waits, and
+    in other_s the posting, the one part no action span covers."""
+    cfg = small_config(**{"pipeline.k": 2, "trainer.epochs": 1})
+    cost, wait, post = {"forward": 0.010, "backward": 0.020, "step": 0.001}, 0.005, 0.003
+    nows: dict[int, list[float]] = {}
+    runs = run_emulated(cfg, setup=fake_timeline(cost, wait, _FakeHostClock, nows, post_s=post), evaluate=False)
+    for k, run in enumerate(runs):
+        events = run.train[0].events
+        n = Counter(e.action.kind.value for e in events)
+        t = Timing.of(events, train_s=nows[k][0], samples=96)
+        assert t.compute_s == pytest.approx(sum(cost[kind] * n[kind] for kind in cost)), k
+        assert (t.wait_input_s, t.wait_grad_s) == pytest.approx((wait * n["forward"] if k else 0.0, wait * n["backward"]))
+        posts = len(schedule.program(schedule.plan("fdg", k, 2, 6, train=True), 2))
+        assert t.other_s == pytest.approx(post * posts) and posts > 0
 
 
 @pytest.mark.multiprocess
@@ -108,7 +159,11 @@ def test_resumed_run_hides_what_the_crashed_attempt_logged_past_its_checkpoint(t
     run_dir = tmp_path / "run"
     run_pipeline(cfg, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "epoch0002")  # as if the crash came before this checkpoint
-    time.sleep(1.1)  # event file names carry whole seconds
+    # event files are named by the whole second they were opened in: the restart's must sort after the
+    # crashed attempt's (that second is usually long past: the attempt trained two more epochs after it)
+    opened = max(int(p.name.split(".")[3]) for p in (run_dir / "tb").rglob("events.out.tfevents.*"))
+    while time.time() < opened + 1:
+        time.sleep(0.01)
     run_pipeline(cfg, run_dir)
     ea = _events(run_dir, "module1")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -59,11 +59,26 @@ def test_off_applies_the_step_unchecked() -> None:
     assert stage.steps == 1 and torch.isnan(layer.weight).any()
 
 
+def _steps_and_finite_weights(run_dir: Path, k: int) -> tuple[int, bool]:
+    """Module k's optimizer steps and whether its weights are all finite, from its last checkpoint."""
+    state = torch.load(run_dir / "checkpoints" / "epoch0001" / f"module{k}-replica0.pt", weights_only=True)["stage"]
+    finite = all(bool(torch.isfinite(w).all()) for n, w in state["module"].items() if w.is_floating_point()
+                 and "running" not in n)  # BatchNorm statistics are not weights
+    return state["steps"], finite
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("policy", ["skip_step", "off"])
-def test_a_diverging_run_finishes_unless_told_to_stop(policy: str, tmp_path: Path) -> None:
-    # the same divergence stops a run under the default policy (test_faults)
-    cfg = small_config(**{"pipeline.k": 2, "optim.lr": 1e9, "trainer.nan_policy": policy})
-    run_pipeline(cfg, tmp_path)
-    assert (tmp_path / "final_model.pt").exists()
-    assert "NonFiniteError" not in (tmp_path / "train.log").read_text()
+def test_a_diverging_run_finishes_skip_step_keeps_weights_finite_and_off_does_not(tmp_path: Path) -> None:
+    """The same divergence (lr 1e9; it stops a run under the default policy, test_faults) under each
+    policy: both finish; skip_step drops the non-finite steps (fewer steps, finite weights), off applies
+    all 12 (2 epochs of 6 batches) and its weights go non-finite."""
+    seen = {}
+    for policy in ("skip_step", "off"):
+        cfg = small_config(**{"pipeline.k": 2, "optim.lr": 1e9, "trainer.nan_policy": policy,
+                              "checkpoint.enabled": True})
+        run_pipeline(cfg, tmp_path / policy)
+        assert (tmp_path / policy / "final_model.pt").exists()
+        assert "NonFiniteError" not in (tmp_path / policy / "train.log").read_text()
+        seen[policy] = [_steps_and_finite_weights(tmp_path / policy, k) for k in range(2)]
+    assert seen["off"] == [(12, False), (12, False)]
+    assert all(finite and steps < 12 for steps, finite in seen["skip_step"]), seen["skip_step"]

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from fdg_dist import data, models
 from fdg_dist.config import Config
+from fdg_dist.trainer import build_module
 
 METRIC_FIELDS = {"epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_time_s",
                  "samples_per_s"}
@@ -48,7 +49,8 @@ def metrics(run: Path) -> list[dict]:
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason=f"no CIFAR-10 ImageFolder copy at {SHARED_CIFAR}")
 def test_resnet20_learns_cifar10_subset(tmp_path: Path) -> None:
-    """Issue 3's acceptance run, cut to a subset: one epoch of ResNet-20 over K=2 processes beats chance."""
+    """Issue 3's acceptance run, cut to a subset: one epoch of ResNet-20 over K=2 processes learns in every
+    module and ends well below chance."""
     run = tmp_path / "run"
     fdg_train(tmp_path, "model=resnet20", "data=imagefolder", f"data.root={SHARED_CIFAR}", "pipeline.k=2",
               "trainer.epochs=1", "data.train_subset=4096", "data.test_subset=1000", "trainer.batch_size=64",
@@ -62,13 +64,21 @@ def test_resnet20_learns_cifar10_subset(tmp_path: Path) -> None:
     [row] = metrics(run)
     assert set(row) == METRIC_FIELDS
     assert row["epoch"] == 0 and row["epoch_time_s"] > 0 and row["samples_per_s"] > 0
-    assert row["test_error"] < 0.9, f"test error {row['test_error']:.1%} after one epoch: not learning"
+    # measured here: 76.0 % (seeds 1 and 2: 79.8 %, 77.2 %), chance 90 %.  The error cannot tell a frozen
+    # module 0 (81.8 %) from seed noise: the weights below show that every module learned
+    assert row["test_error"] < 0.85, f"test error {row['test_error']:.1%} after one epoch: not learning"
     result = json.loads((run / "result.json").read_text())
     assert set(result) >= RESULT_FIELDS
     assert (result["k"], result["beta"], result["method"], result["model"]) == (2, 1.0, "fdg", "resnet20")
     assert result["final_test_error"] == result["best_test_error"] == row["test_error"]
     model = models.build("resnet20", 10)
-    model.load_state_dict(torch.load(run / "final_model.pt", weights_only=True))
+    final = torch.load(run / "final_model.pt", weights_only=True)
+    model.load_state_dict(final)
+    for k in range(2):  # every module learned: each weight turned, beyond what weight decay alone does (shrink it)
+        for name, w in build_module(run_config(run), 2, k).module.named_parameters():
+            if w.dim() > 1:  # convolutions and the classifier: 1 - cos ≥ 0.008 in 3 seeds; frozen: < 1e-6
+                turned = 1 - F.cosine_similarity(w.detach().flatten(), final[name].flatten(), dim=0)
+                assert turned > 1e-3, f"module {k}'s {name} did not learn: 1 - cos(initial, final) = {turned:.1e}"
 
 
 @pytest.mark.multiprocess

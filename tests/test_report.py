@@ -1,18 +1,49 @@
-"""``fdg-report`` on a real two-run sweep (β = 1 and β = 0.5, K = 2): the table equals result.json, PNGs exist."""
+"""``fdg-report`` on a real two-run sweep (β = 1 and β = 0.5, K = 2): the table equals result.json, each plot
+draws the runs' numbers and its PNG is that drawing."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
+from matplotlib.image import imread
 from test_metrics import trained_run
 
-from fdg_dist.report import main
+from fdg_dist import report, report_staleness
+from fdg_dist.report import load_run, main
 
-PNGS = ["test_error_vs_epoch.png", "test_error_vs_beta.png", "time_breakdown.png", "samples_per_s_vs_k.png"]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNGS = ["test_error_vs_epoch.png", "test_error_vs_beta.png", "time_breakdown.png", "samples_per_s_vs_k.png",
+        "staleness.png"]
+SERIES = dict(zip(PNGS, [2, 1, 4, 2, 2], strict=True))  # runs, β lines, time parts, β lines, runs: colours C0, C1, ...
+TAB10 = [tuple(round(255 * c) for c in rgb) for rgb in plt.get_cmap("tab10").colors]  # the series' colours
+
+
+@pytest.fixture
+def figures() -> Iterator[list[plt.Figure]]:
+    """Every figure fdg-report closes during the test, kept open to look at what it drew."""
+    kept: list[plt.Figure] = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(plt, "close", kept.append)
+        yield kept
+    for fig in kept:
+        plt.close(fig)
+
+
+def _assert_png_is(path: Path, fig: plt.Figure, series: int) -> None:
+    """The file is this figure drawn, and the colours of its first ``series`` series show in it."""
+    png = imread(path)
+    again = io.BytesIO()
+    fig.savefig(again, dpi=120, format="png")
+    again.seek(0)
+    drawn = imread(again)
+    assert png.shape == drawn.shape and (png == drawn).all(), path.name
+    colours = {tuple(c) for c in (255 * png[..., :3]).round().astype(int).reshape(-1, 3).tolist()}
+    assert set(TAB10[:series]) <= colours, f"{path.name}: a series' colour is missing"
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +66,32 @@ def _table(text: str) -> dict[str, str]:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
-def test_report_table_equals_results_and_plots_exist(sweep: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_table_equals_results_and_plots_show_the_runs(sweep: Path, tmp_path: Path, figures: list[plt.Figure],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
     main([str(sweep), "--out", str(out)])
     printed = capsys.readouterr().out
     text = (out / "report.md").read_text()
     assert text in printed
-    want = {}
-    for job in sweep.iterdir():
-        result = json.loads((job / "result.json").read_text())
-        want[f"fdg β={result['beta']:g} K=2"] = f"{100 * result['final_test_error']:.2f}"
+    runs = [load_run(sweep / str(job)) for job in (0, 1)]  # β = 1, 0.5: the order of the legend
+    want = {f"fdg β={r.result['beta']:g} K=2": f"{100 * r.result['final_test_error']:.2f}" for r in runs}
     assert _table(text) == want and len(want) == 2
-    for name in PNGS:
-        data = (out / name).read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+
+    epochs, betas, times, rates, stale = (fig.axes for fig in figures)
+    assert [line.get_ydata().tolist() for line in epochs[0].lines] == [
+        [100 * e["test_error"] for e in r.epochs] for r in runs]
+    medians = betas[0].containers[0].lines[0]  # the errorbar's line: median test error at β = 0.5 and 1
+    assert medians.get_ydata().tolist() == [100 * r.result["final_test_error"] for r in runs[::-1]]
+    for ax, r in zip(times, runs, strict=True):  # stacked bars: compute, waits, other of modules 0 and 1
+        heights = [[bar.get_height() for bar in bars] for bars in ax.containers]
+        assert heights == [[t[key] for t in r.timing] for key, _ in report.TIME_PARTS]
+    assert [line.get_ydata().tolist() for line in rates[0].lines] == [[r.samples_per_s] for r in runs[::-1]]
+    for ax, tag in zip(stale, ("local_cosine", "weight_distance"), strict=True):  # per module, one line a run
+        means = [report_staleness.module_means(r.path) for r in runs]
+        assert [line.get_ydata().tolist() for line in ax.lines] == [[m[k][tag] for k in (0, 1)] for m in means]
+
+    for name, fig in zip(PNGS, figures, strict=True):  # the files are these figures, drawn
+        _assert_png_is(out / name, fig, SERIES[name])
 
 
 @pytest.mark.multiprocess
@@ -94,7 +136,7 @@ def _fake_run(root: Path, name: str, *, k: int, beta: float, corrector: str, see
                     w.add_scalar(f"staleness/{tag}", value, step)
 
 
-def test_by_k_table_and_staleness_per_module(tmp_path: Path) -> None:
+def test_by_k_table_and_staleness_per_module(tmp_path: Path, figures: list[plt.Figure]) -> None:
     sweep = tmp_path / "sweep"
     _fake_run(sweep, "bp0", k=1, beta=1.0, corrector="none", seed=0, error=0.30)
     _fake_run(sweep, "bp1", k=1, beta=1.0, corrector="none", seed=1, error=0.32)
@@ -111,4 +153,8 @@ def test_by_k_table_and_staleness_per_module(tmp_path: Path) -> None:
     stale = (out / "staleness.md").read_text()
     assert "| fdg β=1 K=2 | 0.850 / 0.0200 / 2.0 | 1.000 / 0.0100 / 1.0 |" in stale  # median of the two seeds
     assert "| fdg β=1 K=2 +predict | 0.990 / 0.0200 / 2.0 |" in stale
-    assert (out / "staleness.png").read_bytes().startswith(PNG_MAGIC)
+    cosine, distance = figures[-1].axes  # per module, one line per setting: the medians of the table
+    plotted = [[line.get_ydata().tolist() for line in ax.lines] for ax in (cosine, distance)]
+    assert len(plotted[0]) == len(plotted[1]) == 2  # TensorBoard stores float32: approximately
+    assert plotted == [[pytest.approx([0.85, 1.0]), pytest.approx([0.99, 1.0])], [pytest.approx([0.02, 0.01])] * 2]
+    _assert_png_is(out / "staleness.png", figures[-1], 2)

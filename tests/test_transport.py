@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ def test_envelope_round_trip_and_field_names() -> None:
         env.check(Envelope("act", 0, 2, 7, torch.float32, (4, 8, 16, 8)).encode(), peer=0)
 
 
-def _pair(rank: int, port: int, sent: Envelope, expected: Envelope, queue: mp.Queue) -> None:
+def _pair(rank: int, port: int, sent: Envelope, expected: Envelope, queue: mp.Queue, release: mp.Event) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -37,36 +36,39 @@ def _pair(rank: int, port: int, sent: Envelope, expected: Envelope, queue: mp.Qu
         if rank == 0:
             transport.post([(1, [sent], [torch.ones(sent.shape, dtype=sent.dtype)])], [])
             transport.drain()
-            queue.put((0, "sent", 0.0))
+            release.wait()  # alive and connected until the receiver has answered
         else:
-            start = time.perf_counter()
             transport.post([], [(0, [expected])])
             try:
                 (got,) = transport.take(expected.kind, expected.batch)
-                queue.put((1, f"ok {got.sum().item()}", time.perf_counter() - start))
+                queue.put(f"ok {got.sum().item()}")
             except TransportError as e:
-                queue.put((1, str(e), time.perf_counter() - start))
+                queue.put(str(e))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def _exchange(sent: Envelope, expected: Envelope) -> str:
+    """What the receiver got or raised, answered while the sender still runs: an error cannot have come
+    from the sender ending or from a timeout (none is shorter than the wait here), only from the header."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_pair, args=(r, port, sent, expected, queue)) for r in range(2)]
+    queue, release = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_pair, args=(r, port, sent, expected, queue, release)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (msg, dt)) for r, msg, dt in (queue.get(timeout=30) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
-    msg, seconds = results[1]
-    assert seconds < 1.0 or msg.startswith("ok")
+    try:
+        msg = queue.get(timeout=45)
+        assert procs[0].is_alive(), "the sender ended before the receiver answered"
+    finally:
+        release.set()
+        for p in procs:
+            p.join(timeout=30)
     return msg
 
 
@@ -75,7 +77,7 @@ def test_a_matching_message_arrives_intact() -> None:
     assert _exchange(env, env) == "ok 6.0"
 
 
-def test_a_misrouted_batch_is_an_error_naming_batch_expected_and_actual_within_a_second() -> None:
+def test_a_misrouted_batch_is_an_error_naming_batch_expected_and_actual_at_once() -> None:
     expected = Envelope("act", 0, 1, 5, torch.float32, (2, 3))
     sent = Envelope("act", 0, 1, 4, torch.float32, (2, 3))
     msg = _exchange(sent, expected)
