@@ -34,6 +34,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.long  # eight variants in fresh processes; the acceptance dry run runs the script by default
 def test_every_variant_is_measured_with_the_documented_keys(results: dict) -> None:
     rows = results["results"]
     assert set(rows) == {"bp_single_1thread", "bp_single_allthreads", "fdg", "ddg", "bp", "dp", "gpipe", "1f1b"}
@@ -49,6 +50,7 @@ def test_every_variant_is_measured_with_the_documented_keys(results: dict) -> No
         assert len(rows[name]["busy"]) == K and all(0 < b <= 1.05 for b in rows[name]["busy"]), name
 
 
+@pytest.mark.long  # eight variants in fresh processes; the acceptance dry run runs the script by default
 def test_engine_runs_with_its_own_split_and_the_torch_pipelines_with_measured_time(results: dict) -> None:
     """--split auto (the default): our engine splits as a user's run would and says where; the torch pipelines
     get the split balancing the measured block times."""
@@ -60,6 +62,7 @@ def test_engine_runs_with_its_own_split_and_the_torch_pipelines_with_measured_ti
         assert len(bounds) == K + 1 and bounds[0] == 0 and bounds[-1] == len(config["block_costs"]), name
 
 
+@pytest.mark.long  # eight variants in fresh processes; the acceptance dry run runs the script by default
 def test_pipelining_rows_name_their_micro_batches_and_share_the_split(results: dict) -> None:
     bounds = results["config"]["pipelining_bounds"]
     for name in ("gpipe", "1f1b"):

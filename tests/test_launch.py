@@ -168,6 +168,7 @@ def test_slurm_launcher_config_composes() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(180)
 def test_submitit_local_launcher_runs_a_job(tmp_path: Path) -> None:
     """The same sweep machinery with submitit's local executor: the job runs in its own submitit process."""

@@ -153,6 +153,7 @@ def test_adl_steps_once_every_m_ticks(run_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- multirun
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(240)
 def test_hydra_multirun_over_every_pipelined_method(tmp_path: Path) -> None:
     """One fdg-train -m sweep, six jobs, each with its own K=2 worker processes and run directory."""
