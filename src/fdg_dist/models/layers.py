@@ -23,12 +23,17 @@ class ConvBNReLU(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool + flatten + linear; ``preact`` adds the final BN+ReLU of pre-activation nets."""
+    """Global average pool + flatten + linear; ``preact`` adds the final BN+ReLU of pre-activation nets.
 
-    def __init__(self, in_ch: int, num_classes: int, preact: bool = False) -> None:
+    ``pool`` (the FDG authors' heads, ``official.py``): ``AvgPool2d(pool)`` instead, whose stride is ``pool``
+    too, so on an 8×8 map with pool 6 it averages the top-left 6×6 window only; ``bn_momentum`` theirs.
+    """
+
+    def __init__(self, in_ch: int, num_classes: int, preact: bool = False, *, pool: int | None = None,
+                 bn_momentum: float = 0.1) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(in_ch) if preact else None
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.bn = nn.BatchNorm2d(in_ch, momentum=bn_momentum) if preact else None
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool is None else nn.AvgPool2d(pool)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(in_ch, num_classes)
 

@@ -18,27 +18,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fdg_dist.models.layers import ConvBNReLU
+from fdg_dist.models.layers import ClassifierHead, ConvBNReLU
 from fdg_dist.models.resnet_cifar import DEPTHS, residual_stages
 
 NAMES = (*DEPTHS, "wrn28_10")
-
-
-class PoolHead(nn.Module):
-    """``AvgPool2d(pool)`` (stride = pool: on an 8×8 map with pool 6, the top-left 6×6 window), optional BN+ReLU
-    before it, flatten, linear."""
-
-    def __init__(self, in_ch: int, num_classes: int, pool: int, bn_momentum: float | None = None) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(in_ch, momentum=bn_momentum) if bn_momentum is not None else None
-        self.pool = nn.AvgPool2d(pool)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(in_ch, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.bn is not None:
-            x = F.relu(self.bn(x))
-        return self.fc(self.flatten(self.pool(x)))
 
 
 class WideBasic(nn.Module):
@@ -81,14 +64,14 @@ def torch10_init(module: nn.Module) -> None:
 def blocks(name: str, num_classes: int) -> list[nn.Module]:
     """The official variant of ``name`` as blocks (same block boundaries as ours), initialised."""
     if name in DEPTHS:
-        out = [ConvBNReLU(3, 16), *residual_stages(16, [16, 32, 64], DEPTHS[name], "A"), PoolHead(64, num_classes, 6)]
+        out = [ConvBNReLU(3, 16), *residual_stages(16, [16, 32, 64], DEPTHS[name], "A"), ClassifierHead(64, num_classes, pool=6)]
     elif name == "wrn28_10":
         out, in_ch = [Conv(3, 16)], 16
         for stage, width in enumerate([160, 320, 640]):
             for i in range(4):
                 out.append(WideBasic(in_ch, width, 2 if stage > 0 and i == 0 else 1))
                 in_ch = width
-        out.append(PoolHead(in_ch, num_classes, 8, bn_momentum=0.9))
+        out.append(ClassifierHead(in_ch, num_classes, preact=True, pool=8, bn_momentum=0.9))
     else:
         raise ValueError(f"model.variant=official exists for {', '.join(NAMES)}; {name!r} has only variant=ours")
     for block in out:
