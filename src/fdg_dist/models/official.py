@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from fdg_dist.models.layers import ClassifierHead, ConvBNReLU
 from fdg_dist.models.resnet_cifar import DEPTHS, residual_stages
+from fdg_dist.models.wrn import StemConv
 
 NAMES = (*DEPTHS, "wrn28_10")
 
@@ -42,17 +43,6 @@ class WideBasic(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(x))
 
 
-class Conv(nn.Module):
-    """Their stem: a 3×3 convolution with bias."""
-
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
-
 def torch10_init(module: nn.Module) -> None:
     """PyTorch 1.0's BatchNorm init (weight uniform in [0, 1), bias 0); convs and linears keep torch's default."""
     for m in module.modules():
@@ -66,7 +56,7 @@ def blocks(name: str, num_classes: int) -> list[nn.Module]:
     if name in DEPTHS:
         out = [ConvBNReLU(3, 16), *residual_stages(16, [16, 32, 64], DEPTHS[name], "A"), ClassifierHead(64, num_classes, pool=6)]
     elif name == "wrn28_10":
-        out, in_ch = [Conv(3, 16)], 16
+        out, in_ch = [StemConv(3, 16, bias=True)], 16
         for stage, width in enumerate([160, 320, 640]):
             for i in range(4):
                 out.append(WideBasic(in_ch, width, 2 if stage > 0 and i == 0 else 1))

@@ -9,11 +9,12 @@ from fdg_dist.models.layers import ClassifierHead
 
 
 class StemConv(nn.Module):
-    """Plain 3x3 conv: a pre-activation net normalises at the start of each block instead."""
+    """Plain 3x3 conv: a pre-activation net normalises at the start of each block instead (``bias``: the FDG
+    authors' stem, ``official.py``)."""
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, bias: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
