@@ -73,11 +73,49 @@ def test_a_trial_compares_the_best_plausible_candidates_that_fit_its_budget() ->
     assert split_choice.worth_trying([ranked[0], ranked[3]], runs=10) == []  # the runner-up is 30 % slower
 
 
-def test_the_trial_winner_is_the_fastest_best_round_and_near_ties_go_to_fewer_blocks_on_the_first_modules() -> None:
-    bounds = [[0, 12, 29], [0, 11, 29], [0, 13, 29]]
-    assert split_choice.decide(bounds, [[0.300, 0.310], [0.400, 0.290], [0.280, 0.290]]) == 2  # 0.280 wins by 3.5 %
-    assert split_choice.decide(bounds, [[0.300, 0.350], [0.303, 0.303], [0.330, 0.330]]) == 1  # within 2 %: [0, 11, 29]
-    assert split_choice.decide(bounds, [[0.300, 0.300], [0.310, 0.310], [0.330, 0.330]]) == 0  # 3.3 % slower: out
+def test_a_candidates_time_is_the_median_of_its_batches_and_one_slow_batch_moves_neither_it_nor_its_error() -> None:
+    quiet = [0.300, 0.302, 0.298, 0.301, 0.299, 0.300, 0.303, 0.297]
+    median, se = split_choice.median_se(quiet)
+    assert median == pytest.approx(0.300) and se == pytest.approx(1.2533 * 1.4826 * 0.0015 / 8 ** 0.5)
+    assert split_choice.median_se([*quiet[:-1], 0.900]) == pytest.approx((median, se), rel=0.02)  # interference
+
+
+def test_the_trial_winner_is_the_fastest_it_can_tell_apart_and_otherwise_the_best_predicted() -> None:
+    """Candidates come in predicted order; samples are seconds per batch."""
+    steady = [0.300 + d for d in (-0.002, 0.0, 0.002)] * 4  # median 0.300, standard error ~0.9 ms
+    slower = [x * 1.03 for x in steady]
+    faster = [x * 0.97 for x in steady]
+    assert split_choice.decide([steady, faster, slower]) == 1  # 3 % faster, well beyond its error: the trial decides
+    assert split_choice.contenders([steady, faster, slower]) == [1]
+    assert split_choice.decide([slower, steady, [x * 1.005 for x in steady]]) == 1  # 0.5 %: within TIE, the best
+    assert split_choice.contenders([slower, steady, [x * 1.005 for x in steady]]) == [1, 2]  # predicted of the two
+    noisy = [0.300 + d for d in (-0.03, 0.0, 0.03)] * 4  # the same median, ten times the spread
+    assert split_choice.decide([[x * 1.03 for x in noisy], noisy]) == 0  # 3 % is within two errors: predicted first
+    assert split_choice.decide([[x * 1.03 for x in steady], steady]) == 1  # the same 3 % with little noise: trial
+
+
+def test_the_trial_runs_every_candidate_twice_then_only_those_still_contending(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs interleave (round by round), extra rounds go only to the candidates the trial cannot yet tell from
+    the fastest, and the budget (in runs) is never exceeded."""
+    true = {5: 0.300, 6: 0.301, 7: 0.400}  # [0, 5, 11] and [0, 6, 11] cannot be told apart; [0, 7, 11] can
+    order: list[int] = []
+
+    def periods(cfg: object, ctx: object, transport: object, build: object, bounds: list[int], tag: int) -> list[float]:
+        order.append(bounds[1])
+        return [true[bounds[1]] + d for d in (-0.01, 0.0, 0.01)]
+
+    monkeypatch.setattr(split_choice, "_trial_periods", periods)
+    candidates = [[0, b, 11] for b in true]
+    samples = split_choice._trial(None, None, None, None, candidates, runs=100)
+    assert order == [5, 6, 7] * split_choice.ROUNDS + [5, 6] * (split_choice.MAX_ROUNDS - split_choice.ROUNDS)
+    assert [len(s) for s in samples] == [3 * split_choice.MAX_ROUNDS] * 2 + [3 * split_choice.ROUNDS]
+    order.clear()
+    split_choice._trial(None, None, None, None, candidates, runs=7)
+    assert order == [5, 6, 7, 5, 6, 7]  # a third round of the two contenders would take 8 runs
+    order.clear()
+    split_choice._trial(None, None, None, None, candidates, runs=4)
+    assert order == [5, 6, 7]  # one round of all, no second
+    assert split_choice._trial(None, None, None, None, [], runs=100) == [] and order == [5, 6, 7]  # nothing to try
 
 
 @pytest.mark.multiprocess
@@ -100,9 +138,11 @@ def test_a_default_run_tries_the_best_candidates_in_its_pipeline_and_a_restart_k
     tried = record["tried"]
     assert len(tried) == split_choice.TRIALS
     assert max(t["predicted_s"] for t in tried) <= min(t["predicted_s"] for t in tried) * (1 + split_choice.PLAUSIBLE)
-    assert all(len(t["trial_s"]) == split_choice.ROUNDS and min(t["trial_s"]) > 0 for t in tried)
-    assert record["bounds"] == tried[split_choice.decide([t["bounds"] for t in tried],
-                                                         [t["trial_s"] for t in tried])]["bounds"]
+    per_run = split_choice.TRIAL_BATCHES - split_choice.TRIAL_BATCHES // 4 - 1  # batches timed in one run
+    assert all(len(t["trial_s"]) % per_run == 0 and len(t["trial_s"]) >= split_choice.ROUNDS * per_run
+               and min(t["trial_s"]) > 0 for t in tried)
+    assert [t["median_s"] for t in tried] == [split_choice.median_se(t["trial_s"])[0] for t in tried]
+    assert record["bounds"] == tried[split_choice.decide([t["trial_s"] for t in tried])]["bounds"]
     assert json.loads((fresh / "split.json").read_text())["bounds"] == record["bounds"]
     assert f"split {record['bounds']} by measured time: the fastest in this pipeline" in log
 

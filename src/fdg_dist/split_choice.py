@@ -11,10 +11,14 @@ it and two message times take longer than its own tick.  So every fresh run:
    up to ``SPREAD`` blocks — by the steady-state time per batch ``pace.split_period`` predicts for them
    (every message costed as two copies of its tensor);
 3. the best ``TRIALS`` (those predicted within ``PLAUSIBLE`` of the best: a noisy trial must not pick a
-   poor split) run ``TRIAL_BATCHES`` synthetic batches each in the real pipeline (the run's own
-   stages, messages and devices), in ``ROUNDS`` interleaved rounds, timed like the benchmark (the last
-   module's pace over the middle half of the batches); the fastest measured wins, and among candidates
-   within ``TIE`` of it (equal within the noise) a fixed rule, so fresh runs agree;
+   poor split) run ``TRIAL_BATCHES`` synthetic batches each in the real pipeline (the run's own stages,
+   messages and devices), in interleaved rounds; every batch after the first quarter (warm-up) is one
+   sample of the seconds per batch (the last module's pace).  A candidate's time is the median of its
+   samples (a spell of interference on a shared machine moves a mean, not a median), known to a standard
+   error estimated from their spread.  After ``ROUNDS`` rounds of all, further rounds (up to ``MAX_ROUNDS``,
+   within ``TRIAL_BUDGET_S``) go only to the candidates still indistinguishable from the fastest: more
+   batches exactly where the decision needs them.  The fastest wins; among candidates it still cannot
+   tell apart (within ``Z`` standard errors, or ``TIE``) the best predicted, so fresh runs agree;
 4. rank 0 keeps the measurements, the trial and the choice in ``split_choice.json``: a restart in the run
    directory reuses the choice (its checkpoints hold that split's modules), the run log says what won.
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +50,13 @@ log = logging.getLogger("fdg_dist")
 FILE = "split_choice.json"
 SPREAD = 2  # blocks each boundary of the balanced split may move
 TRIALS = 3  # candidates tried in the pipeline
-TRIAL_BATCHES = 16  # per candidate and round; the middle half is timed
-ROUNDS = 2
+TRIAL_BATCHES = 16  # per candidate and round; the first quarter is warm-up, every later batch one sample
+ROUNDS = 2  # every tried candidate runs this often (interleaved: a slow spell of the machine hits all alike) ...
+MAX_ROUNDS = 6  # ... and the ones still indistinguishable from the fastest up to this often
 PLAUSIBLE = 0.10  # only candidates predicted within this of the best are tried: noise cannot pick a poor one
-TIE = 0.02  # candidates this close (relative seconds per batch) count as equally fast
-TRIAL_BUDGET_S = 60.0  # at most this long (predicted) in trials: fewer rounds or candidates, or none, beyond it
+Z = 2.0  # medians closer than Z standard errors of their difference cannot be told apart ...
+TIE = 0.01  # ... nor can medians closer than this (relative): not worth a flip between fresh runs
+TRIAL_BUDGET_S = 120.0  # at most this long (predicted) in trials: fewer rounds or candidates, or none, beyond it
 
 BuildStage = Callable[[list[int]], tuple[Stage, Boundary]]
 
@@ -74,12 +82,13 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
                              starts)
     runs = int(TRIAL_BUDGET_S // (TRIAL_BATCHES * ranked[0][1]))  # trial runs that fit the budget
     tried = worth_trying(ranked, runs)
-    rounds = min(ROUNDS, runs // len(tried)) if tried else 0
-    trial = _trial(cfg, ctx, transport, build, [b for b, _ in tried], rounds)
-    bounds = tried[decide([b for b, _ in tried], trial)][0] if tried else ranked[0][0]
+    trial = _trial(cfg, ctx, transport, build, [b for b, _ in tried], runs)
+    bounds = tried[decide(trial)][0] if tried else ranked[0][0]
+    estimates = [median_se(t) for t in trial]
     if ctx.rank == 0:
         record = {"shape": _batch_shape(cfg, ctx), "block_times": [[t.forward, t.backward, t.step, t.copy_out] for t in times],
-                  "tried": [{"bounds": b, "predicted_s": p, "trial_s": t} for (b, p), t in zip(tried, trial, strict=True)],
+                  "tried": [{"bounds": b, "predicted_s": p, "median_s": m, "se_s": se, "trial_s": t}
+                            for (b, p), t, (m, se) in zip(tried, trial, estimates, strict=True)],
                   "bounds": bounds}
         checkpoint.atomic_write(json.dumps(record).encode(), run_dir / FILE)
     if runs < 2:
@@ -87,8 +96,9 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
     elif not tried:
         how = f"the best predicted split (no other predicted within {100 * PLAUSIBLE:.0f} % of it)"
     else:
-        how = (f"the fastest in this pipeline of the {len(tried)} best predicted splits (per batch: " + ", ".join(
-            f"{b[1:-1]} {1e3 * min(t):.0f} ms" for (b, _), t in zip(tried, trial, strict=True)) + ")")
+        how = (f"the fastest in this pipeline of the {len(tried)} best predicted splits (median per batch: " + ", ".join(
+            f"{b[1:-1]} {1e3 * m:.3g} ± {1e3 * se:.2g} ms over {len(t)}"
+            for (b, _), t, (m, se) in zip(tried, trial, estimates, strict=True)) + ")")
     return Choice(bounds, [t.total for t in times], f"{how}; kept in {FILE}")
 
 
@@ -99,17 +109,32 @@ def worth_trying(ranked: list[tuple[list[int], float]], runs: int) -> list[tuple
     return plausible if len(plausible) >= 2 else []
 
 
-def decide(candidates: list[list[int]], trial: list[list[float]]) -> int:
-    """Which tried candidate wins: among those whose seconds per batch (the best of its rounds: interference
-    and the first run's warm-up only ever slow a round down) are within ``TIE`` of the fastest, the one with
-    the fewest blocks on the first modules (lexicographically smallest bounds).
+def median_se(samples: list[float]) -> tuple[float, float]:
+    """The median of a candidate's seconds per batch and its standard error (from the median absolute
+    deviation: one batch slowed by interference neither moves the median nor inflates the spread)."""
+    median = statistics.median(samples)
+    mad = statistics.median(abs(x - median) for x in samples)
+    return median, 1.2533 * 1.4826 * mad / math.sqrt(len(samples))
 
-    Candidates that close are equally fast within the trial's noise; a fixed rule among them (rather than
-    the noise) decides, so fresh runs agree, and it favours the early modules, which stash the most forwards.
+
+def contenders(samples: list[list[float]]) -> list[int]:
+    """The candidates the trial cannot tell from the fastest (median within ``Z`` standard errors of the
+    difference, or within ``TIE``), the fastest included."""
+    estimates = [median_se(s) for s in samples]
+    fastest, fastest_se = min(estimates)
+    return [i for i, (m, se) in enumerate(estimates)
+            if m - fastest <= max(Z * math.hypot(se, fastest_se), TIE * fastest)]
+
+
+def decide(samples: list[list[float]]) -> int:
+    """Which tried candidate (in predicted order) wins: the fastest in the trial, or the best predicted of those
+    the trial cannot tell from the fastest.
+
+    Candidates that close are equally fast within what the trial measured, and whether one of them comes out
+    ahead changes from run to run; the prediction ranks them the same way in every fresh run (it comes from
+    block times measured in one process, away from the pipeline's interference), so it decides.
     """
-    best = [min(rounds) for rounds in trial]
-    fastest = min(best)
-    return min((i for i, b in enumerate(best) if b <= fastest * (1 + TIE)), key=lambda i: candidates[i])
+    return min(contenders(samples))
 
 
 def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
@@ -164,19 +189,28 @@ def _measured(cfg: Config, ctx: Context) -> list[pace.BlockTime]:
 
 
 def _trial(cfg: Config, ctx: Context, transport: Transport, build: BuildStage, candidates: list[list[int]],
-           rounds: int) -> list[list[float]]:
-    """Seconds per batch of every candidate in every round, as the last module of replica 0 saw them."""
-    runs: list[list[float]] = [[] for _ in candidates]
+           runs: int) -> list[list[float]]:
+    """Seconds per batch of every candidate, pooled over its rounds, as the last module of replica 0 saw them:
+    ``ROUNDS`` interleaved rounds of all (as far as ``runs`` allows), then rounds of the ones still contending.
+    Every rank sees the same samples (broadcast), so every rank runs the same rounds."""
+    samples: list[list[float]] = [[] for _ in candidates]
+    running = list(range(len(candidates)))
     tag = 0
-    for _ in range(rounds):
-        for i, bounds in enumerate(candidates):
+    for done in range(MAX_ROUNDS):
+        if len(running) < 2 or len(running) > runs:
+            break
+        for i in running:
             tag -= 1  # trial messages carry negative epochs: never mistaken for training
-            runs[i].append(_trial_period(cfg, ctx, transport, build, bounds, tag))
-    return runs
+            samples[i] += _trial_periods(cfg, ctx, transport, build, candidates[i], tag)
+        runs -= len(running)
+        if done + 1 >= ROUNDS:
+            running = contenders(samples)
+    return samples
 
 
-def _trial_period(cfg: Config, ctx: Context, transport: Transport, build: BuildStage, bounds: list[int],
-                  tag: int) -> float:
+def _trial_periods(cfg: Config, ctx: Context, transport: Transport, build: BuildStage, bounds: list[int],
+                   tag: int) -> list[float]:
+    """The time between consecutive forwards of the last module after the first quarter of the batches."""
     stage, boundary = build(bounds)
     clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
     executor = Executor(stage, transport, boundary, clock=clock)
@@ -185,14 +219,13 @@ def _trial_period(cfg: Config, ctx: Context, transport: Transport, build: BuildS
     shape = _batch_shape(cfg, ctx)
     batches = _synthetic(cfg, shape, ctx.device, n) if ctx.module == 0 else None
     result = executor.run(plan, [shape[0]] * n, batches, epoch=tag, train=True)
-    period: list[float | None] = [None]
+    periods: list[list[float] | None] = [None]
     reporter = ctx.K - 1  # the last module of replica 0
     if ctx.rank == reporter:
-        starts = [e.start for e in result.events if e.action.kind is Kind.FORWARD]
-        lo, hi = n // 4, n - n // 4
-        period[0] = (starts[hi] - starts[lo]) / (hi - lo)
-    dist.broadcast_object_list(period, src=reporter, group=ctx.header_group)
-    return period[0]
+        starts = [e.start for e in result.events if e.action.kind is Kind.FORWARD][n // 4:]
+        periods[0] = [b - a for a, b in itertools.pairwise(starts)]
+    dist.broadcast_object_list(periods, src=reporter, group=ctx.header_group)
+    return periods[0]
 
 
 def _synthetic(cfg: Config, shape: list[int], device: torch.device, n: int
