@@ -111,11 +111,14 @@ def run_engine(spec: Spec) -> Spec:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steady = [_workers.engine_steady(run_dir, r, timed, n) for r in range(cfg.world_size)]
         bounds = None if cfg.method.name == "dp" else json.loads((run_dir / "split.json").read_text())["bounds"]
+        choice = run_dir / "split_choice.json"  # why the engine chose its split (its trial, without the samples)
+        tried = ([{**{k: t[k] for k in ("bounds", "predicted_s", "median_s", "se_s")}, "batches": len(t["trial_s"])}
+                  for t in json.loads(choice.read_text())["tried"]] if choice.is_file() else None)
     last = 0 if cfg.method.name == "dp" else cfg.pipeline.k - 1
     return {"windows": [r["samples_per_s"] for r in rows if r["epoch"] in timed],
             "steady": [spec["batch_size"] * (hi - lo) / s for s in steady[last][0]],
             "peak_mem_mb": [r["peak_mem_mb"] for r in ranks],
-            "busy": [statistics.mean(busy) for _, busy in steady], "bounds": bounds}
+            "busy": [statistics.mean(busy) for _, busy in steady], "bounds": bounds, "split_tried": tried}
 
 
 def run_pipelining(spec: Spec) -> Spec:
@@ -172,7 +175,7 @@ def measure(spec: Spec, timeout_s: float, work: Path) -> Spec:
             "steady_samples_per_s": raw["steady"], "windows_samples_per_s": raw["windows"],
             "peak_mem_mb": raw["peak_mem_mb"], "busy": raw["busy"], "wall_s": time.perf_counter() - tic,
             "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-            **({"bounds": raw["bounds"]} if raw.get("bounds") else {})}
+            **{k: raw[k] for k in ("bounds", "split_tried") if raw.get(k)}}
 
 
 def measure_variant(name: str, common: Spec, args: argparse.Namespace, work: Path) -> Spec:
@@ -215,7 +218,8 @@ def median_run(variant_runs: list[Spec]) -> Spec:
     ranked = sorted(variant_runs, key=lambda r: r["samples_per_s"])
     chosen = ranked[(len(ranked) - 1) // 2]
     return {**chosen, "repeats_samples_per_s": [r["samples_per_s"] for r in variant_runs],
-            "repeats_bounds": [r.get("bounds") for r in variant_runs]}
+            "repeats_bounds": [r.get("bounds") for r in variant_runs],
+            "repeats_split_tried": [r.get("split_tried") for r in variant_runs]}
 
 
 def _progress(label: str, r: Spec) -> None:

@@ -60,6 +60,8 @@ def test_engine_runs_with_its_own_split_and_the_torch_pipelines_with_measured_ti
     for name in ("fdg", "ddg", "bp"):
         bounds = rows[name]["bounds"]
         assert len(bounds) == K + 1 and bounds[0] == 0 and bounds[-1] == len(config["block_costs"]), name
+        tried = rows[name].get("split_tried")  # present when the engine's trial compared candidates
+        assert tried is None or bounds in [t["bounds"] for t in tried], name
 
 
 @pytest.mark.long  # eight variants in fresh processes; the acceptance dry run runs the script by default
@@ -75,7 +77,8 @@ def test_repeats_report_the_median_run_whole_and_a_failure_wins() -> None:
     runs = [{"samples_per_s": v, "peak_mem_mb": [v], "bounds": [0, int(v), 9]} for v in (3.0, 1.0, 2.0, 4.0)]
     assert throughput.median_run(runs) == {"samples_per_s": 2.0, "peak_mem_mb": [2.0], "bounds": [0, 2, 9],
                                            "repeats_samples_per_s": [3.0, 1.0, 2.0, 4.0],
-                                           "repeats_bounds": [[0, 3, 9], [0, 1, 9], [0, 2, 9], [0, 4, 9]]}
+                                           "repeats_bounds": [[0, 3, 9], [0, 1, 9], [0, 2, 9], [0, 4, 9]],
+                                           "repeats_split_tried": [None] * 4}
     failed = {"samples_per_s": None, "error": "timed out"}
     assert throughput.median_run([runs[0], failed]) is failed
 

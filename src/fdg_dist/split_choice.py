@@ -15,10 +15,12 @@ it and two message times take longer than its own tick.  So every fresh run:
    messages and devices), in interleaved rounds; every batch after the first quarter (warm-up) is one
    sample of the seconds per batch (the last module's pace).  A candidate's time is the median of its
    samples (a spell of interference on a shared machine moves a mean, not a median), known to a standard
-   error estimated from their spread.  After ``ROUNDS`` rounds of all, further rounds (up to ``MAX_ROUNDS``,
-   within ``TRIAL_BUDGET_S``) go only to the candidates still indistinguishable from the fastest: more
-   batches exactly where the decision needs them.  The fastest wins; among candidates it still cannot
-   tell apart (within ``Z`` standard errors, or ``TIE``) the best predicted, so fresh runs agree;
+   error estimated from their spread.  After ``ROUNDS`` rounds of all, further rounds (up to
+   ``MAX_ROUNDS``, within ``TRIAL_BUDGET_S``) go to the candidates still indistinguishable from the
+   fastest, as long as the error is what keeps them so: more batches only where they can decide.  The
+   fastest wins; among those the trial cannot tell from it (within ``Z`` standard errors, or ``TIE``)
+   the best predicted, because the prediction ranks near-equal splits the same way in every fresh run
+   (ResNet-56 on a 2-core CPU: ten of ten) while a fresh pipeline's pace varies by several %;
 4. rank 0 keeps the measurements, the trial and the choice in ``split_choice.json``: a restart in the run
    directory reuses the choice (its checkpoints hold that split's modules), the run log says what won.
 """
@@ -55,7 +57,7 @@ ROUNDS = 2  # every tried candidate runs this often (interleaved: a slow spell o
 MAX_ROUNDS = 6  # ... and the ones still indistinguishable from the fastest up to this often
 PLAUSIBLE = 0.10  # only candidates predicted within this of the best are tried: noise cannot pick a poor one
 Z = 2.0  # medians closer than Z standard errors of their difference cannot be told apart ...
-TIE = 0.01  # ... nor can medians closer than this (relative): not worth a flip between fresh runs
+TIE = 0.03  # ... nor closer than this (relative): a fresh pipeline on a shared machine varies more than that
 TRIAL_BUDGET_S = 120.0  # at most this long (predicted) in trials: fewer rounds or candidates, or none, beyond it
 
 BuildStage = Callable[[list[int]], tuple[Stage, Boundary]]
@@ -204,8 +206,16 @@ def _trial(cfg: Config, ctx: Context, transport: Transport, build: BuildStage, c
             samples[i] += _trial_periods(cfg, ctx, transport, build, candidates[i], tag)
         runs -= len(running)
         if done + 1 >= ROUNDS:
-            running = contenders(samples)
+            running = [] if _settled(samples) else contenders(samples)
     return samples
+
+
+def _settled(samples: list[list[float]]) -> bool:
+    """Whether the trial has seen enough: every contender's uncertainty (``Z`` standard errors of its
+    difference to the fastest) is inside ``TIE``, so measuring better could hardly change who contends."""
+    estimates = [median_se(s) for s in samples]
+    fastest, fastest_se = min(estimates)
+    return all(Z * math.hypot(estimates[i][1], fastest_se) <= TIE * fastest for i in contenders(samples))
 
 
 def _trial_periods(cfg: Config, ctx: Context, transport: Transport, build: BuildStage, bounds: list[int],
