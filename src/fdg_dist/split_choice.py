@@ -119,13 +119,18 @@ def median_se(samples: list[float]) -> tuple[float, float]:
     return median, 1.2533 * 1.4826 * mad / math.sqrt(len(samples))
 
 
-def contenders(samples: list[list[float]]) -> list[int]:
-    """The candidates the trial cannot tell from the fastest (median within ``Z`` standard errors of the
-    difference, or within ``TIE``), the fastest included."""
+def _lags(samples: list[list[float]]) -> list[tuple[float, float]]:
+    """Every candidate's lag behind the fastest median and the uncertainty of that lag (``Z`` standard errors
+    of the difference), both relative to the fastest."""
     estimates = [median_se(s) for s in samples]
     fastest, fastest_se = min(estimates)
-    return [i for i, (m, se) in enumerate(estimates)
-            if m - fastest <= max(Z * math.hypot(se, fastest_se), TIE * fastest)]
+    return [((m - fastest) / fastest, Z * math.hypot(se, fastest_se) / fastest) for m, se in estimates]
+
+
+def contenders(samples: list[list[float]]) -> list[int]:
+    """The candidates the trial cannot tell from the fastest (lag within ``Z`` standard errors, or within
+    ``TIE``), the fastest included."""
+    return [i for i, (lag, error) in enumerate(_lags(samples)) if lag <= max(error, TIE)]
 
 
 def decide(samples: list[list[float]]) -> int:
@@ -211,11 +216,10 @@ def _trial(cfg: Config, ctx: Context, transport: Transport, build: BuildStage, c
 
 
 def _settled(samples: list[list[float]]) -> bool:
-    """Whether the trial has seen enough: every contender's uncertainty (``Z`` standard errors of its
-    difference to the fastest) is inside ``TIE``, so measuring better could hardly change who contends."""
-    estimates = [median_se(s) for s in samples]
-    fastest, fastest_se = min(estimates)
-    return all(Z * math.hypot(estimates[i][1], fastest_se) <= TIE * fastest for i in contenders(samples))
+    """Whether the trial has seen enough: every contender's uncertainty is inside ``TIE``, so measuring
+    better could hardly change who contends."""
+    lags = _lags(samples)
+    return all(lags[i][1] <= TIE for i in contenders(samples))
 
 
 def _trial_periods(cfg: Config, ctx: Context, transport: Transport, build: BuildStage, bounds: list[int],
