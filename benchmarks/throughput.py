@@ -22,7 +22,8 @@ batches, away from allocator warm-up and our pipeline's fill and drain — what 
 **whole epoch** (``epoch_samples_per_s``: every batch, our engine's fill and drain included; at 32 batches
 per epoch the K=2 drain alone is 2 of 34 ticks, on CIFAR-10's 352 it is 0.6 %).  Each is the median over
 the epochs after ``--warmup``; with ``--repeats R`` every variant runs R times, the rounds interleaved (so a
-slow spell on the machine hits all variants alike), and the run with the median steady rate is reported.
+slow spell on the machine hits all variants alike), and the run with the median steady rate is reported,
+beside each round's own speedup over the baseline's run in that round (``repeats_speedup_vs_bp_1thread``).
 Prints a markdown table and, with ``--json``, writes
 ``{"results": {NAME: {"samples_per_s", "epoch_samples_per_s", "speedup_vs_bp_1thread", "peak_mem_mb": [per rank], ...}},
 "config": ..., "machine": ...}``.  CPU-only numbers are only as good as the machine is quiet: the load
@@ -222,6 +223,15 @@ def median_run(variant_runs: list[Spec]) -> Spec:
             "repeats_split_tried": [r.get("split_tried") for r in variant_runs]}
 
 
+def round_speedups(runs: dict[str, list[Spec]], baseline: str) -> dict[str, list[float | None]]:
+    """Each variant's steady rate over the baseline's in the same round: the two ran minutes apart, so a slow
+    spell on a shared machine moves both, and the spread of these ratios shows how far one round can be trusted."""
+    base = runs.get(baseline, [])
+    return {name: [r["samples_per_s"] / b["samples_per_s"] if r["samples_per_s"] and b["samples_per_s"] else None
+                   for r, b in zip(variant_runs, base, strict=True)]
+            for name, variant_runs in runs.items() if len(base) == len(variant_runs)}
+
+
 def _progress(label: str, r: Spec) -> None:
     if r["samples_per_s"] is None:
         print(f"  {label:>22}: FAILED ({r.get('error', r.get('skipped'))})", file=sys.stderr, flush=True)
@@ -262,6 +272,8 @@ def table(results: dict[str, Spec], config: Spec, machine: Spec) -> str:
         notes = f"{r['ranks']} rank(s) × " + ("1 GPU" if cuda else f"{r['threads_per_rank']} thread(s)")
         if len({str(b) for b in r.get("repeats_bounds", [])}) > 1:
             notes += ", split per repeat: " + " ".join(str(b) for b in r["repeats_bounds"])
+        if name != BASELINE and r.get("repeats_speedup_vs_bp_1thread"):
+            notes += ", speedup per round " + " / ".join(f"{v:.2f}" for v in r["repeats_speedup_vs_bp_1thread"])
         if "micro_batches" in r:
             notes += f", best M={r['micro_batches']} of " + ", ".join(
                 f"M={m}: {'—' if v is None else f'{v:.0f}'}" for m, v in r["by_micro_batches"].items())
@@ -412,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
                 runs[name].append(measure_variant(name, common, args, Path(tmp)))
                 _progress(name if args.repeats == 1 else f"{name} ({round_ + 1}/{args.repeats})", runs[name][-1])
     results = {name: median_run(variant_runs) for name, variant_runs in runs.items()}
+    for name, ratios in round_speedups(runs, BASELINE).items():
+        if len(ratios) > 1 and None not in ratios:
+            results[name]["repeats_speedup_vs_bp_1thread"] = ratios
     base = results.get(BASELINE, {})
     for r in results.values():
         for rate, speedup in (("samples_per_s", "speedup_vs_bp_1thread"), ("epoch_samples_per_s", "epoch_speedup_vs_bp_1thread")):

@@ -83,6 +83,14 @@ def test_repeats_report_the_median_run_whole_and_a_failure_wins() -> None:
     assert throughput.median_run([runs[0], failed]) is failed
 
 
+def test_round_speedups_divide_by_the_baseline_of_the_same_round() -> None:
+    runs = {"bp_single_1thread": [{"samples_per_s": v} for v in (100.0, 80.0, 120.0)],
+            "fdg": [{"samples_per_s": v} for v in (190.0, 160.0, None)]}
+    assert throughput.round_speedups(runs, "bp_single_1thread") == {
+        "bp_single_1thread": [1.0, 1.0, 1.0], "fdg": [1.9, 2.0, None]}
+    assert throughput.round_speedups({"fdg": runs["fdg"]}, "bp_single_1thread") == {}  # no baseline was run
+
+
 def test_steady_state_is_the_middle_half_and_the_whole_epoch_everything() -> None:
     times = [0.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 20.0]  # a slow first and last batch (fill and drain)
     assert _workers.steady_range(8) == (2, 6)
