@@ -52,3 +52,72 @@ def test_transform_equals_the_training_normalisation_for_every_input_type() -> N
 def test_load_model_names_the_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="final_model.pt not found"):
         inference.load_model(tmp_path)
+
+
+class _OpensAFile:
+    """Unpickled, it creates ``path``: what a hostile state file would do instead."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.path), "w")
+
+
+def _run_dir_naming(tmp_path: Path, model: dict) -> Path:
+    """A run directory as a stranger could hand it over: its final_model.json names ``model``."""
+    import json
+
+    run = tmp_path / "their_run"
+    run.mkdir()
+    torch.save({}, run / inference.WEIGHTS)
+    meta = {"format": inference.FORMAT, "model": model, "num_classes": 2, "data": "synthetic", "classes": ["a", "b"],
+            "image_size": 4, "mean": [0.5] * 3, "std": [0.25] * 3}
+    (run / inference.METADATA).write_text(json.dumps(meta))
+    return run
+
+
+@pytest.mark.parametrize("target,args", [
+    ("torch.load", {"weights_only": False}),  # f: the payload, added below
+    ("shutil.copyfile", {}),
+])
+def test_load_model_runs_no_code_a_custom_run_names_without_trust_code(tmp_path: Path, target: str,
+                                                                       args: dict) -> None:
+    """Issue 27: final_model.json of a model=custom run names a function, which load_model used to call."""
+    payload, written = tmp_path / "state.pt", tmp_path / "written"
+    torch.save(_OpensAFile(written), payload)
+    args = {"f": str(payload), **args} if target == "torch.load" else {"src": str(payload), "dst": str(written)}
+    run = _run_dir_naming(tmp_path, {"name": "custom", "_target_": target, **args})
+    with pytest.raises(ValueError) as refused:
+        inference.load_model(run)
+    assert str(refused.value) == (
+        f"{run / inference.METADATA}: this model is built by calling {target!r}, code that the run directory "
+        "names; load_model(..., trust_code=True) imports and runs it: do so only for a run directory you trust")
+    assert not written.exists()
+
+
+def test_load_model_builds_a_trusted_custom_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With trust_code=True the named function builds the model and the weights load into it."""
+    (tmp_path / "two_blocks.py").write_text(
+        "from torch import nn\n\ndef net(num_classes):\n"
+        "    return [nn.Flatten(), nn.Linear(48, num_classes)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = _run_dir_naming(tmp_path, {"name": "custom", "_target_": "two_blocks.net"})
+    weights = {"1.weight": torch.arange(96.0).view(2, 48), "1.bias": torch.tensor([1.0, -1.0])}
+    torch.save(weights, run / inference.WEIGHTS)
+    model, transform = inference.load_model(run, trust_code=True)
+    assert torch.equal(model.state_dict()["1.weight"], weights["1.weight"]) and transform.classes == ("a", "b")
+
+
+@pytest.mark.parametrize("text,reason", [
+    ('{"format": 2, "model": {"name": "tiny"}, "num_cl', "is damaged (JSONDecodeError: "),
+    ('{"format": 2, "model": {"name": "tiny"}}', "lacks num_classes, mean, std, image_size, classes: not a "),
+    ("[1, 2]", "lacks model, num_classes"),
+])
+def test_a_damaged_final_model_json_is_one_line_naming_it(tmp_path: Path, text: str, reason: str) -> None:
+    run = _run_dir_naming(tmp_path, {"name": "tiny"})
+    (run / inference.METADATA).write_text(text)
+    with pytest.raises(ValueError) as err:
+        inference.load_model(run)
+    assert str(err.value).startswith(f"{run / inference.METADATA} ") and reason in str(err.value)
+    assert "\n" not in str(err.value)

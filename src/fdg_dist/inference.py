@@ -104,14 +104,19 @@ class Tokenizer:
         return "".join(self.vocab[i] for i in flat)
 
 
-def load_model(run_dir: str | Path,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, Transform | Tokenizer]:
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu", *,
+               trust_code: bool = False) -> tuple[nn.Module, Transform | Tokenizer]:
     """The run's final model (unsplit, eval mode, on ``device``) and the transform its inputs need.
 
     Images: ``logits = model(transform(images).to(device))``; ``transform.classes[logits.argmax(1)]`` names
     the prediction.  Language models: ``logits = model(tokenizer(text).to(device))`` (at most ``context``
     tokens), ``tokenizer.decode(logits[0, -1:].argmax(-1))`` the next character.  Reads ``final_model.pt``
     and ``final_model.json`` of ``run_dir`` (written when a run finishes; a copied model needs both files).
+
+    A ``model=custom`` run is built by calling the function its ``final_model.json`` names: code chosen by
+    whoever wrote the directory, so it is refused unless ``trust_code=True`` (as ``trust_remote_code`` in
+    other libraries).  Nothing else read from the directory is executed: the weights load with
+    ``weights_only=True`` and every other model is one of fdg_dist's or torchvision's builders.
     """
     run_dir = Path(run_dir)
     weights, meta_path = run_dir / WEIGHTS, run_dir / METADATA
@@ -119,8 +124,12 @@ def load_model(run_dir: str | Path,
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a run writes {WEIGHTS} and {METADATA} when it finishes; "
                                     "pass the directory of a finished run")
-    meta = json.loads(meta_path.read_text())
+    meta = read_metadata(meta_path)
     spec = ModelConfig.from_dict(meta["model"]) if isinstance(meta["model"], dict) else ModelConfig(meta["model"])
+    if spec.name == "custom" and not trust_code:
+        raise ValueError(f"{meta_path}: this model is built by calling {spec._target_!r}, code that the run "
+                         "directory names; load_model(..., trust_code=True) imports and runs it: do so only "
+                         "for a run directory you trust")
     model = models.build(spec, meta["num_classes"])
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.to(device).eval()
@@ -128,3 +137,18 @@ def load_model(run_dir: str | Path,
         vocab = meta["vocab"]
         return model, Tokenizer(tuple(vocab) if vocab is not None else None, meta["context"])
     return model, Transform(tuple(meta["mean"]), tuple(meta["std"]), meta["image_size"], tuple(meta["classes"]))
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """``final_model.json``, or a ValueError naming it and what is wrong (cut short, not this format)."""
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); copy it again from the run directory "
+                         "(a finished run writes it whole)") from None
+    needed = ("model", "num_classes") + (("vocab", "context") if isinstance(meta, dict) and "tokens" in meta
+                                         else ("mean", "std", "image_size", "classes"))
+    missing = [key for key in needed if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a {METADATA} written by fdg_dist")
+    return meta
