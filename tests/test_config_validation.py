@@ -54,6 +54,16 @@ ROWS = [
     Row("k=true", "pipeline.k", {"pipeline.k": True}),
     Row("resume=1", "resume", {"resume": 1}),
     Row("section-not-a-group", "trainer", {"trainer": 5}),
+    # numbers that pass their type but mean nothing (issue 27: they failed in a worker after 16-25 s)
+    Row("lr=inf", "optim.lr", {"optim.lr": float("inf")}),
+    Row("momentum=nan", "optim.momentum", {"optim.momentum": float("nan")}),
+    Row("betas-inf", "optim.betas", {"optim.name": "adam", "optim.betas": (0.9, float("inf"))}),
+    Row("timeout=inf", "dist.timeout_s", {"dist.timeout_s": float("inf")}),
+    Row("lr=1e300", "optim.lr", {"optim.lr": 1e300}),
+    Row("weight_decay=1e39", "optim.weight_decay", {"optim.weight_decay": 1e39}),
+    Row("seed=-1", "trainer.seed", {"trainer.seed": -1}),
+    Row("seed=2**32", "trainer.seed", {"trainer.seed": 2**32}),
+    Row("threads>cores", "trainer.threads", {"trainer.threads": 100000}, cuda=(False, 0)),
     # unknown keys (Config.from_dict)
     Row("unknown-top-level", "bogus", raw={"bogus": 1}),
     Row("unknown-in-section", "trainer.epoch", raw={"trainer": {"epoch": 3}}),
@@ -258,6 +268,10 @@ CLI_BASE = ["model=tiny", "data=synthetic", "logging.tensorboard=false"]
     ("method.beta=1.5", "method.beta"),
     ("+trainer.bogus=1", "trainer.bogus"),
     ("resume=/nonexistent/run", "resume"),
+    ("trainer.seed=-1", "trainer.seed"),  # issue 27: these failed in a worker, naming no key
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.lr=1e300", "optim.lr"),
+    ("trainer.threads=100000", "trainer.threads"),
 ])
 def test_cli_exits_2_with_one_line_before_starting_workers(override: str, key: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -267,6 +281,20 @@ def test_cli_exits_2_with_one_line_before_starting_workers(override: str, key: s
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"fdg-train: invalid configuration: {key}"), proc.stderr
     assert not (run_dir / "train.log").exists()  # no worker started, no process group
+
+
+@pytest.mark.timeout(60)
+def test_a_sweep_over_an_invalid_seed_starts_no_job(tmp_path: Path) -> None:
+    """Issue 27: ``-m trainer.seed=-1,0`` ran job 0 into a worker's failure, and job 1 never ran."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "fdg_dist.train", "-m", *CLI_BASE, "trainer.seed=-1,0",
+                           f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "fdg-train: invalid configuration in sweep job 0 (model=tiny data=synthetic logging.tensorboard=False "
+        "trainer.seed=-1): trainer.seed: -1 "
+        f"must be in 0..{2**32 - 1} (2**32 - 1); no job was started"], proc.stderr
+    assert not sweep.exists()
 
 
 @pytest.mark.timeout(60)

@@ -8,6 +8,8 @@ names the offending key and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 MIN_TIMEOUT_S = 1.0
 CORRECTORS = ("none", "predict", "lookahead", "lr_by_delay", "dc")
 CORRECTED_METHODS = ("fdg", "adl", "ddg", "fr")  # methods whose modules apply delayed gradients
+SEED_MAX = 2**32 - 1  # numpy's generator takes seeds in 0..2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer applies its numbers to float32 weights
 
 
 @dataclass
@@ -263,6 +267,15 @@ def _has_type(value: Any, hint: Any) -> bool:
     raise TypeError(f"no type check for annotation {hint!r}")
 
 
+def _finite(value: Any) -> bool:
+    """No inf or nan among a setting's numbers (a list's included): no setting means anything by them."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def _type_name(hint: Any) -> str:
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -297,6 +310,11 @@ def check_devices(cfg: Config, local_processes: int) -> None:
     elsewhere.  The rules are ``distributed.check_device``'s, which every worker applies to itself again."""
     from fdg_dist.distributed import DeviceError, check_device, choose_backend  # local: torch.distributed
 
+    cores = os.cpu_count() or 1
+    threads = cfg.trainer.threads
+    _require(threads is None or threads <= cores, "trainer.threads",
+             f"{threads!r} threads per process is more than the {cores} cores of this machine; use at most {cores}, "
+             "or null (cores / local processes)")
     try:
         check_device(choose_backend(cfg.dist.backend), local_processes - 1, cfg.trainer.precision)
     except DeviceError as e:
@@ -314,6 +332,7 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
 
     for key, value, hint in _typed_fields(cfg):
         _require(_has_type(value, hint), key, f"{value!r} is not {_type_name(hint)}")
+        _require(_finite(value), key, f"{value!r} is not a finite number")
     m, p, t, d, o, s = cfg.method, cfg.pipeline, cfg.trainer, cfg.data, cfg.optim, cfg.sched
     _require(cfg.model.name in models.names(), "model.name",
              f"unknown model {cfg.model.name!r}; valid: {', '.join(models.names())}")
@@ -391,9 +410,13 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(t.nan_policy in NAN_POLICIES, "trainer.nan_policy", f"{t.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
     _require(t.threads is None or t.threads >= 1, "trainer.threads",
              f"{t.threads!r} must be null (cores / local processes) or ≥ 1")
+    _require(0 <= t.seed <= SEED_MAX, "trainer.seed", f"{t.seed!r} must be in 0..{SEED_MAX} (2**32 - 1)")
 
     _require(o.name in OPTIMIZERS, "optim.name", f"unknown optimizer {o.name!r}; valid: {', '.join(OPTIMIZERS)}")
     _require(o.lr > 0, "optim.lr", f"{o.lr!r} must be > 0")
+    for key, value in (("optim.lr", o.lr), ("optim.weight_decay", o.weight_decay), ("optim.eps", o.eps)):
+        _require(abs(value) <= FLOAT32_MAX, key,
+                 f"{value!r} is beyond float32's range (±{FLOAT32_MAX:.3g}), in which the optimizer applies it")
     _require(o.eps > 0, "optim.eps", f"{o.eps!r} must be > 0")
     _require(0 <= o.momentum < 1, "optim.momentum", f"{o.momentum!r} must be in [0, 1)")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "true needs optim.momentum > 0")
