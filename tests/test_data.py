@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fdg_dist import data
-from fdg_dist.config import DataConfig
+from fdg_dist.config import Config, DataConfig
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -236,3 +236,53 @@ def test_data_std_overrides_the_normalisation() -> None:
     train2, test2 = data.load(cfg, 0)
     assert train2.std == test2.std == (0.2023, 0.1994, 0.2010) != train.std
     assert torch.equal(train2.images, train.images) and train2.mean == train.mean
+
+
+# ---------------------------------------------------------------------- issue 27: files read wrong or with a traceback
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_a_16_bit_grayscale_png_is_read_as_its_8_high_bits(tmp_path: Path) -> None:
+    """It decoded as uint16 and failed the stack ("Promotion for uint16 ... not supported")."""
+    from PIL import Image
+
+    cfg = _jpeg_folder(tmp_path)
+    levels = (torch.arange(64, dtype=torch.int32).view(8, 8) * 1000).numpy().astype("uint16")
+    Image.fromarray(levels).save(tmp_path / "train" / "cat" / "deep.png")  # mode I;16
+    train, _ = data.load(cfg, 0)
+    deep = train.images[train.labels.eq(0).nonzero()[-1, 0]]  # cat's last file: deep.png sorts after 2.jpg
+    assert deep.dtype == torch.uint8
+    assert torch.equal(deep, torch.from_numpy(levels // 256).to(torch.uint8).expand(3, 8, 8))
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+@pytest.mark.parametrize("link,to", [("train/dog/loop", "../dog"), ("train/cat/again", "../dog")])
+def test_a_folder_reached_twice_through_a_link_is_refused(tmp_path: Path, link: str, to: str) -> None:
+    """A loop (dog/loop -> ../dog) made class dog 3 + 3 x 40 images, silently; a second link to a folder
+    counts its images twice (here in two classes)."""
+    cfg = _jpeg_folder(tmp_path)
+    (tmp_path / link).symlink_to(to, target_is_directory=True)
+    with pytest.raises(ValueError) as err:
+        data.load(cfg, 0)
+    message = str(err.value)
+    assert message.startswith(f"data.root: {tmp_path / link} leads to {tmp_path / 'train' / 'dog'}, a folder already "
+                              "read (a symbolic link loop or a second link to one folder)"), message
+    (tmp_path / link).unlink()
+    (tmp_path / "elsewhere").mkdir()  # a link to a folder read nowhere else is fine
+    (tmp_path / "train" / "dog" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    train, _ = data.load(cfg, 0)
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("tokens", ["byte", "char"])
+def test_an_empty_text_file_is_named(tmp_path: Path, tokens: str) -> None:
+    """torch.frombuffer said "both buffer length (0) and count (-1) must not be 0"."""
+    from fdg_dist.config import ConfigError, validate
+
+    empty = tmp_path / "input.txt"
+    empty.write_bytes(b"")
+    cfg = DataConfig(name="text", root=str(empty), tokens=tokens)
+    with pytest.raises(ValueError, match=f"^data.root: '{empty}' is empty; data=text trains on the text of that file$"):
+        data.text_tokens(cfg)
+    run = Config()
+    run.model.name, run.data = "gpt", cfg
+    with pytest.raises(ConfigError, match="^data.root: .* is empty"):
+        validate(run)

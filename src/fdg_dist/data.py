@@ -283,6 +283,7 @@ def _decode_folder(folder: Path, subset: int | None, seed: int, split: str
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     classes, class_to_idx = find_classes(str(folder))
+    _refuse_repeated_folders(folder)
     try:
         samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as e:  # torchvision names the empty classes but not the folder
@@ -307,6 +308,21 @@ def _decode_folder(folder: Path, subset: int | None, seed: int, split: str
     return torch.stack(images), labels, classes
 
 
+def _refuse_repeated_folders(folder: Path) -> None:
+    """Refuse a folder reached twice (a symbolic link back into its own tree, or a second link to a folder
+    already read): torchvision follows links without noticing, and every image under it would count again,
+    once per turn of the loop, as if the class had that many images."""
+    seen = {os.path.realpath(folder)}
+    for parent, subfolders, _ in os.walk(folder, followlinks=True):
+        for name in list(subfolders):
+            path = os.path.join(parent, name)
+            real = os.path.realpath(path)
+            if real in seen:
+                raise ValueError(f"data.root: {path} leads to {real}, a folder already read (a symbolic link loop "
+                                 "or a second link to one folder): its images would count twice; remove the link")
+            seen.add(real)
+
+
 def _size(shape: tuple[int, ...]) -> str:
     return f"{shape[-2]}x{shape[-1]}"
 
@@ -324,13 +340,16 @@ def _decode_files(paths: list[str]) -> list[torch.Tensor]:
     threads beat one thread (45k CIFAR JPEGs: ~1 s reading, ~1.5 s decoding).
     """
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+    from torchvision.transforms.v2.functional import to_dtype
 
     def one(path: str, data: torch.Tensor) -> torch.Tensor:
         try:
-            return decode_image(data, mode=ImageReadMode.RGB)
+            image = decode_image(data, mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"data.root: cannot decode {_named(path)}: {first_line(str(e))}; "
                              "replace or remove it") from e
+        # 16-bit PNGs decode as uint16: keep their 8 high bits, as every other image is 0..255
+        return to_dtype(image, torch.uint8, scale=True) if image.dtype == torch.uint16 else image
 
     def read(path: str) -> torch.Tensor:
         try:
@@ -368,6 +387,8 @@ def text_tokens(cfg: DataConfig) -> tuple[torch.Tensor, list[str] | None]:
     if path is None or not path.is_file():
         raise FileNotFoundError(f"data.root: {cfg.root!r} is not a file; data=text needs data.root to be a text file")
     raw = path.read_bytes()
+    if not raw:
+        raise ValueError(f"data.root: {cfg.root!r} is empty; data=text trains on the text of that file")
     if cfg.tokens == "byte":
         ids, vocab = torch.frombuffer(bytearray(raw), dtype=torch.uint8), None
         size = 256
