@@ -174,3 +174,20 @@ def test_a_choice_is_kept_only_for_as_many_modules_as_it_cut(tmp_path: Path) -> 
     assert (where, record["bounds"]) == (str(old / split_choice.FILE), [0, 2, 5, 7, 9])
     cfg.pipeline.k = 2
     assert split_choice._kept(cfg, tmp_path / "new") is None
+
+
+@pytest.mark.parametrize("text,reason", [
+    ('{"shape": [16, 3, 32, 32], "block_times": [[0.1, 0.1, 0.0', "JSONDecodeError: "),  # cut short
+    ('{"block_times": []}', "KeyError: 'bounds'"),
+    ('{"bounds": "0 2 5", "block_times": []}', "TypeError: "),
+])
+def test_a_damaged_kept_choice_is_one_line_naming_the_file(tmp_path: Path, text: str, reason: str) -> None:
+    """Issue 27: a split_choice.json cut short failed with json's JSONDecodeError, naming no file."""
+    (tmp_path / split_choice.FILE).write_text(text)
+    cfg = small_config(**{"pipeline.k": 2})
+    cfg.resume = "auto"
+    with pytest.raises(ValueError) as err:
+        split_choice._kept(cfg, tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / split_choice.FILE} is damaged ({reason}") and "\n" not in message
+    assert message.endswith("delete it, and the run measures and chooses its split again")

@@ -72,8 +72,15 @@ class Choice:
 
 def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build: BuildStage) -> Choice:
     """The split of this run (a collective: every rank calls it and gets the same answer)."""
-    kept: list[tuple[str, dict] | None] = [_kept(cfg, run_dir) if ctx.rank == 0 else None]
+    kept: list = [None, None]  # (where, record) of a choice made earlier, or why it cannot be read
+    if ctx.rank == 0:
+        try:
+            kept[0] = _kept(cfg, run_dir)
+        except ValueError as e:
+            kept[1] = str(e)
     dist.broadcast_object_list(kept, src=0, group=ctx.header_group)
+    if kept[1] is not None:  # every rank fails with it, none waits for rank 0
+        raise ValueError(kept[1])
     if kept[0] is not None:
         where, record = kept[0]
         return Choice(record["bounds"], [pace.BlockTime(*t).total for t in record["block_times"]],
@@ -156,10 +163,23 @@ def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
         places += [resume, resume.parent, resume.parent.parent]
     for place in places:
         if (place / FILE).is_file():
-            record = json.loads((place / FILE).read_text())
+            record = _read(place / FILE)
             if len(record["bounds"]) == cfg.pipeline.k + 1:  # a checkpoint re-cut for another K chooses afresh
                 return str(place / FILE), record
     return None
+
+
+def _read(path: Path) -> dict:
+    """A kept choice, or a ValueError naming the file (cut short, edited, or not ours)."""
+    try:
+        record = json.loads(path.read_text())
+        bounds, times = record["bounds"], record["block_times"]
+        if not (all(isinstance(b, int) for b in bounds) and all(isinstance(t, list) and 3 <= len(t) <= 4 for t in times)):
+            raise TypeError("bounds must be block indices and block_times rows of 3 or 4 numbers")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it, and the run measures and "
+                         "chooses its split again") from None
+    return record
 
 
 def rank_candidates(times: list[pace.BlockTime], K: int, method: str, recompute: bool,
