@@ -158,3 +158,18 @@ def test_by_k_table_and_staleness_per_module(tmp_path: Path, figures: list[plt.F
     assert len(plotted[0]) == len(plotted[1]) == 2  # TensorBoard stores float32: approximately
     assert plotted == [[pytest.approx([0.85, 1.0]), pytest.approx([0.99, 1.0])], [pytest.approx([0.02, 0.01])] * 2]
     _assert_png_is(out / "staleness.png", figures[-1], 2)
+
+
+@pytest.mark.parametrize("name,text,where", [
+    ("metrics.jsonl", '{"epoch": 0, "test_error": 0.5, "samples_per_s": 10.0}\n{"epoch": 1, "test_e', "metrics.jsonl: line 2"),
+    ("result.json", '{"final_test_error": 0.5, "k"', "result.json"),
+])
+def test_a_damaged_record_is_one_line_naming_the_file(tmp_path: Path, name: str, text: str, where: str) -> None:
+    """Issue 27: a metrics.jsonl cut short ended fdg-report with json's traceback."""
+    _fake_run(tmp_path, "run", k=2, beta=1.0, corrector="none", seed=0, error=0.5)
+    (tmp_path / "run" / name).write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--out", str(tmp_path / "out")])
+    message = str(stop.value)
+    assert message.startswith(f"fdg-report: {tmp_path / 'run' / where} is damaged (JSONDecodeError: "), message
+    assert message.endswith("repair or remove it, or leave that run out of the report") and "\n" not in message

@@ -66,11 +66,21 @@ def find_runs(paths: Iterable[Path]) -> list[Run]:
 
 
 def load_run(path: Path) -> Run:
+    """A run's records; a damaged one is a ValueError naming the file (and the line of ``metrics.jsonl``)."""
     metrics = path / "metrics.jsonl"
-    epochs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    timing = [json.loads(p.read_text()) for p in (path / "timing").glob("*.json")]
+    epochs = [_parse(line, f"{metrics}: line {n}") for n, line in enumerate(metrics.read_text().splitlines(), 1)
+              if line.strip()] if metrics.exists() else []
+    timing = [_parse(p.read_text(), str(p)) for p in (path / "timing").glob("*.json")]
     timing.sort(key=lambda t: (t["replica"], t["module"]))
-    return Run(path, json.loads((path / "result.json").read_text()), epochs, timing)
+    return Run(path, _parse((path / "result.json").read_text(), str(path / "result.json")), epochs, timing)
+
+
+def _parse(text: str, where: str) -> dict:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where} is damaged ({type(e).__name__}: {e}); repair or remove it, or leave that run "
+                         "out of the report") from None
 
 
 def setting_label(method: str, beta: float | None, k: int, corrector: str = "none") -> str:
@@ -300,7 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", choices=("final_test_error", "best_test_error"), default="final_test_error")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else default_out(args.runs)
-    print(report(args.runs, out, args.metric))
+    try:
+        print(report(args.runs, out, args.metric))
+    except ValueError as e:
+        raise SystemExit(f"fdg-report: {e}") from None
     print(f"wrote {(out / 'report.md').resolve()}, {(out / 'by_k.md').resolve()} and the plots beside them", flush=True)
 
 
