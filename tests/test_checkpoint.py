@@ -166,6 +166,35 @@ def test_resume_repairs_a_torn_last_metrics_line_and_says_so(world1, run_dir: Pa
     assert f"{path}: dropped its last line, cut short" in caplog.text
 
 
+@pytest.mark.parametrize("keep", [2, 1])
+def test_a_torn_last_metrics_row_is_redone_or_its_loss_said(world1, run_dir: Path, keep: int,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 27: the row of epoch 2 torn after its checkpoint was written.  Resume used to go on after that
+    checkpoint, saying "that epoch is redone", and the row was gone.  Now it resumes from the checkpoint
+    before (kept with checkpoint.keep=2) and redoes the epoch bitwise; with none kept it says the row is lost."""
+    cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2, "checkpoint.keep": keep})
+    _fit(cfg, world1, run_dir)
+    path, final = run_dir / "metrics.jsonl", _final(run_dir)
+    same = ("epoch", "lr", "train_loss", "train_error", "test_loss", "test_error")  # not the timings
+    rows = [{k: r[k] for k in same} for r in map(json.loads, path.read_text().splitlines())]
+    lines = path.read_text().splitlines()
+    path.write_text(f"{lines[0]}\n{lines[1][:25]}")
+    with caplog.at_level(logging.INFO, logger="fdg_dist"):
+        _fit(cfg, world1, run_dir)
+    again = [{k: r[k] for k in same} for r in map(json.loads, path.read_text().splitlines())]
+    if keep == 2:
+        assert "resumed from " + str(run_dir / "checkpoints" / "epoch0000") in caplog.text
+        assert "cut short while it was written ('" + lines[1][:25] + "'); epoch 2 is redone and its row written " \
+               "again" in caplog.text
+        assert again == rows
+        for name, tensor in final.items():
+            assert torch.equal(_final(run_dir)[name], tensor), name
+    else:
+        assert "); no checkpoint before epoch 2 is kept, so the run goes on after it and this file has no row for " \
+               "that epoch" in caplog.text
+        assert again == rows[:1]
+
+
 def test_a_damaged_metrics_line_before_the_last_is_named(world1, run_dir: Path) -> None:
     cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
     _fit(cfg, world1, run_dir)

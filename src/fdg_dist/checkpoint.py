@@ -274,12 +274,14 @@ def _refuse_recutting_a_cut(directory: Path, manifest: dict[str, Any], change: s
                           "checkpoint of that epoch's end can then be resumed with another split, K or method")
 
 
-def _newest_complete(root: Path, fp: dict[str, Any] | None) -> Path | None:
+def _newest_complete(root: Path, fp: dict[str, Any] | None, *, upto: int | None = None) -> Path | None:
     """Newest complete checkpoint under ``root``; broken ones are logged and skipped; ``fp``: its configuration
-    must fit (``_check_config``)."""
+    must fit (``_check_config``); ``upto``: it must resume at that epoch or earlier."""
     for directory in epoch_dirs(root):
         manifest, problem = verify(directory)
         if problem is None:
+            if upto is not None and manifest.get("next_epoch", 0) > upto:
+                continue
             if fp is not None:
                 _check_config(directory, manifest, fp)
             return directory
@@ -311,7 +313,10 @@ def choose(cfg: Config, run_dir: Path) -> Path | None:
     """The checkpoint directory to resume from under ``cfg.resume`` (run on one rank), or None."""
     fp = fingerprint(cfg)
     if cfg.resume == "auto":
-        return _newest_complete(checkpoint_root(cfg, run_dir), fp)
+        # a torn last metrics row: resume before its epoch, so that it is redone and its row written again
+        torn = torn_epoch(run_dir / "metrics.jsonl")
+        root = checkpoint_root(cfg, run_dir)
+        return (None if torn is None else _newest_complete(root, fp, upto=torn)) or _newest_complete(root, fp)
     return locate(Path(cfg.resume), cfg.checkpoint.dir, fp, label=f"resume={cfg.resume}")
 
 
@@ -454,11 +459,30 @@ def commit_unsplit(data: bytes, state: dict[str, Any], directory: Path) -> None:
     atomic_write((json.dumps(manifest, indent=1) + "\n").encode(), directory / MANIFEST)
 
 
+def _row_epoch(line: str) -> int | None:
+    """The epoch of a metrics row, or None for a line that is not one (cut short, damaged)."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def torn_epoch(path: Path) -> int | None:
+    """The epoch whose row is the last line of ``metrics.jsonl`` if that line was cut short while it was
+    written (a crash or a full disk under an older version): the one after the last whole row."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not lines or _row_epoch(lines[-1]) is not None:
+        return None
+    whole = [epoch for epoch in map(_row_epoch, lines[:-1]) if epoch is not None]
+    return whole[-1] + 1 if whole else 0
+
+
 def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:
     """Drop metric lines of epochs ≥ ``start_epoch`` (they will be produced again); returns the rows kept.
 
-    A last line cut short (a crash or a full disk while an older version appended it) is dropped with a
-    warning, its epoch being redone; a damaged line before the last is an error naming the file and line.
+    A last line cut short is dropped with a warning saying whether its epoch is redone (``choose`` resumes
+    before it if a checkpoint there is kept) or its row stays missing; a damaged line before the last is an
+    error naming the file and line.
     """
     if not path.exists():
         return []
@@ -473,8 +497,11 @@ def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:
             if number < len(lines):
                 raise CheckpointError(f"{path}: line {number} is damaged ({type(e).__name__}: {e}); repair or "
                                       "delete that line (each line is one epoch) and resume again") from e
-            log.warning("%s: dropped its last line, cut short while it was written (%r); that epoch is redone",
-                        path, line[:60])
+            torn = rows[-1][2] + 1 if rows else 0  # as torn_epoch says: choose resumed before it if it could
+            what = (f"epoch {torn + 1} is redone and its row written again" if start_epoch <= torn
+                    else f"no checkpoint before epoch {torn + 1} is kept, so the run goes on after it and this "
+                         "file has no row for that epoch")
+            log.warning("%s: dropped its last line, cut short while it was written (%r); %s", path, line[:60], what)
     kept = [(line, row) for line, row, epoch in rows if epoch < start_epoch]
     repaired = "".join(line + "\n" for line, _ in kept)
     if repaired != text:
