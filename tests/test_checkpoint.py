@@ -19,7 +19,7 @@ import torch
 from conftest import run_pipeline, small_config
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from fdg_dist import checkpoint, distributed, metrics
+from fdg_dist import checkpoint, convert, distributed, metrics
 from fdg_dist.checkpoint import MANIFEST, CheckpointError, atomic_save, choose, verify
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult
@@ -193,6 +193,30 @@ def test_a_torn_last_metrics_row_is_redone_or_its_loss_said(world1, run_dir: Pat
         assert "); no checkpoint before epoch 2 is kept, so the run goes on after it and this file has no row for " \
                "that epoch" in caplog.text
         assert again == rows[:1]
+
+
+def test_export_replaces_no_file_unasked_and_import_names_a_missing_file(world1, run_dir: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """Issue 27: ``fdg-checkpoint export RUN model.pt`` overwrote an existing model.pt; ``import missing.pt``
+    talked about a missing missing.pt.sha256."""
+    _fit(_config(**{"pipeline.k": 1, "trainer.epochs": 1}), world1, run_dir)
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"someone's own model")
+    with pytest.raises(SystemExit) as stop:
+        convert.main(["export", str(run_dir), str(out)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"fdg-checkpoint: {out} exists; export to a new file, or pass --force to replace it\n"
+    assert out.read_bytes() == b"someone's own model" and not convert.sidecar(out).exists()
+    convert.main(["export", str(run_dir), str(out), "--force"])
+    assert torch.load(out, weights_only=True)["next_epoch"] == 1 and convert.sidecar(out).is_file()
+
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(SystemExit) as stop:
+        convert.main(["import", str(missing), str(tmp_path / "new")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f"fdg-checkpoint: {missing}: no such file (an unsplit state written by "
+                                       "fdg-checkpoint export)\n")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_damaged_metrics_line_before_the_last_is_named(world1, run_dir: Path) -> None:

@@ -24,10 +24,13 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + SUFFIX)
 
 
-def export(source: Path, out: Path, checkpoint_dir: str = "checkpoints") -> tuple[Path, dict]:
+def export(source: Path, out: Path, checkpoint_dir: str = "checkpoints", *,
+           overwrite: bool = False) -> tuple[Path, dict]:
     """Write the unsplit state of the checkpoint ``source`` names (a checkpoint, a checkpoint folder or a run
     directory: its newest complete checkpoint) to ``out`` and its hash beside it; returns the checkpoint used
-    and the state."""
+    and the state.  An existing ``out`` is replaced only with ``overwrite``."""
+    if not overwrite and out.exists():
+        raise CheckpointError(f"{out} exists; export to a new file, or pass --force to replace it")
     directory = checkpoint.locate(source, checkpoint_dir, None, label=str(source))
     state = checkpoint.read_unsplit(directory)
     sidecar(out).unlink(missing_ok=True)  # the old hash must not vouch for a half-written new file
@@ -43,6 +46,8 @@ def import_(path: Path, run_dir: Path, checkpoint_dir: str = "checkpoints") -> P
     already holds checkpoints (they would mix) or that a run is using.
     """
     marker = sidecar(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (an unsplit state written by fdg-checkpoint export)")
     if not marker.is_file():
         raise CheckpointError(f"{path}: no {marker.name} beside it (the hash export writes); if the file is "
                               f"complete, write it with: sha256sum {path.name} > {marker.name}")
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     out = verbs.add_parser("export", help="a run's checkpoint -> one unsplit file (+ FILE.sha256)")
     out.add_argument("source", type=Path, help="a checkpoint (epochNNNN/), a checkpoint folder or a run directory")
     out.add_argument("file", type=Path, help="the unsplit file to write, e.g. state.pt")
+    out.add_argument("--force", action="store_true", help="replace FILE if it exists")
     into = verbs.add_parser("import", help="an unsplit file -> a checkpoint that fdg-train resumes with any split")
     into.add_argument("file", type=Path, help="an unsplit file written by export (FILE.sha256 beside it)")
     into.add_argument("run_dir", type=Path, help="the run directory to file it in (new, or without checkpoints)")
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.verb == "export":
-            directory, state = export(args.source, args.file, args.checkpoint_dir)
+            directory, state = export(args.source, args.file, args.checkpoint_dir, overwrite=args.force)
             print(f"exported {directory} ({_describe(state)}) to {args.file} and {sidecar(args.file).name}")
         else:
             directory = import_(args.file, args.run_dir, args.checkpoint_dir)
