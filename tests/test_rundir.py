@@ -194,6 +194,32 @@ def test_an_invalid_sweep_point_stops_the_sweep_before_its_first_job(tmp_path: P
     assert not sweep.exists()
 
 
+def _read_only(folder: Path) -> list[str]:
+    """A command prefix under which ``folder`` (empty) cannot be written: for an ordinary user its mode, for
+    root (whom modes do not stop) a read-only mount over it in a mount namespace of the command's own."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return []
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "true"]).returncode != 0:
+        pytest.skip("root without unshare --mount: no folder can be made read-only here")
+    return ["unshare", "--mount", "sh", "-c", f'mount -t tmpfs -o ro tmpfs "{folder}" && exec "$0" "$@"']
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("inside", [False, True], ids=["the-run-dir", "its-parent"])
+def test_a_read_only_run_directory_is_one_line(tmp_path: Path, inside: bool) -> None:
+    """Issue 27: it ended in Hydra's traceback, ``OSError: [Errno 30] Read-only file system``."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    run_dir = folder / "run" if inside else folder
+    cmd = [*_read_only(folder), sys.executable, "-m", "fdg_dist.train", *RUN, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_line(proc)
+    assert line.startswith(f"fdg-train: hydra.run.dir: cannot write into {run_dir} ({'it' if not inside else folder} "
+                           "is ") and line.endswith("; give the run a writable directory (hydra.run.dir=...)"), line
+
+
 def test_the_root_cause_is_the_failure_that_is_not_a_lost_peer() -> None:
     """Error reports carry whole seconds: a neighbour's 'lost module' can look as early as the error that
     caused it, or earlier; the rank that raised (or was killed) is the one named."""

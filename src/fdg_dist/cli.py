@@ -218,12 +218,32 @@ def _main(raw: DictConfig) -> float | None:
                 held.enter_context(rundir.claim(run_dir))  # released when the run ends, however it ends
                 rundir.check_start(cfg, run_dir, recorded=_recorded_config(run_dir),
                                    restarted=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0)
+                rundir.record_holder(run_dir, list(hc.overrides.task))
+                _write_records(run_dir, raw)
             except rundir.RunDirError as e:
                 _refuse(str(e), run_dir)
-            rundir.record_holder(run_dir, list(hc.overrides.task))
-            _write_records(run_dir, raw)
+            except OSError as e:  # a full disk, a directory made read-only since CheckRunDir looked
+                _refuse(f"cannot write into the run directory {run_dir}: {e}", run_dir)
             result = _work(cfg, run_dir) if torchrun else _launch(cfg, run_dir)
     return None if result is None else result.get("final_test_error")
+
+
+class CheckRunDir(Callback):
+    """Refuse a run or sweep directory that cannot be written, in one line, before Hydra creates it (its
+    ``mkdir`` would fail with a traceback) and before anything else starts (conf/train.yaml registers it)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(path: str, key: str) -> None:
+        try:
+            rundir.check_writable(Path(path), key)
+        except rundir.RunDirError as e:
+            _stop(str(e), 2)
 
 
 class ValidateSweep(Callback):

@@ -31,6 +31,18 @@ class RunDirError(RuntimeError):
     """This run may not start in this directory; the message says why and what to do instead."""
 
 
+def check_writable(run_dir: Path, key: str = "hydra.run.dir") -> None:
+    """``RunDirError`` naming ``key`` unless ``run_dir`` can be written: it, or the folder it would be created
+    in, must be writable (a read-only mount or another user's folder fails here, not with a traceback)."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    why = ("is not a directory" if not existing.is_dir() else
+           "is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "is not writable by you")
+    reason = f"it {why}" if existing == run_dir else f"{existing} {why}"
+    raise RunDirError(f"{key}: cannot write into {run_dir} ({reason}); give the run a writable directory ({key}=...)")
+
+
 @contextmanager
 def claim(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir`` for this process until the block ends; ``RunDirError`` naming the holder if busy.
