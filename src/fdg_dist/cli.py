@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -88,14 +87,15 @@ def _agent_logs_to(path: Path) -> Iterator[None]:
 def launch_local(cfg: Config, run_dir: Path) -> dict | None:
     """Start the run's workers on this machine with torch's elastic agent; its store listens on loopback only.
 
-    The agent's per-worker files (error reports) live in a temporary folder removed afterwards.
+    The agent's per-worker files (error reports, tracebacks) live in a private temporary folder removed
+    afterwards.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     rendezvous.register_backend()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fdg-agent-") as agent_dir, _agent_logs_to(run_dir / "train.log"):
+    with rendezvous.private_temp_dir("fdg-agent-") as agent_dir, _agent_logs_to(run_dir / "train.log"):
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex,
                               rdzv_backend=rendezvous.BACKEND, rdzv_endpoint=f"{rendezvous.LOOPBACK}:0",
                               local_addr=rendezvous.LOOPBACK, max_restarts=cfg.dist.max_restarts,

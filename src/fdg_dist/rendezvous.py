@@ -24,9 +24,11 @@ import ipaddress
 import os
 import socket
 import struct
+import tempfile
 import time
 import uuid
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -247,12 +249,29 @@ def register_backend() -> None:
     handler_registry.register(BACKEND, _bound_c10d_handler)
 
 
+@contextmanager
+def private_temp_dir(prefix: str) -> Iterator[str]:
+    """A folder only this user can open (0700), removed at the end, that is meanwhile this process's default
+    temporary folder: torch's launchers put per-worker files in the default one and never remove them
+    (``torch.multiprocessing``'s ``pytorch-errorfile-*.pickle``, a failed worker's traceback, world-readable;
+    torchrun's ``torchelastic_*`` log folders)."""
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix=prefix) as path:
+        tempfile.tempdir = path
+        try:
+            yield path
+        finally:
+            tempfile.tempdir = saved
+
+
 def main() -> None:
-    """``python -m fdg_dist.rendezvous [torchrun arguments]``: torchrun, with ``--rdzv-backend=fdg-c10d``."""
+    """``python -m fdg_dist.rendezvous [torchrun arguments]``: torchrun, with ``--rdzv-backend=fdg-c10d``, its
+    temporary files in a folder of its own removed at exit."""
     from torch.distributed import run
 
     register_backend()
-    run.main()
+    with private_temp_dir("fdg-torchrun-"):
+        run.main()
 
 
 if __name__ == "__main__":
