@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from conftest import REPO, run_pipeline
 from hydra import compose, initialize_config_dir
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+from fdg_dist import cli
 from fdg_dist.cli import CONF_DIR, config_from_hydra
 from fdg_dist.config import Config
 
@@ -210,3 +212,37 @@ def test_nan_stops_the_run_naming_module_and_step(run_dir: Path) -> None:
     # the loss check or the gradient check fires first, depending on where the overflow shows
     named = r"rank 1 \(module 1\) failed: NonFiniteError: non-finite (loss|gradient) .*module 1\b.*step \d+"
     assert re.search(named, log), log
+
+
+@pytest.fixture(scope="module")
+def damaged_metrics(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A K=2 run of 2 epochs whose metrics.jsonl has a damaged first line: module 1, which reports, refuses to
+    resume it (and changes nothing), and module 0 then loses module 1."""
+    run_dir = tmp_path_factory.mktemp("damaged") / "run"
+    run_pipeline(cli_config("pipeline.k=2", "trainer.epochs=2"), run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text("\n".join(["{torn", *metrics.read_text().splitlines()[1:]]) + "\n")
+    return run_dir
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attempt", [0, pytest.param(1, marks=pytest.mark.long), pytest.param(2, marks=pytest.mark.long)])
+def test_the_rank_that_raised_is_named_whichever_exits_first_and_no_file_is_left(
+        attempt: int, damaged_metrics: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Issue 27: torch's agent reports whichever process it sees exit first; 2 runs in 3 the console named
+    module 0's "Connection reset by peer" (here module 0 came first 3 times in 3), never module 1's error.  And
+    no failing run leaves a file in the temporary folder (each failed worker left a world-readable
+    ``pytorch-errorfile-*.pickle``, its traceback)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # this process's temporary folder, and the workers'
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    with pytest.raises(SystemExit) as stop:
+        cli._launch(cli_config("pipeline.k=2", "trainer.epochs=3"), damaged_metrics)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1
+    metrics = damaged_metrics / "metrics.jsonl"
+    assert err.startswith(f"fdg-train: rank 1 (module 1) failed: CheckpointError: {metrics}: line 1 is damaged "), err
+    # torchinductor_<user>: torch's compile cache, kept on purpose for the next process
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []

@@ -234,11 +234,28 @@ def test_the_root_cause_is_the_failure_that_is_not_a_lost_peer() -> None:
         1: Failure({"message": "ValueError: data.root: cannot decode x.jpg\nmore detail", "extraInfo": {}}, 101),
         2: Failure("Signal 15 (SIGTERM) received by PID 7", 100),
     }
-    assert cli.root_cause(failures) == (1, "ValueError: data.root: cannot decode x.jpg")
+    assert cli.root_cause(failures, {}) == (1, "ValueError: data.root: cannot decode x.jpg")
     failures[1] = Failure("Signal 9 (SIGKILL) received by PID 8", 102)  # killed: no error file
-    assert cli.root_cause(failures) == (1, "Signal 9 (SIGKILL) received by PID 8")
+    assert cli.root_cause(failures, {}) == (1, "Signal 9 (SIGKILL) received by PID 8")
     del failures[1]  # only lost peers: the earliest
-    assert cli.root_cause(failures)[0] == 0
+    assert cli.root_cause(failures, {})[0] == 0
+
+
+def test_the_root_cause_is_a_ranks_own_report_when_torch_saw_only_its_neighbour() -> None:
+    """Issue 27: torch's agent reports one failure, the first process it saw exit; 2 runs in 3 that was the
+    neighbour that lost the rank which raised.  That rank's own report names the cause."""
+    @dataclass
+    class Failure:
+        message: object
+        timestamp: int
+
+    torch_saw = {0: Failure({"message": "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read "
+                                        "error [127.0.0.1]:4242: Connection reset by peer", "extraInfo": {}}, 100)}
+    reports = {0: (100.2, "TransportError: lost module 1 (rank 1) while waiting for gradient of batch 0: "
+                          "[pair.cc:545] Read error: Connection reset by peer"),
+               1: (100.4, "CheckpointError: /run/metrics.jsonl: line 1 is damaged (JSONDecodeError: x); repair")}
+    assert cli.root_cause(torch_saw, reports) == (1, reports[1][1])
+    assert cli.root_cause(torch_saw, {0: reports[0]}) == (0, reports[0][1])  # only lost peers: the earliest
 
 
 @pytest.mark.timeout(120)

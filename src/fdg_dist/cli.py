@@ -14,6 +14,7 @@ in ``train.log``), or an interrupt (128 + signal number, saying how to resume).
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from fdg_dist import checkpoint, data, rendezvous, rundir, sweep, worker
 from fdg_dist.config import Config, ConfigError, check_devices, validate
@@ -84,24 +86,62 @@ def _agent_logs_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
+class WorkersFailed(ChildFailedError):
+    """torch's report of a failed run (the first worker its agent saw exit) with ``reports``: each rank's own
+    first error, as the rank reported it (global rank -> (time, "Type: message"))."""
+
+    def __init__(self, failed: ChildFailedError, reports: dict[int, tuple[float, str]]) -> None:
+        super().__init__(failed.name, failed.failures)
+        self.reports = reports
+
+
 def launch_local(cfg: Config, run_dir: Path) -> dict | None:
     """Start the run's workers on this machine with torch's elastic agent; its store listens on loopback only.
 
     The agent's per-worker files (error reports, tracebacks) live in a private temporary folder removed
-    afterwards.
+    afterwards; a failed run raises ``WorkersFailed`` with every rank's own error.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     rendezvous.register_backend()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with rendezvous.private_temp_dir("fdg-agent-") as agent_dir, _agent_logs_to(run_dir / "train.log"):
+    with rendezvous.private_temp_dir("fdg-agent-") as agent_dir, _agent_logs_to(run_dir / "train.log"), \
+            _environment({worker.FAILURES: agent_dir}):
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex,
                               rdzv_backend=rendezvous.BACKEND, rdzv_endpoint=f"{rendezvous.LOOPBACK}:0",
                               local_addr=rendezvous.LOOPBACK, max_restarts=cfg.dist.max_restarts,
                               monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=agent_dir))
-        results = elastic_launch(config, worker.run)(cfg.to_dict(), str(run_dir))
+        try:
+            results = elastic_launch(config, worker.run)(cfg.to_dict(), str(run_dir))
+        except ChildFailedError as e:  # the agent gives up after its last attempt: number max_restarts
+            raise WorkersFailed(e, _reports(Path(agent_dir), cfg.dist.max_restarts, cfg.world_size)) from e
     return next((r for r in results.values() if r is not None), None)
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` (which the workers inherit) for the block only: a sweep launches again."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _reports(folder: Path, attempt: int, world: int) -> dict[int, tuple[float, str]]:
+    """The errors the ranks of ``attempt`` reported (``worker.report_failure``)."""
+    found = {}
+    for rank in range(world):
+        with suppress(OSError, ValueError, KeyError):  # none: the rank was killed, or ended otherwise
+            report = json.loads(worker.report_path(folder, attempt, rank).read_text())
+            found[rank] = (float(report["time"]), str(report["error"]))
+    return found
 
 
 # ------------------------------------------------------------------------------------------ what the user sees
@@ -110,16 +150,18 @@ def _rank_label(cfg: Config, rank: int) -> str:
     return f"rank {rank} (module {rank % stages})"
 
 
-def root_cause(failures: dict[int, Any]) -> tuple[int, str]:
-    """(global rank, message) of the failure that explains the others: the earliest of those that are not
-    a lost peer (a rank that raised or was killed), else the earliest of all."""
+def root_cause(failures: dict[int, Any], reports: dict[int, tuple[float, str]]) -> tuple[int, str]:
+    """(global rank, message) of the failure that explains the others: the earliest of those that are not a
+    lost peer (a rank that raised or was killed), else the earliest of all.  ``failures`` are torch's (what
+    its agent saw), ``reports`` the ranks' own, which win for their rank."""
     def text(failure: Any) -> str:
         message = failure.message
         return str(message.get("message", "")) if isinstance(message, dict) else str(message)
 
-    rank, failure = min(failures.items(),
-                        key=lambda item: (any(p in text(item[1]) for p in _PEER_LOSS), item[1].timestamp, item[0]))
-    return rank, first_line(text(failure))
+    known = {rank: (failure.timestamp, text(failure)) for rank, failure in failures.items()} | reports
+    rank, (_, message) = min(known.items(),
+                             key=lambda item: (any(p in item[1][1] for p in _PEER_LOSS), item[1][0], item[0]))
+    return rank, first_line(message)
 
 
 def _stop(line: str, code: int) -> NoReturn:
@@ -142,12 +184,11 @@ def _stopped_by(sig: signal.Signals, cfg: Config, run_dir: Path) -> str:
 def _launch(cfg: Config, run_dir: Path) -> dict | None:
     """``launch_local`` with its failures and interrupts turned into one line each."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         return launch_local(cfg, run_dir)
-    except ChildFailedError as e:
-        rank, message = root_cause(e.failures)
+    except WorkersFailed as e:
+        rank, message = root_cause(e.failures, e.reports)
         if message.startswith(f"{Stopped.__name__}: "):  # a signal to a worker: every rank stopped at a checkpoint
             by = re.search(r"stopped by (SIG[A-Z]+)", message)
             _stop(message.split(": ", 1)[1], 128 + (signal.Signals[by.group(1)] if by else signal.SIGTERM))

@@ -8,14 +8,16 @@ composed it once).
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from fdg_dist import device_defaults, distributed, rendezvous
+from fdg_dist import checkpoint, device_defaults, distributed, rendezvous
 from fdg_dist.config import Config
 from fdg_dist.preempt import Stopped
 from fdg_dist.trainer import Trainer
@@ -58,6 +60,25 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_TRIM_THRESHOLD, -1)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX))
 
 
+FAILURES = "FDG_FAILURE_DIR"  # set by fdg-train's launcher: where each rank reports its own first error
+
+
+def report_path(folder: Path, attempt: int, rank: int) -> Path:
+    return folder / f"attempt{attempt}-rank{rank}.json"
+
+
+def report_failure(rank: int, error: BaseException) -> None:
+    """Leave this rank's error where the launcher reads it (``FDG_FAILURE_DIR``), before the process groups are
+    aborted: so it exists before any neighbour can notice this rank is gone.  torch's agent reports only the
+    first process it sees exit, which may be a neighbour that lost this one."""
+    folder = os.environ.get(FAILURES)
+    if folder is None:
+        return
+    report = {"error": f"{type(error).__name__}: {error}", "time": time.time()}
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    checkpoint.atomic_write(json.dumps(report).encode(), report_path(Path(folder), attempt, rank))
+
+
 def run(raw: dict, run_dir: str) -> dict | None:
     """Entry of every worker process; returns the run's result on the reporting rank."""
     cfg = Config.from_dict(raw)
@@ -88,6 +109,7 @@ def run(raw: dict, run_dir: str) -> dict | None:
         log.warning("rank %d (module %d): %s", rank, module, e)
         raise
     except Exception as e:
+        report_failure(rank, e)
         log.error("rank %d (module %d) failed: %s: %s", rank, module, type(e).__name__, e, exc_info=True)
         raise
     finally:
