@@ -9,7 +9,9 @@
 # pipeline.k × pipeline.replicas must equal NNODES × GPUS_PER_NODE. Global rank r·K + k holds module k
 # of replica r, so with K = GPUS_PER_NODE each node holds one whole pipeline (P2P stays inside the node).
 # The run directory (outputs/torchrun-RUN_ID, or hydra.run.dir=...) must be on a filesystem all nodes share;
-# every rank checks it at start. The stores have no authentication: use a trusted cluster network.
+# every rank checks it at start. FDG_STORE_SECRET: give every node the same random value (e.g. from
+# `openssl rand -hex 32`) and what the stores hold is signed with it (launch/slurm.sbatch does); without it
+# the stores have no authentication: use a trusted cluster network.
 set -euo pipefail
 GPUS=${1:?usage: launch/multinode.sh GPUS_PER_NODE [overrides...]}; shift
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK (0 on the node MASTER names)}"

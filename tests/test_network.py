@@ -180,8 +180,8 @@ def test_rank_skips_the_store_a_dead_attempt_published(stale: str, monkeypatch: 
     rejected = threading.Event()
     probe = rendezvous._probe
 
-    def observed_probe(host: str, port: int, token: str, timeout: timedelta) -> dist.TCPStore | None:
-        store = probe(host, port, token, timeout)
+    def observed_probe(host: str, port: int, token: str, timeout: timedelta, env: dict) -> dist.Store | None:
+        store = probe(host, port, token, timeout, env)
         if store is None:
             rejected.set()
         return store
@@ -223,3 +223,115 @@ def test_ranks_that_do_not_share_the_run_directory_stop_at_start(tmp_path: Path)
     for err in errors:
         assert "ranks [1] do not see" in err and "hydra.run.dir" in err, err[-3000:]
     assert not (tmp_path / "node0" / "checkpoints").exists()
+
+
+# ------------------------------------------------------- what the stores hold is the run's (issue 27)
+def test_a_store_value_without_the_runs_signature_is_refused() -> None:
+    """Any local process can connect to a run's stores, list, read and write their keys.  With the run's secret
+    every value is signed; whatever a client without it writes is refused when read, never used."""
+    timeout = timedelta(seconds=10)
+    served = rendezvous.serve("127.0.0.1", 0, timeout)
+    ours = rendezvous.SignedStore(served, b"the run's secret")
+    key = "0//cpu//0/1"
+    ours.set(key, b"\x01gloo address of rank 1")
+    ours.set("0//cpu//0/0", b"\x01gloo address of rank 0")
+    assert ours.get(key) == b"\x01gloo address of rank 1"
+    stranger = rendezvous.connect("127.0.0.1", served.port, timeout)
+    assert sorted(stranger.list_keys()) == ["0//cpu//0/0", key]  # not secret: readable, as before
+    genuine = stranger.get(key)
+    guessing = rendezvous.SignedStore(rendezvous.connect("127.0.0.1", served.port, timeout), b"a guess")
+    forgeries = [lambda: stranger.set(key, b"\x01the stranger's own address"),
+                 lambda: stranger.set(key, stranger.get("0//cpu//0/0")),  # another key's signed value
+                 lambda: guessing.set(key, b"\x01the stranger's own address")]  # signed with another secret
+    for forge in forgeries:
+        forge()
+        with pytest.raises(rendezvous.ForgedValue, match=rf"^store key '{key}' at 127\.0\.0\.1:{served.port} holds a "
+                                                         "value this run did not write"):
+            ours.get(key)
+    other = rendezvous.SignedStore(rendezvous.serve("127.0.0.1", 0, timeout), b"the run's secret")
+    rendezvous.connect("127.0.0.1", other.inner.port, timeout).set(key, genuine)  # replayed into another store
+    with pytest.raises(rendezvous.ForgedValue):
+        other.get(key)
+    stranger.set(key, genuine)  # the genuine value put back reads again
+    assert ours.get(key) == b"\x01gloo address of rank 1"
+
+
+def test_a_forged_rendezvous_state_is_never_unpickled() -> None:
+    """torch's c10d rendezvous keeps its state pickled in the agent's store and unpickles what it reads: a
+    stranger's pickle there would run in the agent.  Signed, the state round-trips and a forged one is refused
+    before it reaches pickle."""
+    import base64
+    import pickle
+
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+
+    timeout = timedelta(seconds=10)
+    served = rendezvous.serve("127.0.0.1", 0, timeout)
+    backend = C10dRendezvousBackend(rendezvous.SignedStore(served, b"the run's secret"), "run")
+    assert backend.get_state() is None
+    state, token, ok = backend.set_state(b"round 1")
+    assert (state, ok) == (b"round 1", True) and backend.get_state() == (b"round 1", token)
+    state, token, ok = backend.set_state(b"round 2", token)  # compare-and-set against the signed value
+    assert (state, ok) == (b"round 2", True)
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return exec, ("raise SystemExit('the stranger's code ran')",)
+
+    stranger = rendezvous.connect("127.0.0.1", served.port, timeout)
+    stranger.set("torch.rendezvous.run", base64.b64encode(pickle.dumps(Payload())))
+    with pytest.raises(RendezvousConnectionError) as refused:
+        backend.get_state()
+    assert isinstance(refused.value.__cause__, rendezvous.ForgedValue)
+
+
+def test_workers_with_the_runs_secret_refuse_what_a_stranger_wrote_in_their_store() -> None:
+    """rank 0 serves the store the process groups are built on; rank 1 reads what rank 0 wrote, and refuses
+    what a client without FDG_STORE_SECRET wrote there (e.g. a gloo address of its own for rank 0)."""
+    timeout = timedelta(seconds=10)
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           rendezvous.SECRET: "a secret of this run"}
+    rank0 = rendezvous.job_store(timeout, {**env, "RANK": "0"})
+    rank1 = rendezvous.job_store(timeout, {**env, "RANK": "1"})
+    rank0.set("default_pg/0//cpu//0/0", b"rank 0's address")
+    assert rank1.get("default_pg/0//cpu//0/0") == b"rank 0's address"
+    rendezvous.connect("127.0.0.1", int(env["MASTER_PORT"]), timeout).set("default_pg/0//cpu//0/0", b"elsewhere")
+    with pytest.raises(rendezvous.ForgedValue):
+        rank1.get("default_pg/0//cpu//0/0")
+    del env[rendezvous.SECRET]  # a run without a secret (plain torchrun): values as they are, as before
+    env["MASTER_PORT"] = str(_free_port())
+    assert isinstance(rendezvous.job_store(timeout, {**env, "RANK": "0"}), dist.TCPStore)
+
+
+@pytest.mark.timeout(180)
+def test_a_strangers_pickle_in_the_launchers_store_never_runs(tmp_path: Path) -> None:
+    """The agent of fdg-train polls its rendezvous state (every 0.2 s) and unpickles it: a local process that
+    wrote a pickle there ran its code in the launcher (it did, before: the file below was created).  Signed, the
+    forgery is refused and the run stops with one line naming it."""
+    import base64
+    import pickle
+
+    run_dir, ran = tmp_path / "run", tmp_path / "stranger-code-ran"
+    proc = subprocess.Popen([sys.executable, "-m", "fdg_dist.train", *RUN, "pipeline.k=2", "trainer.epochs=50",
+                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_ranks(run_dir, 2, [proc])
+        [(_, _, port)] = listeners([proc.pid])  # the launcher listens once: its rendezvous store
+        stranger = rendezvous.connect("127.0.0.1", port, timedelta(seconds=10))
+        [key] = [k for k in stranger.list_keys() if k.startswith("torch.rendezvous.") and k.count(".") == 2]
+
+        class Payload:
+            def __reduce__(self) -> tuple:
+                return exec, (f"open({str(ran)!r}, 'w').close()",)
+
+        stranger.set(key, base64.b64encode(pickle.dumps(Payload())))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _stop([proc])
+    assert not ran.exists()
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith(
+        f"fdg-train: the launcher's rendezvous failed, every worker was stopped: ForgedValue: store key {key!r} at "
+        f"127.0.0.1:{port} holds a value this run did not write"), err[-3000:]

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import uuid
@@ -98,8 +99,10 @@ class WorkersFailed(ChildFailedError):
 def launch_local(cfg: Config, run_dir: Path) -> dict | None:
     """Start the run's workers on this machine with torch's elastic agent; its store listens on loopback only.
 
-    The agent's per-worker files (error reports, tracebacks) live in a private temporary folder removed
-    afterwards; a failed run raises ``WorkersFailed`` with every rank's own error.
+    The run gets a secret of its own, which the agent and the workers inherit through the environment and
+    sign their stores' values with (``rendezvous.SignedStore``).  The agent's per-worker files (error reports,
+    tracebacks) live in a private temporary folder removed afterwards; a failed run raises ``WorkersFailed``
+    with every rank's own error.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -107,7 +110,7 @@ def launch_local(cfg: Config, run_dir: Path) -> dict | None:
     rendezvous.register_backend()
     run_dir.mkdir(parents=True, exist_ok=True)
     with rendezvous.private_temp_dir("fdg-agent-") as agent_dir, _agent_logs_to(run_dir / "train.log"), \
-            _environment({worker.FAILURES: agent_dir}):
+            _environment({worker.FAILURES: agent_dir, rendezvous.SECRET: secrets.token_hex(32)}):
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex,
                               rdzv_backend=rendezvous.BACKEND, rdzv_endpoint=f"{rendezvous.LOOPBACK}:0",
                               local_addr=rendezvous.LOOPBACK, max_restarts=cfg.dist.max_restarts,
@@ -184,6 +187,7 @@ def _stopped_by(sig: signal.Signals, cfg: Config, run_dir: Path) -> str:
 def _launch(cfg: Config, run_dir: Path) -> dict | None:
     """``launch_local`` with its failures and interrupts turned into one line each."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
     try:
         return launch_local(cfg, run_dir)
@@ -193,6 +197,10 @@ def _launch(cfg: Config, run_dir: Path) -> dict | None:
             by = re.search(r"stopped by (SIG[A-Z]+)", message)
             _stop(message.split(": ", 1)[1], 128 + (signal.Signals[by.group(1)] if by else signal.SIGTERM))
         _stop(f"{_rank_label(cfg, rank)} failed: {message} [every rank's traceback: {run_dir / 'train.log'}]", 1)
+    except RendezvousError as e:  # e.g. a value in its store that the run did not write (rendezvous.SignedStore)
+        cause = e.__cause__ or e
+        _stop(f"the launcher's rendezvous failed, every worker was stopped: {type(cause).__name__}: "
+              f"{first_line(str(cause))}", 1)
     except SignalException as e:
         _stop(_stopped_by(signal.Signals(e.sigval), cfg, run_dir), 128 + int(e.sigval))
     except KeyboardInterrupt:

@@ -37,6 +37,9 @@ class Context:
     replica_group: dist.ProcessGroup | None  # module k of all replicas (None when R == 1)
     control_group: dist.ProcessGroup  # gloo, every rank: the preemption vote, which runs beside P2P traffic
     links: dict[Link, dist.ProcessGroup]  # this rank's links (keyed by module indices within its replica)
+    # the store the groups were built on, kept alive with them: torch keeps only the C++ part of a store
+    # written in Python (rendezvous.SignedStore), whose methods then fail "Not implemented"
+    store: dist.Store | None = None
 
     @property
     def pipeline_ranks(self) -> list[int]:
@@ -97,7 +100,8 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
         torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
     timeout = timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}  # eager NCCL init (pytorch #136248)
-    dist.init_process_group(backend, store=_store(timeout), rank=rank, world_size=world, timeout=timeout, **kwargs)
+    store = _store(timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
     header_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     if backend == "nccl":
         # every rank takes part in the first NCCL call: batch_isend_irecv requires it (its docs)
@@ -111,7 +115,7 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
     control_group = dist.new_group(backend="gloo", timeout=timeout)
     links = _link_groups(rank, K, R, timeout)
     return Context(rank, world, local_rank, rank % K, rank // K, K, R, device, backend, header_group, replica_group,
-                   control_group, links)
+                   control_group, links, store)
 
 
 def _link_groups(rank: int, K: int, R: int, timeout: timedelta) -> dict[Link, dist.ProcessGroup]:

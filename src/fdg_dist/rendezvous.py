@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import hmac
 import ipaddress
 import os
 import socket
@@ -46,6 +48,7 @@ from fdg_dist.checkpoint import atomic_write
 LOOPBACK = "127.0.0.1"
 BACKEND = "fdg-c10d"  # torchrun --rdzv-backend name of the bound c10d rendezvous
 RUN_MARKER = ".fdg_run_marker"
+SECRET = "FDG_STORE_SECRET"  # the run's secret: what its stores hold is signed with it (SignedStore)
 _TOKEN_KEY = "fdg/token"  # in the job store: which attempt serves it
 _PUBLISHED_KEY = "fdg/job_store"  # in torchrun's shared store: "address port token" of the job store
 # torch's libuv store server never listened on a given socket before pytorch#150215 (torch 2.8)
@@ -101,6 +104,85 @@ def connect(host: str, port: int, timeout: timedelta) -> TCPStore:
     return TCPStore(address(host), port, is_master=False, timeout=timeout)
 
 
+class ForgedValue(RuntimeError):
+    """A store value without this run's signature: a process without the run's secret wrote it."""
+
+
+class SignedStore(Store):
+    """A store whose values carry an HMAC-SHA256 of this run's secret, over the store's address, the key and the
+    value; reading a value without a valid one raises ``ForgedValue``.
+
+    A TCPStore lets any local process (any process on the network, across machines) read, list and write its
+    keys: gloo's and NCCL's addresses, torch's rendezvous state, which the agent unpickles.  Without the secret
+    nothing written passes for ours (and a value signed for one store, or key, does not pass in another), so
+    forging a peer's address or a rendezvous state fails loudly.  Counters (``add``) cannot be signed: a forged
+    one can only stall a barrier until its timeout.  Values stay readable: they are not secrets.
+    """
+
+    def __init__(self, inner: TCPStore, secret: bytes) -> None:
+        super().__init__()
+        self.inner, self._secret = inner, secret
+        self._where = f"{inner.host}:{inner.port}".encode()
+
+    def _mac(self, key: str, value: bytes) -> bytes:
+        message = b"\0".join((self._where, key.encode(), value))
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest().encode()
+
+    def _sign(self, key: str, value: str | bytes) -> bytes:
+        value = value.encode() if isinstance(value, str) else bytes(value)
+        return self._mac(key, value) + value
+
+    def _open(self, key: str, wire: bytes) -> bytes:
+        mac, value = wire[:64], wire[64:]
+        if not hmac.compare_digest(mac, self._mac(key, value)):
+            raise ForgedValue(f"store key {key!r} at {self._where.decode()} holds a value this run did not write "
+                              f"(no valid signature of its {SECRET}): another process wrote into the run's store")
+        return value
+
+    def set(self, key: str, value: str | bytes) -> None:
+        self.inner.set(key, self._sign(key, value))
+
+    def get(self, key: str) -> bytes:
+        return self._open(key, self.inner.get(key))
+
+    def multi_set(self, keys: list[str], values: list[str | bytes]) -> None:
+        self.inner.multi_set(keys, [self._sign(k, v) for k, v in zip(keys, values, strict=True)])
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        return [self._open(k, v) for k, v in zip(keys, self.inner.multi_get(keys), strict=True)]
+
+    def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
+        """As TCPStore's (an empty ``expected``: the key is absent): signatures depend only on key and value,
+        so the expected value's stored form is computed again."""
+        wire = self._sign(key, expected) if expected else expected
+        return self._open(key, self.inner.compare_set(key, wire, self._sign(key, desired)))
+
+    def add(self, key: str, amount: int) -> int:
+        return self.inner.add(key, amount)
+
+    def check(self, keys: list[str]) -> bool:
+        return self.inner.check(keys)
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        self.inner.wait(keys) if timeout is None else self.inner.wait(keys, timeout)
+
+    def delete_key(self, key: str) -> bool:
+        return self.inner.delete_key(key)
+
+    def num_keys(self) -> int:
+        return self.inner.num_keys()
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        self.inner.set_timeout(timeout)
+
+
+def signed(store: TCPStore, env: Mapping[str, str] = os.environ) -> Store:
+    """``store`` signing and checking its values with the run's secret (``FDG_STORE_SECRET``: fdg-train and
+    the launch scripts set one), or as it is where the run has none."""
+    secret = env.get(SECRET)
+    return SignedStore(store, secret.encode()) if secret else store
+
+
 # ------------------------------------------------------------------- workers
 def single_machine(env: Mapping[str, str] = os.environ) -> bool:
     world = int(env["WORLD_SIZE"])
@@ -134,12 +216,12 @@ def job_store(timeout: timedelta, env: Mapping[str, str] = os.environ) -> Store:
             raise RuntimeError("FDG_MASTER_ADDR is set but FDG_NODE_RANK is not: set it to 0 on the node that serves "
                                "FDG_MASTER_ADDR:FDG_MASTER_PORT and 1, 2, ... on the others (launch/multinode.sh does)")
         serves = env["FDG_NODE_RANK"] == "0" and env.get("LOCAL_RANK", str(rank)) == "0"
-        return serve(host, port, timeout) if serves else connect(host, port, timeout)
+        return signed(serve(host, port, timeout) if serves else connect(host, port, timeout), env)
     single = single_machine(env)
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         host, port = LOOPBACK if single else env["MASTER_ADDR"], int(env["MASTER_PORT"])
-        return serve(host, port, timeout) if rank == 0 else connect(host, port, timeout)
-    shared = connect(env["MASTER_ADDR"], int(env["MASTER_PORT"]), timeout)
+        return signed(serve(host, port, timeout) if rank == 0 else connect(host, port, timeout), env)
+    shared = signed(connect(env["MASTER_ADDR"], int(env["MASTER_PORT"]), timeout), env)
     if rank == 0:
         if single:
             host = LOOPBACK
@@ -147,15 +229,16 @@ def job_store(timeout: timedelta, env: Mapping[str, str] = os.environ) -> Store:
             host = interface_address(env["GLOO_SOCKET_IFNAME"].split(",")[0])
         else:  # the agent's address, on rank 0's machine
             host = env["MASTER_ADDR"]
-        store = serve(host, 0, timeout)
+        served = serve(host, 0, timeout)
+        store = signed(served, env)
         token = uuid.uuid4().hex
         store.set(_TOKEN_KEY, token)
-        shared.set(_PUBLISHED_KEY, f"{address(host)} {store.port} {token}")
+        shared.set(_PUBLISHED_KEY, f"{address(host)} {served.port} {token}")
         return store
-    return _published_store(shared, timeout)
+    return _published_store(shared, timeout, env)
 
 
-def _published_store(shared: Store, timeout: timedelta) -> TCPStore:
+def _published_store(shared: Store, timeout: timedelta, env: Mapping[str, str]) -> Store:
     """The store rank 0 of this attempt published in torchrun's shared store, skipping earlier attempts'.
 
     Each entry is probed once, with the full timeout (a loaded machine can be slow to accept); an entry
@@ -168,7 +251,7 @@ def _published_store(shared: Store, timeout: timedelta) -> TCPStore:
         if entry != probed:
             probed = entry
             host, port, token = entry.split()
-            store = _probe(host, int(port), token, timeout)
+            store = _probe(host, int(port), token, timeout, env)
             if store is not None:
                 return store
         if time.monotonic() > deadline:
@@ -177,11 +260,11 @@ def _published_store(shared: Store, timeout: timedelta) -> TCPStore:
         time.sleep(0.1)
 
 
-def _probe(host: str, port: int, token: str, timeout: timedelta) -> TCPStore | None:
+def _probe(host: str, port: int, token: str, timeout: timedelta, env: Mapping[str, str]) -> Store | None:
     """The store at host:port if it is the one carrying ``token``; None if nobody listens or it is another."""
     try:
         socket.create_connection((host, port), timeout=timeout.total_seconds()).close()
-        store = connect(host, port, timeout)
+        store = signed(connect(host, port, timeout), env)
         if store.check([_TOKEN_KEY]) and store.get(_TOKEN_KEY).decode() == token:
             return store
     except (OSError, RuntimeError):  # refused, reset, or not a TCPStore (torch's DistError is a RuntimeError)
@@ -231,11 +314,11 @@ def _bound_c10d_handler(params: RendezvousParameters) -> RendezvousHandler:
     host, port = parse_rendezvous_endpoint(params.endpoint, default_port=29400)
     timeout = timedelta(seconds=params.get_as_int("read_timeout", 60))
     try:
-        store = serve(host, port, timeout)
+        store = signed(serve(host, port, timeout))
     except OSError as e:
         if e.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE) or port == 0:
             raise
-        store = connect(host, port, timeout)
+        store = signed(connect(host, port, timeout))
     return create_handler(store, _BoundC10dBackend(store, params.run_id), params)
 
 
