@@ -46,7 +46,8 @@ class Usage:
     @classmethod
     def now(cls, device: torch.device) -> Usage:
         cuda = torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None
-        return cls(resident_bytes() / MB, peak_resident_bytes() / MB, cuda)
+        rss = resident_bytes()
+        return cls(rss / MB, max(rss, peak_resident_bytes()) / MB, cuda)  # the kernel updates the peak lazily
 
     def to_dict(self) -> dict[str, float]:
         return {k: round(v, 1) for k, v in asdict(self).items() if v is not None}
