@@ -10,6 +10,7 @@ matters is the caching allocator's peak of allocated memory.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 from dataclasses import asdict, dataclass
@@ -66,12 +67,31 @@ class Usage:
 FIELDS = len(Usage.__dataclass_fields__)
 
 
+_HOST, _CUDA = "memory MB now/peak", "cuda peak MB"
+_FIELD = re.compile(rf"{_HOST}((?: \S+ \d+/\d+)+)(?:  {_CUDA}((?: \S+ \d+)+))?")
+
+
 def describe(usages: dict[str, Usage]) -> str:
     """``memory MB now/peak module0 1923/2010 module1 1201/1250`` (and ``cuda peak MB`` per rank on a GPU): one
     progress-line field over the ranks named by the keys."""
-    text = "memory MB now/peak " + " ".join(f"{name} {u.rss_mb:.0f}/{u.peak_rss_mb:.0f}"
-                                            for name, u in usages.items())
+    text = _HOST + "".join(f" {name} {u.rss_mb:.0f}/{u.peak_rss_mb:.0f}" for name, u in usages.items())
     cuda = {name: u.cuda_peak_mb for name, u in usages.items() if u.cuda_peak_mb is not None}
     if cuda:
-        text += "  cuda peak MB " + " ".join(f"{name} {mb:.0f}" for name, mb in cuda.items())
+        text += f"  {_CUDA}" + "".join(f" {name} {mb:.0f}" for name, mb in cuda.items())
     return text
+
+
+def parse(line: str) -> dict[str, Usage] | None:
+    """The ranks' memory in a line holding a ``describe`` field (whole MB), None if it holds none: how the
+    memory test and the soak benchmark read the progress lines of ``train.log``."""
+    m = _FIELD.search(line)
+    if m is None:
+        return None
+    host = m.group(1).split()
+    cuda = m.group(2).split() if m.group(2) else []
+    device = {name: float(mb) for name, mb in zip(cuda[::2], cuda[1::2], strict=True)}
+    out = {}
+    for name, value in zip(host[::2], host[1::2], strict=True):
+        now, peak = value.split("/")
+        out[name] = Usage(float(now), float(peak), device.get(name))
+    return out
