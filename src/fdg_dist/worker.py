@@ -70,8 +70,8 @@ def run(raw: dict, run_dir: str) -> dict | None:
     keep_freed_memory()
     ctx = distributed.init(stages, replicas, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s,
                            precision=cfg.trainer.precision)
-    log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s)", rank, world, module, stages,
-             replica, ctx.backend, ctx.device, threads)
+    log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s), pid %d", rank, world, module, stages,
+             replica, ctx.backend, ctx.device, threads, os.getpid())
     for line in device_defaults.resolve(cfg, ctx.device):
         if rank == 0:
             log.info("default: %s", line)
