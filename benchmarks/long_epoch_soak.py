@@ -40,9 +40,12 @@ AFTER = 20  # batches: warm-up done, the reference point of the ratio
 
 
 def command(args: argparse.Namespace, run_dir: Path) -> list[str]:
-    """``python -m fdg_dist.train`` with the soak's settings, each replaced by an override of the same key."""
-    settings = [f"pipeline.k={args.k}", "method=fdg", "model=tiny", "data=synthetic",
-                f"data.train_size={args.batches * args.batch_size}", f"data.test_size={args.batch_size}",
+    """``python -m fdg_dist.train`` with the soak's settings, each replaced by an override of the same key (the
+    synthetic set's sizes go with another ``data=``)."""
+    own_data = any(item.startswith("data=") for item in args.overrides)
+    synthetic = [] if own_data else ["data=synthetic", f"data.train_size={args.batches * args.batch_size}",
+                                     f"data.test_size={args.batch_size}"]
+    settings = [f"pipeline.k={args.k}", "method=fdg", "model=tiny", *synthetic,
                 f"trainer.batch_size={args.batch_size}", f"trainer.eval_batch_size={args.batch_size}",
                 "trainer.epochs=1", "trainer.threads=1", "pipeline.cost=flops", "checkpoint.enabled=false",
                 "logging.tensorboard=false", "logging.progress=lines", f"logging.progress_every_s={args.every_s}",

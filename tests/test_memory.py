@@ -4,8 +4,10 @@ Every rank's resident memory, read by that rank from its own ``/proc/self/statm`
 rank's progress lines (brought by the preemption vote), is fitted against the batch count after warm-up.  A
 rank that kept what one batch makes would grow by at least the bytes it sends per batch (the old ``reap``,
 which waited for gloo's ``is_completed()``, kept every payload of the epoch until the drain:
-``tests/mutations/sends_kept_until_drain.patch`` restores it); the slope allowed is an eighth of that.
-What remains on a healthy run is glibc's heap settling, a few KB per batch and slowing down.
+``tests/mutations/sends_kept_until_drain.patch`` restores it); the slope allowed is a sixteenth of that.
+Measured here (2 cores, load ~10): the old reap 715 (K=2) and 1402 (K=4) KiB per batch on module 0; torch's
+flight recorder left on (``worker.no_flight_recorder``) 17 and 62; a healthy run at most 5, the resolution of
+RSS in whole MB over 300 batches.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import torch
 from conftest import run_pipeline, small_config
 from emulated import run_emulated
 
-from fdg_dist import memory, schedule
+from fdg_dist import memory, schedule, worker
 from fdg_dist.executor import DeviceClock, Event
 from fdg_dist.metrics import EpochRecord, ProgressLines
 from fdg_dist.schedule import Action, Kind
@@ -78,7 +81,7 @@ def test_resident_memory_is_flat_over_an_epoch_of_hundreds_of_batches(K: int, tm
         points = [(b, mb) for b, mb in series[f"module{k}"] if b >= WARM_UP]
         assert len(points) > (BATCHES - WARM_UP) // 2, f"module {k}: too few progress lines"
         grows = slope(points) * 2**20
-        assert grows < sent[k] / 8, (f"module {k} grows {grows / 1024:.1f} KiB per batch after warm-up (it sends "
+        assert grows < sent[k] / 16, (f"module {k} grows {grows / 1024:.1f} KiB per batch after warm-up (it sends "
                                      f"{sent[k] / 1024:.0f} KiB per batch): {points[::40]}")
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert sorted(metrics["memory"]) == [f"module{k}" for k in range(K)]  # every rank's, at the epoch's end
@@ -183,3 +186,12 @@ def test_an_action_is_handed_over_once_the_device_has_passed_it_and_then_let_go(
     for k in (0, 1):
         assert timed[k] == seen[k] and len(seen[k]) == len(schedule.train_actions("fdg", k, 2, 6))
         assert 0 < behind[k] <= _LaggingEvent.LAG and runs[k].train[0].events == []
+
+
+def test_the_flight_recorder_is_off_unless_the_user_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert worker.no_flight_recorder() and os.environ["TORCH_FR_BUFFER_SIZE"] == "0"
+    monkeypatch.delenv("TORCH_FR_BUFFER_SIZE")
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")  # debugging a hang: left alone
+    assert not worker.no_flight_recorder() and "TORCH_FR_BUFFER_SIZE" not in os.environ
