@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,32 @@ def test_the_flight_recorder_is_off_unless_the_user_asks(monkeypatch: pytest.Mon
     monkeypatch.delenv("TORCH_FR_BUFFER_SIZE")
     monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")  # debugging a hang: left alone
     assert not worker.no_flight_recorder() and "TORCH_FR_BUFFER_SIZE" not in os.environ
+
+
+_LAUNCHER_CHECK = """
+import sys
+from fdg_dist import cli
+from fdg_dist.config import Config, ConfigError, validate
+
+def config(k):
+    cfg = Config()
+    cfg.model.name, cfg.data.name, cfg.pipeline.k = "tiny", "synthetic", k
+    return cfg
+
+cli._apart(lambda: validate(config(2)))
+try:
+    cli._apart(lambda: validate(config(50)))
+except ConfigError as e:
+    print("refused:", e)
+print("kept:", sorted(m for m in ("torch._dynamo", "torch._inductor", "sympy") if m in sys.modules))
+"""
+
+
+def test_the_launcher_checks_the_model_in_a_child_and_keeps_nothing_of_it() -> None:
+    """What the meta-device model check imports (torch._dynamo, torch._inductor, sympy: ~80 MB) stays in the
+    forked child; its refusal still reaches the launcher as the ConfigError it was."""
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER_CHECK], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: pipeline.k: K=50 modules but model 'tiny' has only" in proc.stdout
+    assert "kept: []" in proc.stdout
