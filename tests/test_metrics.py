@@ -81,9 +81,16 @@ def test_every_tag_has_one_point_per_epoch_or_step(run: Path, module: int) -> No
     assert_delays_measured(run, module, max(2 * (1 - module), 1), [BATCHES] * EPOCHS)
     assert_staleness_is_the_traces(run, module)
     assert {v for _, v in _points(ea, "module/stash_max")} == {2.0 * (1 - module)}
+    # this rank's own memory: a torch process holds hundreds of MB; its peak is at least what it holds
+    rss, peak = (_points(ea, f"memory/{tag}") for tag in ("rss_mb", "peak_rss_mb"))
+    assert all(100 < r <= p for (_, r), (_, p) in zip(rss, peak, strict=True))
+    assert "memory/cuda_peak_mb" not in tags  # CUDA only
     if module == 1:
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [v for _, v in _points(ea, "test/error")] == pytest.approx([m["test_error"] for m in metrics])
+        for m in metrics:  # every rank's memory at the epoch's end, gathered by the reporting rank
+            assert sorted(m["memory"]) == ["module0", "module1"]
+            assert all(100 < u["rss_mb"] <= u["peak_rss_mb"] and "cuda_peak_mb" not in u for u in m["memory"].values())
 
 
 @pytest.mark.multiprocess
