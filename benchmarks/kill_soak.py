@@ -10,6 +10,10 @@ checkpoint write or the resume of the next epoch), then SIGKILLs one rank chosen
 last module).  torchrun restarts all ranks, which resume from the newest complete checkpoint.  A recovery is
 the time from a kill until every rank of the next attempt has its process group up again.
 
+Memory per rank over time: every rank's resident memory is sampled from outside every 2 s (and torchrun's
+agent's); the summary gives, per rank, its memory in the first and the last attempt, and per epoch the
+memory every rank reported at its end (``metrics.jsonl``): restarts must not ratchet it up.
+
 Not part of the test suite: about 10 minutes on 2 CPU cores.  Ends with one line, e.g.
 
     soak: kills 20, recoveries 20, slowest recovery 9.1 s, bitwise equal yes
@@ -18,6 +22,7 @@ Not part of the test suite: about 10 minutes on 2 CPU cores.  Ends with one line
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from _memory import Sampler, workers
 
 REPO = Path(__file__).resolve().parents[1]
 K = 3
@@ -48,24 +54,6 @@ def torchrun(run_dir: Path, restarts: int, epochs: int, train_size: int) -> subp
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def workers(agent: int) -> dict[tuple[int, int], int]:
-    """{(attempt, rank): pid} of the agent's live worker processes, from their environment."""
-    found = {}
-    for task in Path(f"/proc/{agent}/task").glob("*"):
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for pid in children:
-            try:
-                env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
-            except OSError:
-                continue
-            if "RANK" in env and "TORCHELASTIC_RESTART_COUNT" in env:
-                found[(int(env["TORCHELASTIC_RESTART_COUNT"]), int(env["RANK"]))] = pid
-    return found
-
-
 def groups_up(run_dir: Path) -> int:
     """How many ranks have logged that their process group is up, over all attempts so far."""
     log = run_dir / "train.log"
@@ -82,6 +70,25 @@ def wait_until(condition, proc: subprocess.Popen, what: str, limit_s: float = 30
             raise SystemExit(f"soak: {what} took over {limit_s:.0f} s: hung")
         time.sleep(0.05)
     return True
+
+
+def memory_summary(sampler: Sampler, run_dir: Path) -> str:
+    """Per rank: peak RSS in its first and last attempt (sampled from outside); per epoch, every rank's RSS at
+    its end (metrics.jsonl); the agent's peak."""
+    lines = []
+    for rank in range(K):
+        attempts = sorted(a for a, r in sampler.ranks if r == rank)
+        if attempts:
+            first, last = (max(mb for _, mb in sampler.ranks[(a, rank)]) for a in (attempts[0], attempts[-1]))
+            lines.append(f"memory: rank {rank}: peak {first:.0f} MB in attempt {attempts[0]}, {last:.0f} MB in "
+                         f"attempt {attempts[-1]} ({len(attempts)} attempts sampled)")
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    for row in rows:
+        usage = " ".join(f"{name} {u['rss_mb']:.0f}" for name, u in row.get("memory", {}).items())
+        lines.append(f"memory: epoch {row['epoch'] + 1} end: MB {usage}")
+    lines.append(f"memory: torchrun's agent peak {max((mb for _, mb in sampler.launcher), default=0):.0f} MB")
+    return "\n".join(lines)
 
 
 def bitwise_equal(a: Path, b: Path) -> bool:
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = out / "killed"
     proc = torchrun(run_dir, args.kills, args.epochs, args.train_size)
+    sampler = Sampler(proc.pid, lambda: workers(proc.pid))
     recoveries: list[float] = []
     killed_at = None
     kills = 0
@@ -135,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        sampler.stop()
+    print(memory_summary(sampler, run_dir))
     equal = code == 0 and bitwise_equal(reference, run_dir)
     slowest = f"{max(recoveries):.1f} s" if recoveries else "-"
     print(f"soak: {time.monotonic() - started:.0f} s, torchrun exit {code}, run dirs under {out}")

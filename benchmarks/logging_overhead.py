@@ -10,8 +10,8 @@ the median of the pairs' on/off ratios, so that load from other processes hits b
 
 On a shared machine the runs' noise can exceed the 2 % target, so the script also times the epoch-end
 logging itself in this process (TensorBoard summary + trace of one synthetic epoch of FDG events,
-module 0, K=2) and projects the ratio from it and the measured time per batch: nothing is logged
-between actions (``logging.progress=never``), so that epoch-end work is the whole difference, except the
+module 0, K=2, with the record and the trace's spans written per action) and projects the ratio from it
+and the measured time per batch: with ``logging.progress=never`` that work is the whole difference, except the
 staleness probe (one more forward and backward of a module every ``logging.staleness_every_steps``
 steps), which is timed on module 0 here as well and added to the projection.
 Target: on/off ≥ 0.98.
@@ -31,7 +31,7 @@ import torch
 from fdg_dist.cli import launch_local
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult, Event
-from fdg_dist.metrics import RunLog, Stop
+from fdg_dist.metrics import EpochRecord, RunLog, Stop
 from fdg_dist.schedule import Action, Kind
 from fdg_dist.stage import StepInfo
 from fdg_dist.trace import TraceWriter
@@ -75,13 +75,14 @@ def fdg_events(n_batches: int, log_every: int) -> list[Event]:
 
 
 def epoch_end_cost_s(n_batches: int, epochs: int = 5) -> float:
-    """Seconds per epoch that logging on adds at the epoch end (TensorBoard + trace), mean over the epochs.
+    """Seconds per epoch that logging on adds (TensorBoard + trace), mean over the epochs: the record of each
+    action (always kept: timing/ is always written) and the trace's spans as they come, then the epoch end.
 
-    The trace rewrites its whole file each epoch, so its share grows with the epoch count.
+    The trace copies its whole file each epoch, so its share grows with the epoch count.
     """
     cfg = Config()
     events = fdg_events(n_batches, cfg.logging.log_every_steps)
-    result = EpochResult(1.0, 1, n_batches, events)
+    result = EpochResult(1.0, 1, n_batches)
     costs = []
     with tempfile.TemporaryDirectory() as tmp:
         for on in (False, True):
@@ -91,10 +92,16 @@ def epoch_end_cost_s(n_batches: int, epochs: int = 5) -> float:
             times = []
             for epoch in range(epochs):
                 tic = time.perf_counter()
+                record = EpochRecord(n_batches, torch.device("cpu"))
+                spans = trace.hook(epoch, "train") if trace is not None else None
+                for e in events:
+                    record.add(e)
+                    if spans is not None:
+                        spans(e)
                 log.epoch(epoch, lr=0.1, train=result, test=result, seconds=1.0, samples=n_batches,
-                          events=events, steps=(epoch + 1) * n_batches)
+                          record=record, steps=(epoch + 1) * n_batches)
                 if trace is not None:
-                    trace.add(events, epoch=epoch, phase="train")
+                    trace.flush()
                 times.append(time.perf_counter() - tic)
             log.finish(wall_s=1.0, best_error=0.0, steps=epochs * n_batches,
                        stop=Stop(epochs, epochs * n_batches, f"trainer.epochs={epochs} reached"))

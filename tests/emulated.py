@@ -15,8 +15,9 @@ import torch
 
 from fdg_dist import data, schedule
 from fdg_dist.config import Config
-from fdg_dist.executor import Clock, EpochResult, Executor
+from fdg_dist.executor import Clock, EpochResult, Event, Executor
 from fdg_dist.fabric import Fabric
+from fdg_dist.metrics import EpochRecord
 from fdg_dist.stage import Stage
 from fdg_dist.trainer import build_stage
 from fdg_dist.transport import Transport
@@ -68,14 +69,15 @@ def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.pl
                  setup: Callable[[int, RankRun], None] | None = None,
                  inside: Callable[[int], object] | None = None,
                  stop: StopAt | None = None,
-                 resume: tuple[int, list[dict], list] | None = None) -> list[RankRun]:
+                 resume: tuple[int, list[dict], list] | None = None,
+                 fabric: Fabric | None = None) -> list[RankRun]:
     """Train (and evaluate) ``cfg``'s K-module pipeline on one fabric; returns every rank's stage and results.
 
     ``plan`` replaces ``schedule.plan`` (to inject a faulty plan); ``batches(epoch, train)`` replaces
     module 0's data; ``setup(k, run)`` may patch a rank before it starts; ``inside(k)`` is a context
     manager entered on rank k's thread around its whole run (dispatch modes are per thread).  ``stop``
     cuts an epoch (the run ends there, the cut in the last train result); ``resume=(epoch, stage
-    states, cuts)`` continues such a run.
+    states, cuts)`` continues such a run.  ``fabric`` (K CPU ranks) replaces a fresh NCCL-rules fabric.
     """
     torch.set_num_threads(1)
     K, dev = cfg.pipeline.k, torch.device(device)
@@ -84,7 +86,7 @@ def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.pl
     runs = []
     for k in range(K):  # one after the other: building seeds the global RNG
         stage, boundary, _ = build_stage(cfg, K, k, dev, total_batches=sum(map(len, epochs)))
-        runs.append(RankRun(stage, Executor(stage, None, boundary)))  # type: ignore[arg-type]
+        runs.append(RankRun(stage, Executor(stage, None, boundary, record=True)))  # type: ignore[arg-type]
     loaders = {True: data.Batches(train_set, cfg.trainer.batch_size, train=True, augment=cfg.data.augment,
                                   seed=cfg.trainer.seed, device=dev),
                False: data.Batches(test_set, cfg.trainer.eval_batch_size, train=False, augment=False,
@@ -126,7 +128,7 @@ def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.pl
             return run
         return go
 
-    return Fabric([dev] * K).run([body(k) for k in range(K)])
+    return (fabric or Fabric([dev] * K)).run([body(k) for k in range(K)])
 
 
 def fake_timeline(costs: dict[str, float], wait_s: float, clock: Callable[[list[float]], Clock],
@@ -151,6 +153,14 @@ def fake_timeline(costs: dict[str, float], wait_s: float, clock: Callable[[list[
         transport.post = advancing(transport.post, post_s)
 
     return setup
+
+
+def record_of(events: list[Event]) -> EpochRecord:
+    """The record the trainer builds of a pass from its events as they come (``Executor.run``'s ``on_timed``)."""
+    record = EpochRecord(sum(e.step is not None for e in events), torch.device("cpu"))
+    for e in events:
+        record.add(e)
+    return record
 
 
 def merged_state(runs: list[RankRun]) -> dict[str, torch.Tensor]:

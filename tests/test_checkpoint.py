@@ -233,8 +233,8 @@ def test_a_crash_while_appending_metrics_leaves_the_previous_lines(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills up half-way through writing epoch 1's line: metrics.jsonl keeps epoch 0's, whole."""
     log = metrics.RunLog(small_config(), tmp_path, module=0, replica=0, reporter=True)
-    result = EpochResult(loss_sum=2.0, errors=1, samples=4)
-    log.epoch(0, lr=0.1, train=result, test=result, seconds=1.0, samples=4, events=[], steps=1)
+    result, record = EpochResult(loss_sum=2.0, errors=1, samples=4), metrics.EpochRecord(0, torch.device("cpu"))
+    log.epoch(0, lr=0.1, train=result, test=result, seconds=1.0, samples=4, record=record, steps=1)
     path = tmp_path / "metrics.jsonl"
     before = path.read_text()
     real_open = open
@@ -263,7 +263,7 @@ def test_a_crash_while_appending_metrics_leaves_the_previous_lines(tmp_path: Pat
 
     monkeypatch.setattr("builtins.open", filling_open)
     with pytest.raises(OSError, match="No space left"):
-        log.epoch(1, lr=0.1, train=result, test=result, seconds=1.0, samples=4, events=[], steps=2)
+        log.epoch(1, lr=0.1, train=result, test=result, seconds=1.0, samples=4, record=record, steps=2)
     monkeypatch.undo()
     assert json.loads(before)["epoch"] == 0 and path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "timing"]  # no temporary file left

@@ -21,7 +21,7 @@ from emulated import StopAt, merged_state, run_emulated
 from fdg_dist import data, models, schedule
 from fdg_dist.executor import Cut
 from fdg_dist.fabric import DeadlockError, Fabric, FabricError, replay
-from fdg_dist.transport import Link, Transport, TransportError, to_wire, wire_buffer
+from fdg_dist.transport import SEND_WINDOW, Link, Transport, TransportError, to_wire, wire_buffer
 
 METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
 
@@ -105,7 +105,10 @@ def _programs(method: str, K: int, n: int, train: bool, accum: int = 1,
     return [schedule.program(plan(method, k, K, n, train=train, accum_steps=accum), K) for k in range(K)]
 
 
-def test_replay_proves_every_schedule_deadlock_free_and_fifo_consistent() -> None:
+@pytest.mark.parametrize("window", [SEND_WINDOW, 0, 1])
+def test_replay_proves_every_schedule_deadlock_free_and_fifo_consistent(window: int) -> None:
+    """Also with the transport's wait for old sends, even at window 0 (every send waited for right after its
+    time's posting: a blocking send), since every receive is posted a step before it is needed."""
     checked = 0
     for method in METHODS:
         for K in range(1, 8):
@@ -114,9 +117,24 @@ def test_replay_proves_every_schedule_deadlock_free_and_fifo_consistent() -> Non
                     for train in (True, False):
                         programs = _programs(method, K, n, train, accum)
                         sent = sum(len(step.sends) for p in programs for step in p)
-                        assert replay(programs) == sent
+                        assert replay(programs, window=window) == sent
                         checked += 1
     assert checked == 448  # 6 methods × K 1..7 × 4 epoch lengths × (3 accumulations for adl) × train/eval
+
+
+def test_replay_sees_two_ranks_that_wait_for_their_sends_before_posting_receives() -> None:
+    """The NCCL deadlock of two ranks that both send first: harmless while sends are not waited for at once
+    (window 1), a deadlock when they are (window 0): the replay models the transport's wait."""
+    act, grad = schedule.Message((0, 2, 0, 0), 0, 1, "act", 0), schedule.Message((0, 0, 0, 0), 1, 0, "grad", 0)
+    backward = schedule.Action((2, 0, 0, 0), 0, schedule.Kind.BACKWARD, 0)
+    forward = schedule.Action((2, 2, 0, 0), 1, schedule.Kind.FORWARD, 0)
+    programs = [[schedule.Step((0, 2, 0, 0), [], [act], []), schedule.Step((1, 0, 0, 0), [], [], [grad]),
+                 schedule.Step(backward.time, [(backward, ("grad", 0))], [], [])],
+                [schedule.Step((0, 0, 0, 0), [], [grad], []), schedule.Step((1, 0, 0, 0), [], [], [act]),
+                 schedule.Step(forward.time, [(forward, ("act", 0))], [], [])]]
+    assert replay(programs, window=1) == 2
+    with pytest.raises(DeadlockError, match=r"module 0 at time \(0, 2, 0, 0\) waits for its sends of \[\('act', 0\)\]"):
+        replay(programs, window=0)
 
 
 def _swap_two_receives(method: str, k: int, K: int, n: int, *, train: bool, accum_steps: int = 1) -> schedule.Plan:
@@ -190,6 +208,32 @@ def test_fabric_refuses_non_contiguous_and_foreign_device_payloads() -> None:
         fabric.endpoint(0).send(torch.ones(4, 4).t(), A)
     with pytest.raises(FabricError, match="payload on cpu; NCCL moves tensors of the rank's device meta"):
         fabric.endpoint(1).recv(torch.empty(4), A)
+
+
+@pytest.mark.parametrize("completion", ["gloo", "nccl"])
+@pytest.mark.parametrize("K", [2, 4])
+def test_a_link_keeps_at_most_its_window_of_sends_alive_however_long_the_epoch(K: int, completion: str) -> None:
+    """An epoch of 40 batches (and an evaluation): while a time's messages are posted every link holds the
+    payloads of at most SEND_WINDOW + 1 messages (an activation message is the activation and its labels),
+    counted by the fabric as the sent tensors still alive, not by the transport's own bookkeeping; also where
+    a send reports completion only once waited for (gloo).  Every send is let go at the drain."""
+    cfg = small_config(**{"pipeline.k": K, "trainer.epochs": 1, "data.train_size": 160, "trainer.batch_size": 4})
+    fabric = Fabric(["cpu"] * K, completion=completion)
+    runs = run_emulated(cfg, fabric=fabric)
+    assert len(runs[0].train[0].events) == 3 * 40  # forward, backward, step
+    links = {Link("act", k, k + 1): 2 for k in range(K - 1)} | {Link("grad", k, k - 1): 1 for k in range(1, K)}
+    assert fabric.max_live_sends == {link: n * (SEND_WINDOW + 1) for link, n in links.items()}
+    assert [fabric.live_sends(link) for link in links] == [0] * len(links)
+
+
+def test_a_gloo_send_reports_completion_only_once_waited_for() -> None:
+    """What torch 2.14.1's gloo does (SPEC §5), emulated: a delivered send stays 'not completed' until wait()."""
+    fabric = Fabric(["cpu", "cpu"], completion="gloo")
+    sent = fabric.endpoint(0).send(torch.ones(2), A)
+    fabric.endpoint(1).recv(torch.empty(2), A).wait()
+    assert not sent.is_completed()
+    sent.wait()
+    assert sent.is_completed()
 
 
 def test_fabric_refuses_a_send_tensor_modified_before_the_send_completed() -> None:

@@ -87,6 +87,9 @@ class _FakeEvent:
     def synchronize(self) -> None:
         return None
 
+    def query(self) -> bool:
+        return self.t is not None
+
     def elapsed_time(self, other: _FakeEvent) -> float:
         return (other.t - self.t) * 1e3  # milliseconds, as torch.cuda.Event
 

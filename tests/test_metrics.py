@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import (
     assert_delays_measured,
     assert_staleness_is_the_traces,
@@ -20,17 +21,17 @@ from conftest import (
     small_config,
     train_spans,
 )
-from emulated import fake_timeline, run_emulated
+from emulated import fake_timeline, record_of, run_emulated
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fdg_dist import schedule
 from fdg_dist.executor import HostClock
-from fdg_dist.metrics import Timing, chain, progress_style, staleness
+from fdg_dist.metrics import EpochRecord, Timing, chain, progress_style
 
 EPOCHS, BATCHES, LOG_EVERY = 2, 6, 4
 EPOCH_TAGS = ["module/lr", "module/staleness_ticks", "module/stash_max", "time/compute_s", "time/wait_input_s",
-              "time/wait_grad_s", "time/other_s", "perf/samples_per_s", "memory/peak_mb"]
+              "time/wait_grad_s", "time/other_s", "perf/samples_per_s", "memory/rss_mb", "memory/peak_rss_mb"]
 REPORTER_TAGS = ["train/loss", "train/error", "test/loss", "test/error"]
 
 
@@ -80,9 +81,16 @@ def test_every_tag_has_one_point_per_epoch_or_step(run: Path, module: int) -> No
     assert_delays_measured(run, module, max(2 * (1 - module), 1), [BATCHES] * EPOCHS)
     assert_staleness_is_the_traces(run, module)
     assert {v for _, v in _points(ea, "module/stash_max")} == {2.0 * (1 - module)}
+    # this rank's own memory: a torch process holds hundreds of MB; its peak is at least what it holds
+    rss, peak = (_points(ea, f"memory/{tag}") for tag in ("rss_mb", "peak_rss_mb"))
+    assert all(100 < r <= p for (_, r), (_, p) in zip(rss, peak, strict=True))
+    assert "memory/cuda_peak_mb" not in tags  # CUDA only
     if module == 1:
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [v for _, v in _points(ea, "test/error")] == pytest.approx([m["test_error"] for m in metrics])
+        for m in metrics:  # every rank's memory at the epoch's end, gathered by the reporting rank
+            assert sorted(m["memory"]) == ["module0", "module1"]
+            assert all(100 < u["rss_mb"] <= u["peak_rss_mb"] and "cuda_peak_mb" not in u for u in m["memory"].values())
 
 
 @pytest.mark.multiprocess
@@ -141,7 +149,8 @@ def test_the_host_clock_splits_training_time_into_compute_waits_and_the_rest() -
     for k, run in enumerate(runs):
         events = run.train[0].events
         n = Counter(e.action.kind.value for e in events)
-        t = Timing.of(events, train_s=nows[k][0], samples=96)
+        t = record_of(events).timing
+        t.train_s = nows[k][0]
         assert t.compute_s == pytest.approx(sum(cost[kind] * n[kind] for kind in cost)), k
         assert (t.wait_input_s, t.wait_grad_s) == pytest.approx((wait * n["forward"] if k else 0.0, wait * n["backward"]))
         posts = len(schedule.program(schedule.plan("fdg", k, 2, 6, train=True), 2))
@@ -202,4 +211,4 @@ def test_timing_totals_keep_the_largest_stash() -> None:
     total = Timing(train_s=1.0, compute_s=0.5, stash_max=2)
     total += Timing(train_s=2.0, wait_grad_s=0.5, stash_max=1)
     assert (total.train_s, total.other_s, total.stash_max) == (3.0, 2.0, 2)
-    assert staleness([]) == []
+    assert EpochRecord(0, torch.device("cpu")).staleness_ticks == 0.0

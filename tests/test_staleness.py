@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import small_config
-from emulated import run_emulated
+from emulated import record_of, run_emulated
 
 from fdg_dist import correctors, data
 from fdg_dist.metrics import RunLog, Stop
@@ -98,7 +98,7 @@ def test_staleness_tags_reach_tensorboard(tmp_path: Path, K: int) -> None:
     for k, run in enumerate(runs):
         log = RunLog(cfg, tmp_path, module=k, replica=0, reporter=k == K - 1)
         log.epoch(0, lr=0.4, train=run.train[0], test=run.evals[0], seconds=1.0, samples=160,
-                  events=run.train[0].events, steps=run.stage.steps)
+                  record=record_of(run.train[0].events), steps=run.stage.steps)
         log.finish(wall_s=1.0, best_error=0.5, steps=run.stage.steps, stop=Stop(1, run.stage.steps, "test"))
     for k in range(K):
         acc = EventAccumulator(str(tmp_path / "tb" / f"module{k}")).Reload()

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fdg_dist.transport import Envelope, Link, TorchWire, Transport, TransportError
+from fdg_dist.transport import SEND_WINDOW, Envelope, Link, TorchWire, Transport, TransportError
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 
@@ -82,3 +82,66 @@ def test_a_misrouted_batch_is_an_error_naming_batch_expected_and_actual_at_once(
     sent = Envelope("act", 0, 1, 4, torch.float32, (2, 3))
     msg = _exchange(sent, expected)
     assert "header field 'batch' expected 5, got 4" in msg and "from module 0 (rank 0)" in msg
+
+
+N_MESSAGES = 40
+
+
+def _stream(rank: int, port: int, queue: mp.Queue) -> None:
+    """Rank 0 sends N_MESSAGES activation messages to rank 1, one per schedule time; reports what it saw."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # gloo's completion, as SPEC §5 says: a send the peer provably received reports not completed until waited
+        if rank == 0:
+            sent = dist.isend(torch.ones(1000), 1)
+            dist.recv(torch.empty(1), 1)  # rank 1 answers only after its receive completed
+            queue.put(("completed before wait", sent.is_completed()))
+            sent.wait()
+            queue.put(("completed after wait", sent.is_completed()))
+        else:
+            dist.irecv(torch.empty(1000), 0).wait()
+            dist.send(torch.ones(1), 0)
+        links = {Link("act", 0, 1): dist.new_group([0, 1]), Link("grad", 1, 0): dist.new_group([0, 1])}
+        transport = Transport(TorchWire([0, 1], links, None, torch.device("cpu"), "gloo"), rank, torch.device("cpu"))
+        envs = [Envelope("act", 0, 0, b, torch.float32, (4, 256)) for b in range(N_MESSAGES)]
+        if rank == 0:
+            most = 0
+            for env in envs:
+                transport.post([(1, [env], [torch.full(env.shape, float(env.batch))])], [])
+                most = max(most, *transport.in_flight().values())
+            transport.drain()
+            queue.put(("most in flight", most))
+            queue.put(("in flight after the drain", transport.in_flight()))
+        else:
+            for env in envs:
+                transport.post([], [(0, [env])])
+                (got,) = transport.take("act", env.batch)
+                assert torch.equal(got, torch.full(env.shape, float(env.batch)))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_gloo_link_keeps_at_most_its_window_of_sends() -> None:
+    """Real gloo: a send the peer has received still reports not completed until waited for, so polling
+    ``is_completed()`` would keep every message; the transport waits for the ones SEND_WINDOW messages old,
+    so over 40 messages it never holds more than SEND_WINDOW, and none after the drain."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_stream, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        seen = dict(queue.get(timeout=45) for _ in range(4))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    assert seen == {"completed before wait": False, "completed after wait": True, "most in flight": SEND_WINDOW,
+                    "in flight after the drain": {}}
+    assert [p.exitcode for p in procs] == [0, 0]

@@ -6,13 +6,16 @@ messages that time posts — the same order ``fabric.replay`` proves deadlock-fr
 
 Nothing here reads a device value between actions: losses and error counts accumulate on the device
 and are read once, at the epoch end; finiteness is checked a step late (``finite``); times come from
-a ``Clock`` that on a GPU records CUDA events and converts them only at the epoch end.
+a ``Clock`` that on a GPU records CUDA events and converts them once the device has passed them.  Each
+action's event goes to ``on_action`` at once and to ``on_timed`` when its times are known, and is then
+dropped: nothing is kept for the whole epoch (``record`` keeps the events, for short trials and tests).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,7 +82,7 @@ class EpochResult:
     loss_sum: float | torch.Tensor = 0.0
     errors: int | torch.Tensor = 0
     samples: int = 0
-    events: list[Event] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)  # with ``Executor(record=True)`` only
     stopped: Cut | None = None  # set when the pass was stopped early
 
     @property
@@ -98,6 +101,10 @@ class Clock(Protocol):
 
     def mark(self) -> Any: ...
 
+    def done(self, marks: tuple[Any, Any, Any]) -> bool:
+        """Whether ``resolve`` can read these marks without waiting."""
+        ...
+
     def resolve(self, marks: tuple[Any, Any, Any]) -> tuple[float, float, float]:
         """(start on the host clock, wait seconds, compute seconds)."""
         ...
@@ -111,6 +118,9 @@ class HostClock:
 
     def mark(self) -> float:
         return time.perf_counter()
+
+    def done(self, marks: tuple[float, float, float]) -> bool:
+        return True
 
     def resolve(self, marks: tuple[float, float, float]) -> tuple[float, float, float]:
         start, ready, end = marks
@@ -137,6 +147,9 @@ class DeviceClock:
         e.record()
         return e
 
+    def done(self, marks: tuple[Any, Any, Any]) -> bool:
+        return marks[2].query()  # the device has passed the last mark (so the earlier ones too): no sync
+
     def resolve(self, marks: tuple[Any, Any, Any]) -> tuple[float, float, float]:
         start, ready, end = marks
         end.synchronize()
@@ -161,44 +174,64 @@ def _sync_debug(device: torch.device) -> Iterator[None]:
 
 
 class Executor:
-    def __init__(self, stage: Stage, transport: Transport, boundary: Boundary, *, record: bool = True,
+    def __init__(self, stage: Stage, transport: Transport, boundary: Boundary, *, record: bool = False,
                  measure_every: int = 0, clock: Clock | None = None, probe_every: int = 0) -> None:
         self.stage = stage
         self.transport = transport
         self.boundary = boundary
         self.k = stage.index
         self.K = stage.num_stages
-        self.record = record
+        self.record = record  # keep every event of a pass in its result (a short trial's, a test's)
         self.measure_every = measure_every  # steps between update/weight-ratio measurements (0: never)
         self.probe_every = probe_every  # steps between staleness probes (0: never)
         self.clock = clock or HostClock()
 
     def run(self, plan: Plan, batch_sizes: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
             *, epoch: int, train: bool, on_action: Callable[[Event], None] | None = None,
+            on_timed: Callable[[Event], None] | None = None,
             resume: Cut | None = None, stop: StopCheck | None = None) -> EpochResult:
         """Execute one epoch (train) or one evaluation pass; returns the stats this module saw.
 
+        ``on_action`` sees each action's event as it ends, ``on_timed`` once its times are resolved (at once
+        on the host clock, once the device passed it on a GPU, all by the end of the pass), in order.
         ``resume`` continues an epoch after the tick where it was cut (``batches`` then starts at module
         0's first forward after it); ``stop`` may cut it after any tick every rank works in.
         """
         phase = 0 if train else 1
         result = EpochResult(loss_sum=torch.zeros((), device=self.stage.device),
                              errors=torch.zeros((), dtype=torch.int64, device=self.stage.device))
+        untimed: deque[Event] = deque()
+
+        def hand_over(every: bool) -> None:
+            """Resolve the oldest events whose times are known (``every``: all) and pass them on."""
+            while untimed and (every or self.clock.done(untimed[0].marks)):
+                e = untimed.popleft()
+                e.start, e.wait_s, e.compute_s = self.clock.resolve(e.marks)
+                e.marks = None
+                if self.record:
+                    result.events.append(e)
+                if on_timed is not None:
+                    on_timed(e)
+
+        def ended(event: Event) -> None:
+            if on_action is not None:
+                on_action(event)
+            untimed.append(event)
+            hand_over(False)
+
         self.clock.begin()
         with _sync_debug(self.stage.device):
-            self._walk(plan, batch_sizes, batches, epoch, phase, train, on_action, result, resume, stop)
+            self._walk(plan, batch_sizes, batches, epoch, phase, train, ended, result, resume, stop)
         if stop is not None:
             stop.close()
         self.transport.drain()
         if train:
             self.stage.finite.flush()
-        for e in result.events:
-            e.start, e.wait_s, e.compute_s = self.clock.resolve(e.marks)
-            e.marks = None
+        hand_over(True)
         return result
 
     def _walk(self, plan: Plan, batch_sizes: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
-              epoch: int, phase: int, train: bool, on_action: Callable[[Event], None] | None,
+              epoch: int, phase: int, train: bool, ended: Callable[[Event], None],
               result: EpochResult, resume: Cut | None, stop: StopCheck | None) -> None:
         """The steady state: every schedule time's actions, then its messages; no device value is read."""
         outbox: dict[tuple[str, int], list[torch.Tensor]] = {}
@@ -245,12 +278,8 @@ class Executor:
                 stepped = tuple(applied) if a.kind is Kind.STEP else ()
                 if stepped:
                     applied = []
-                event = Event(a, 0.0, 0.0, 0.0, len(self.stage.stash), stepped, info if a.kind is Kind.STEP else None,
-                              (start, ready, self.clock.mark()))
-                if self.record:
-                    result.events.append(event)
-                if on_action is not None:
-                    on_action(event)
+                ended(Event(a, 0.0, 0.0, 0.0, len(self.stage.stash), stepped, info if a.kind is Kind.STEP else None,
+                            (start, ready, self.clock.mark())))
             tick = step.time[0]
             tick_done = i + 1 == len(steps) or steps[i + 1].time[0] != tick
             # decided before posting: a cut posts no receive of a message produced after it
@@ -260,7 +289,6 @@ class Executor:
                  for m in step.sends],
                 [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase))
                  for m in (step.recvs_until(tick) if stopping else step.recvs)])
-            self.transport.reap()
             if stopping:
                 result.stopped = Cut(tick, applied, self.transport.settle(), result.loss_sum, result.errors,
                                      result.samples)

@@ -11,19 +11,24 @@ links follow NCCL, strictly:
 - payloads must be contiguous and on the rank's device;
 - a tensor handed to a send must not change (``_version``) until the sender has seen the send complete.
 
+``completion="gloo"`` reports a send incomplete until it was waited for, as gloo's ``is_completed()`` does
+(SPEC §5); under either rule the fabric counts, per link, the payloads handed to sends that are still alive
+(``live_sends``, the most at any send in ``max_live_sends``): the memory a sender keeps for its link.
+
 Headers follow gloo: matched by (link, tag), CPU tensors only.  A wait that can never end — every live
 rank is waiting — raises ``DeadlockError`` naming every rank's wait, and a rank that fails makes its
 peers' waits fail as a closed socket would.
 
 ``replay`` checks the programs of all ranks (``schedule.program``: the order in which each rank takes
-and posts messages, the order the executor uses) against the same FIFO rules without tensors or
-threads, in milliseconds.
+and posts messages, the order the executor uses, with the transport's wait for sends more than its
+window old) against the same FIFO rules without tensors or threads, in milliseconds.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +37,7 @@ from typing import Any, TypeVar
 import torch
 
 from fdg_dist.schedule import Message, Step
-from fdg_dist.transport import Link
+from fdg_dist.transport import SEND_WINDOW, Link
 
 T = TypeVar("T")
 _NCCL_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
@@ -56,6 +61,7 @@ class _Op:
     what: str  # for messages: "send act 0->1" / "recv header grad 2->1 tag 1"
     version: int
     done: bool = False
+    waited: bool = False  # the owner has waited for it (gloo reports a send complete only then)
     error: BaseException | None = None
 
 
@@ -75,16 +81,21 @@ class _Work:
                 raise self.op.error
             if self.op.done:
                 self.fabric._observed(self.op)
-            return self.op.done
+            unseen = self.fabric.completion == "gloo" and self.op.is_send and not self.op.waited
+            return self.op.done and not unseen
 
 
 class Fabric:
     """The shared medium of one emulated job: ``devices[r]`` is rank r's device (payloads must live there)."""
 
-    def __init__(self, devices: Sequence[torch.device | str], *, timeout_s: float = 120.0) -> None:
+    def __init__(self, devices: Sequence[torch.device | str], *, timeout_s: float = 120.0,
+                 completion: str = "nccl") -> None:
         self.devices = [torch.device(d) for d in devices]
         self.timeout_s = timeout_s
+        self.completion = completion  # nccl: is_completed() tells; gloo: only after wait()
         self.matched = 0  # payload messages delivered
+        self.max_live_sends: dict[Link, int] = {}
+        self._sent: dict[Link, list[weakref.ref[torch.Tensor]]] = {}
         self._cond = threading.Condition()
         self._queues: dict[tuple, tuple[deque[_Op], deque[_Op]]] = {}  # channel -> (unmatched sends, receives)
         self._waiting: dict[int, _Op] = {}
@@ -126,7 +137,20 @@ class Fabric:
             raise first
         return results
 
+    def live_sends(self, link: Link) -> int:
+        """Payloads handed to sends on ``link`` that are still alive (held by their sender)."""
+        with self._cond:
+            refs = self._sent[link] = [r for r in self._sent.get(link, []) if r() is not None]
+            return len(refs)
+
     # ----------------------------------------------------------------- internals
+    def _sending(self, tensor: torch.Tensor, link: Link) -> None:
+        """Count ``tensor`` among the link's live send payloads, and the most seen alive at once."""
+        live = self.live_sends(link) + 1
+        with self._cond:
+            self._sent[link].append(weakref.ref(tensor))
+            self.max_live_sends[link] = max(self.max_live_sends.get(link, 0), live)
+
     def _post(self, op: _Op, channel: tuple) -> _Work:
         with self._cond:
             sends, recvs = self._queues.setdefault(channel, (deque(), deque()))
@@ -180,6 +204,7 @@ class Fabric:
                         raise op.error
                     if op.done:
                         self._observed(op)
+                        op.waited = True
                         return
                     if op.peer in self._failed:
                         raise RuntimeError(f"Connection closed by peer: rank {op.peer} failed "
@@ -231,6 +256,8 @@ class Endpoint:
             raise FabricError(f"rank {self.rank} {what}: payload is not contiguous (strides {tensor.stride()})")
         if tensor.dtype not in _NCCL_DTYPES:
             raise FabricError(f"rank {self.rank} {what}: NCCL has no {tensor.dtype}")
+        if is_send:
+            self.fabric._sending(tensor, link)
         return self._post(tensor, link, is_send, what, ("payload", link))
 
     def _header(self, tensor: torch.Tensor, link: Link, tag: int, *, is_send: bool) -> _Work:
@@ -255,16 +282,17 @@ class _RankState:
     steps: Sequence[Step]
     step: int = 0
     action: int = 0
-    posted: bool = False  # the current step's messages are posted
+    posted: bool = False  # the current step's messages are posted (it waits for its old sends)
     matched: set[tuple[str, int]] = field(default_factory=set)  # received messages ready to take
     posted_recvs: set[tuple[str, int]] = field(default_factory=set)
 
 
-def replay(programs: Sequence[Sequence[Step]]) -> int:
+def replay(programs: Sequence[Sequence[Step]], *, window: int = SEND_WINDOW) -> int:
     """Walk every rank's program (``programs[k]``: module k's ``schedule.program``) under NCCL's FIFO rules:
     each link matches its n-th send with its n-th receive, and those must be the same message; a rank
-    cannot take a message before it arrived.  Raises ``FabricError``/``DeadlockError``; returns the number
-    of messages delivered."""
+    cannot take a message before it arrived, and after posting a time's messages it waits until at most
+    ``window`` of its sends per link are unmatched (``Transport``: a send completes once its receive is
+    posted).  Raises ``FabricError``/``DeadlockError``; returns the number of messages delivered."""
     ranks = [_RankState(p) for p in programs]
     fifos: dict[Link, tuple[deque[Message], deque[Message]]] = {}
     delivered = 0
@@ -281,11 +309,20 @@ def replay(programs: Sequence[Sequence[Step]]) -> int:
             ranks[r.dst].matched.add((r.kind, r.batch))
             delivered += 1
 
+    def sending(k: int) -> bool:
+        """Whether rank k still waits for a send more than ``window`` messages old on its link."""
+        return any(link.src == k and len(sends) > window for link, (sends, _) in fifos.items())
+
     def advance(k: int, st: _RankState) -> bool:
         """Run rank k as far as it can go; True if it moved."""
         moved = False
         while st.step < len(st.steps):
             step = st.steps[st.step]
+            if st.posted:
+                if sending(k):
+                    return moved
+                st.step, st.action, st.posted, moved = st.step + 1, 0, False, True
+                continue
             while st.action < len(step.actions):
                 need = step.actions[st.action][1]
                 if need is not None:
@@ -302,13 +339,20 @@ def replay(programs: Sequence[Sequence[Step]]) -> int:
             for m in step.recvs:
                 st.posted_recvs.add((m.kind, m.batch))
                 deliver(m, False)
-            st.step, st.action, moved = st.step + 1, 0, True
+            st.posted = moved = True
         return moved
+
+    def waiting(k: int, st: _RankState) -> str:
+        step = st.steps[st.step]
+        if st.posted:
+            old = [(m.kind, m.batch) for link, (sends, _) in fifos.items() if link.src == k and len(sends) > window
+                   for m in list(sends)[:len(sends) - window]]
+            return f"module {k} at time {step.time} waits for its sends of {old} to be received"
+        return f"module {k} at time {step.time} waits for {step.actions[st.action][1]}"
 
     while any(st.step < len(st.steps) for st in ranks):
         if not any([advance(k, st) for k, st in enumerate(ranks)]):
-            waits = [f"module {k} at time {st.steps[st.step].time} waits for {st.steps[st.step].actions[st.action][1]}"
-                     for k, st in enumerate(ranks) if st.step < len(st.steps)]
+            waits = [waiting(k, st) for k, st in enumerate(ranks) if st.step < len(st.steps)]
             raise DeadlockError("no module can move: " + "; ".join(waits))
     for link, (sends, recvs) in fifos.items():
         if sends or recvs:

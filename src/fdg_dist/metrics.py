@@ -1,11 +1,12 @@
 """What a run reports: the console, ``metrics.jsonl``, ``result.json``, TensorBoard and ``timing/``.
 
-Every rank summarises its own events at the end of an epoch (where it waited, how stale its
-gradients were, how big its stash grew) into TensorBoard (``tb/module{k}``) and ``timing/``; only the
-reporting rank (the last module of replica 0, which sees the losses) writes the epoch lines,
-``metrics.jsonl``, ``result.json``, the HParams summary, the progress (a bar on a terminal, plain
-lines elsewhere) and the end-of-run summary.  Nothing here runs between actions except the progress
-counter: device tensors are read once per epoch.
+Every rank sums up its own actions as they happen (``EpochRecord``: where it waited, how stale its
+gradients were, how big its stash grew) and writes them at the end of an epoch into TensorBoard
+(``tb/module{k}``) and ``timing/``, with its memory; only the reporting rank (the last module of replica
+0, which sees the losses) writes the epoch lines, ``metrics.jsonl`` (with every rank's memory),
+``result.json``, the HParams summary, the progress (a bar on a terminal, plain lines elsewhere, with
+every rank's memory) and the end-of-run summary.  Between actions only the progress counter and the
+record's sums run: device tensors are read once per epoch.
 """
 
 from __future__ import annotations
@@ -14,22 +15,23 @@ import datetime
 import json
 import logging
 import math
-import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
 from fdg_dist import loss
-from fdg_dist import staleness as staleness_probe
 from fdg_dist.checkpoint import atomic_write
 from fdg_dist.config import Config
 from fdg_dist.executor import EpochResult, Event
+from fdg_dist.memory import Usage, describe
 from fdg_dist.schedule import Kind
+from fdg_dist.staleness import TAGS as STALENESS_TAGS
+from fdg_dist.staleness import Probe
 
 log = logging.getLogger("fdg_dist")
 
@@ -86,17 +88,14 @@ class Timing:
         """Communication and bookkeeping: posting sends/receives, draining, the Python around it."""
         return max(self.train_s - self.compute_s - self.wait_input_s - self.wait_grad_s, 0.0)
 
-    @classmethod
-    def of(cls, events: Sequence[Event], *, train_s: float, samples: int) -> Timing:
-        t = cls(train_s=train_s, samples=samples)
-        for e in events:
-            t.compute_s += e.compute_s
-            if e.action.kind is Kind.FORWARD:
-                t.wait_input_s += e.wait_s
-            elif e.action.kind is Kind.BACKWARD:
-                t.wait_grad_s += e.wait_s
-            t.stash_max = max(t.stash_max, e.stash)
-        return t
+    def add(self, e: Event) -> None:
+        """Count one action, its times resolved."""
+        self.compute_s += e.compute_s
+        if e.action.kind is Kind.FORWARD:
+            self.wait_input_s += e.wait_s
+        elif e.action.kind is Kind.BACKWARD:
+            self.wait_grad_s += e.wait_s
+        self.stash_max = max(self.stash_max, e.stash)
 
     def __iadd__(self, other: Timing) -> Timing:
         self.train_s += other.train_s
@@ -112,33 +111,84 @@ class Timing:
                 "samples_per_s": self.samples / self.train_s if self.train_s > 0 else 0.0}
 
 
-def staleness(events: Sequence[Event]) -> list[int]:
-    """Per applied gradient: the tick of the STEP minus the tick of that batch's forward on this module."""
-    forward_tick = {e.action.batch: e.action.tick for e in events if e.action.kind is Kind.FORWARD}
-    return [e.action.tick - forward_tick[b] for e in events if e.action.kind is Kind.STEP
-            for b in e.batches if b in forward_tick]
+_STEP_VALUES = ("grad_norm", "update_ratio", *STALENESS_TAGS[1:])  # the device values of a step
 
 
-def step_series(events: Sequence[Event]) -> tuple[list[float], dict[int, float]]:
-    """Gradient norm of every step and update/weight ratio where measured (step index within the list).
+class EpochRecord:
+    """One rank's training pass, summed up action by action as the executor hands over each action with its
+    times (``Executor.run``'s ``on_timed``): what ``RunLog.epoch`` reports, in a size fixed at the start, so
+    nothing grows with the length of the epoch (an epoch-long list of events kept every action's gradient
+    norm, clock marks and staleness probe alive until the epoch's end).
 
-    One host transfer for the whole epoch instead of one ``.item()`` per step.
+    Staleness is the tick of a STEP minus the tick of the forward of each batch it applies, per gradient;
+    each step's device values (``_STEP_VALUES``) go into a buffer of ``steps`` rows made at the start and are
+    read in one host transfer at the end, with host flags saying which were measured.
     """
-    infos = [e.step for e in events if e.step is not None]
-    if not infos:
-        return [], {}
-    measured = [i for i, s in enumerate(infos) if s.update_ratio is not None]
-    values = torch.stack([s.grad_norm.float() for s in infos]
-                         + [infos[i].update_ratio.float() for i in measured]).tolist()
-    return values[:len(infos)], dict(zip(measured, values[len(infos):]))
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.timing = Timing()
+        self.steps = 0  # steps recorded
+        self.values = torch.zeros((steps, len(_STEP_VALUES)), device=device)
+        self.ratio_at = torch.zeros(steps, dtype=torch.bool)  # host: the update ratio was measured
+        self.delays = torch.full((steps,), -1, dtype=torch.int64)  # host: a staleness probe's delay, -1: none
+        self.stale_ticks = 0  # summed over the applied gradients
+        self.applied = 0
+        self._forward_tick: dict[int, int] = {}  # forwarded batches whose gradient is not applied yet
+
+    def add(self, e: Event) -> None:
+        """Count one action, its times resolved (an ``on_timed`` callback)."""
+        self.timing.add(e)
+        a = e.action
+        if a.kind is Kind.FORWARD:
+            self._forward_tick[a.batch] = a.tick
+        for b in e.batches:
+            if b in self._forward_tick:  # a resumed epoch applies gradients of forwards from before the cut
+                self.stale_ticks += a.tick - self._forward_tick.pop(b)
+                self.applied += 1
+        if e.step is not None:
+            self._put_step(e.step.grad_norm, e.step.update_ratio, e.step.staleness)
+
+    def _put_step(self, norm: torch.Tensor, ratio: torch.Tensor | None, probe: Probe | None) -> None:
+        row = self.values[self.steps]
+        row[0].copy_(norm)
+        if ratio is not None:
+            row[1].copy_(ratio)
+            self.ratio_at[self.steps] = True
+        if probe is not None:
+            self.delays[self.steps] = probe.delay_steps
+            for i, tag in enumerate(STALENESS_TAGS[1:], start=2):
+                value = getattr(probe, tag)
+                row[i].copy_(value) if isinstance(value, torch.Tensor) else row[i].fill_(value)
+        self.steps += 1
+
+    @property
+    def staleness_ticks(self) -> float:
+        """Mean ticks from a batch's forward to the step applying its gradient (0 if none was applied)."""
+        return self.stale_ticks / self.applied if self.applied else 0.0
+
+    def step_values(self) -> dict[str, dict[int, float]]:
+        """Per tag (``module/grad_norm``, ``module/update_ratio``, ``staleness/<tag>``), the value at each step
+        index of this pass where it was measured: one host transfer for the epoch."""
+        rows = self.values[:self.steps].tolist()
+        ratio_at = self.ratio_at[:self.steps].tolist()
+        delays = self.delays[:self.steps].tolist()
+        out: dict[str, dict[int, float]] = {"module/grad_norm": {i: row[0] for i, row in enumerate(rows)},
+                                            "module/update_ratio": {i: rows[i][1] for i, at in enumerate(ratio_at) if at}}
+        probed = [i for i, d in enumerate(delays) if d >= 0]
+        out["staleness/delay_steps"] = {i: float(delays[i]) for i in probed}
+        for j, tag in enumerate(STALENESS_TAGS[1:], start=2):
+            out[f"staleness/{tag}"] = {i: rows[i][j] for i in probed}
+        return {tag: points for tag, points in out.items() if points}
 
 
 class ProgressLines:
     """``on_action`` callback: one plain log line at most every ``every_s`` seconds during an epoch (not
-    after its last batch: the epoch line follows)."""
+    after its last batch: the epoch line follows), with every rank's memory when ``memory`` knows it."""
 
-    def __init__(self, epoch: int, epochs: int, n_batches: int, every_s: float) -> None:
+    def __init__(self, epoch: int, epochs: int, n_batches: int, every_s: float,
+                 memory: Callable[[], dict[str, Usage] | None] | None = None) -> None:
         self.epoch, self.epochs, self.n_batches, self.every_s = epoch, epochs, n_batches, every_s
+        self.memory = memory
         self.done = 0
         self.start = self.last = time.monotonic()
 
@@ -151,9 +201,10 @@ class ProgressLines:
             return
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
-        log.info("epoch %d/%d  batch %d/%d (%.0f%%)  %.2f batches/s  epoch ends in %s", self.epoch + 1, self.epochs,
+        usages = self.memory() if self.memory is not None else None
+        log.info("epoch %d/%d  batch %d/%d (%.0f%%)  %.2f batches/s  epoch ends in %s%s", self.epoch + 1, self.epochs,
                  self.done, self.n_batches, 100 * self.done / self.n_batches, rate,
-                 duration((self.n_batches - self.done) / rate))
+                 duration((self.n_batches - self.done) / rate), f"  {describe(usages)}" if usages else "")
 
 
 @dataclass
@@ -170,14 +221,6 @@ def language_metrics(train: EpochResult, test: EpochResult) -> dict[str, float]:
     and the validation perplexity per token; losses are mean nats per token."""
     return {"train_bpc": loss.bits(train.loss), "test_bpc": loss.bits(test.loss),
             "test_perplexity": math.exp(min(test.loss, 700.0))}  # exp overflows a float beyond ~709
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this rank so far: CUDA allocations on a GPU, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 class RunLog:
@@ -219,15 +262,16 @@ class RunLog:
                 best = min(best, json.loads(line)["test_error"])
         return best
 
-    def progress(self, epoch: int, n_batches: int) -> Hook | None:
+    def progress(self, epoch: int, n_batches: int,
+                 memory: Callable[[], dict[str, Usage] | None] | None = None) -> Hook | None:
         """``on_action`` callback showing this epoch's progress on the reporting rank only: a bar (batches/s,
-        ETA) or plain lines (``progress_style``).
+        ETA) or plain lines (``progress_style``) that also show every rank's memory as ``memory`` knows it.
 
         The executor's events carry no per-batch loss, so the bar shows the previous epoch's train loss.
         """
         epochs = self.cfg.trainer.epochs
         if self.progress_style == "lines":
-            return ProgressLines(epoch, epochs, n_batches, self.cfg.logging.progress_every_s)
+            return ProgressLines(epoch, epochs, n_batches, self.cfg.logging.progress_every_s, memory)
         if self.progress_style != "bar":
             return None
         from tqdm import tqdm
@@ -245,20 +289,21 @@ class RunLog:
         return advance
 
     def epoch(self, epoch: int, *, lr: float, train: EpochResult, test: EpochResult, seconds: float,
-              samples: int, events: list[Event], steps: int) -> None:
+              samples: int, record: EpochRecord, steps: int, memory: dict[str, Usage] | None = None) -> None:
         """Log one epoch; ``steps`` is this module's optimizer step count at its end: TensorBoard's x-axis for
         every tag (per-step tags at their step, per-epoch tags at the epoch's last step), one axis that a
-        resume can purge past."""
+        resume can purge past.  ``memory``: every rank's at the epoch's end (the reporting rank's
+        ``metrics.jsonl`` holds it); TensorBoard gets this rank's own."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        timing = Timing.of(events, train_s=seconds, samples=samples)
+        timing = replace(record.timing, train_s=seconds, samples=samples)
         self.totals += timing
         self.timing_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write((json.dumps({"module": self.module, "replica": self.replica, **self.totals.to_dict()},
                                  indent=2) + "\n").encode(), self.timing_path)
         if self.tb_dir is not None:
-            self._tensorboard(lr, train, test, timing, events, steps)
+            self._tensorboard(lr, train, test, timing, record, steps)
         if not self.reporter:
             return
         row = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_error": train.error,
@@ -266,6 +311,8 @@ class RunLog:
                "samples_per_s": samples / seconds if seconds > 0 else 0.0}
         text = self._language(train, test)
         row.update(text)
+        if memory is not None:
+            row["memory"] = {name: usage.to_dict() for name, usage in memory.items()}
         append_line(self.metrics_path, json.dumps(row))
         self.last = row
         log.info("epoch %3d/%d  lr %.4g  train loss %.4f err %.2f%%  test loss %.4f err %.2f%%  %.1fs  %.0f samples/s",
@@ -281,7 +328,7 @@ class RunLog:
         return language_metrics(train, test) if self.cfg.data.name == "text" else {}
 
     def _tensorboard(self, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
-                     events: list[Event], steps: int) -> None:
+                     record: EpochRecord, steps: int) -> None:
         w = self.tensorboard()
         if self.reporter:
             for tag, value in (("train/loss", train.loss), ("train/error", train.error),
@@ -289,36 +336,24 @@ class RunLog:
                 w.add_scalar(tag, value, steps)
             for name, value in self._language(train, test).items():  # train_bpc -> train/bpc
                 w.add_scalar(name.replace("_", "/", 1), value, steps)
-        norms, ratios = step_series(events)
-        first = steps - len(norms) + 1  # module step number of the epoch's first step
-        for i, norm in enumerate(norms):
-            w.add_scalar("module/grad_norm", norm, first + i)
-        for i, ratio in ratios.items():
-            w.add_scalar("module/update_ratio", ratio, first + i)
-        self._staleness_tags(w, events, first)
-        stale = staleness(events)
+        first = steps - record.steps + 1  # module step number of the epoch's first step
+        for tag, points in record.step_values().items():
+            for i, value in points.items():
+                w.add_scalar(tag, value, first + i)
         summary = timing.to_dict()
+        usage = Usage.now(self.device)
         for tag, value in (
                 ("module/lr", lr),
-                ("module/staleness_ticks", sum(stale) / len(stale) if stale else 0.0),
+                ("module/staleness_ticks", record.staleness_ticks),
                 ("module/stash_max", timing.stash_max),
                 ("time/compute_s", timing.compute_s),
                 ("time/wait_input_s", timing.wait_input_s),
                 ("time/wait_grad_s", timing.wait_grad_s),
                 ("time/other_s", timing.other_s),
                 ("perf/samples_per_s", summary["samples_per_s"]),
-                ("memory/peak_mb", peak_memory_mb(self.device))):
+                *((f"memory/{name}", value) for name, value in usage.to_dict().items())):
             w.add_scalar(tag, value, steps)
         w.flush()
-
-    @staticmethod
-    def _staleness_tags(w, events: list[Event], first: int) -> None:
-        """``staleness/<tag>`` at every probed step (``staleness.py``), read in one transfer."""
-        infos = [e.step for e in events if e.step is not None]
-        probes = [(first + i, s.staleness) for i, s in enumerate(infos) if s.staleness is not None]
-        for tag, points in staleness_probe.series(probes).items():
-            for step, value in points:
-                w.add_scalar(f"staleness/{tag}", value, step)
 
     def finish(self, *, wall_s: float, best_error: float, steps: int, stop: Stop) -> dict | None:
         """Write ``result.json``, the HParams summary (at the module's final step ``steps``) and the

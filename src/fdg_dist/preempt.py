@@ -7,6 +7,10 @@ the same vote at the same tick, so all of them stop after the same tick: a consi
 pipeline, which the trainer saves (stashes and messages in flight included) and the same command resumes
 bit for bit.  ``lag`` exceeds how far ranks drift apart (module 0 runs up to K-1 ticks ahead of the
 last module), so the vote adds no coupling between them.
+
+The same vote carries every rank's memory (``memory.Usage``; each rank fills its own slots, the others
+are zero, MAX keeps them): the reporting rank's progress lines show every rank's resident memory, ``lag``
+ticks old, without a message of their own.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from types import FrameType
 
 import torch
 import torch.distributed as dist
+
+from fdg_dist.memory import FIELDS, Usage
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -37,11 +43,13 @@ class Preemption:
     stopped the run, whichever rank received it.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, lag: int) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, lag: int, device: torch.device) -> None:
         self.group = group
         self.lag = lag
+        self.device = device  # whose memory this rank reports
         self.received: signal.Signals | None = None  # the first signal this rank received
         self.agreed: signal.Signals | None = None  # the signal every rank agreed to stop on
+        self.memory: list[Usage] | None = None  # every rank's (by rank in the group) as of the last vote read
         self._votes: deque[tuple[dist.Work, torch.Tensor]] = deque()
 
     def install(self) -> None:
@@ -74,12 +82,18 @@ class Preemption:
         return self._read(None, flag)
 
     def _flag(self) -> torch.Tensor:
-        return torch.tensor([0 if self.received is None else int(self.received)])
+        """[signal number or 0, then every rank's memory slots: this rank's filled, the others zero]."""
+        flag = torch.zeros(1 + FIELDS * dist.get_world_size(self.group), dtype=torch.int64)
+        flag[0] = 0 if self.received is None else int(self.received)
+        mine = 1 + FIELDS * dist.get_rank(self.group)
+        flag[mine:mine + FIELDS] = torch.tensor(Usage.now(self.device).to_ints())
+        return flag
 
     def _read(self, work: dist.Work | None, flag: torch.Tensor) -> bool:
         if work is not None:
             work.wait()
-        value = int(flag.item())  # a CPU tensor: no device sync
-        if value:
-            self.agreed = self.agreed or signal.Signals(value)
-        return bool(value)
+        values = flag.tolist()  # a CPU tensor: no device sync
+        self.memory = [Usage.from_ints(values[i:i + FIELDS]) for i in range(1, len(values), FIELDS)]
+        if values[0]:
+            self.agreed = self.agreed or signal.Signals(values[0])
+        return bool(values[0])

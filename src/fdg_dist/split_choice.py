@@ -247,7 +247,7 @@ def _trial_periods(cfg: Config, ctx: Context, transport: Transport, build: Build
     """The time between consecutive forwards of the last module after the first quarter of the batches."""
     stage, boundary = build(bounds)
     clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
-    executor = Executor(stage, transport, boundary, clock=clock)
+    executor = Executor(stage, transport, boundary, clock=clock, record=True)
     n = TRIAL_BATCHES
     plan = schedule.plan(cfg.method.name, ctx.module, ctx.K, n, train=True, accum_steps=cfg.method.accum_steps)
     shape = _batch_shape(cfg, ctx)

@@ -14,7 +14,7 @@ A module that back-propagates its own loss at once (the last one, and K = 1) app
 gradient by construction: delay 0, distance 0, cosine and ratio 1.  The rest of the network's share
 of the staleness (stale activations from upstream, stale gradients from downstream) needs every
 module's current weights, which only ``reference.Simulation`` has: its probes add the *full* fresh
-gradient of the same batch.  Values stay on the device until the epoch end (``series``).
+gradient of the same batch.  Values stay on the device until the epoch end (``metrics.EpochRecord``).
 """
 
 from __future__ import annotations
@@ -55,18 +55,3 @@ def distance(stashed: Sequence[torch.Tensor], live: Sequence[torch.Tensor]) -> t
     """‖stashed − live‖ / ‖live‖ over all of a module's parameters."""
     diff = _flat_norm([s.detach() - p.detach() for s, p in zip(stashed, live, strict=True)])
     return diff / _flat_norm([p.detach() for p in live]).clamp_min(1e-30)
-
-
-def series(probes: Sequence[tuple[int, Probe]]) -> dict[str, list[tuple[int, float]]]:
-    """Per tag, (step, value) of every probe of an epoch: one host transfer for all of them."""
-    if not probes:
-        return {}
-    fields = [getattr(p, tag) for _, p in probes for tag in TAGS[1:]]
-    device = next((v.device for v in fields if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    flat = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in fields]).tolist()
-    out: dict[str, list[tuple[int, float]]] = {tag: [] for tag in TAGS}
-    for i, (step, p) in enumerate(probes):
-        out["delay_steps"].append((step, float(p.delay_steps)))
-        for j, tag in enumerate(TAGS[1:]):
-            out[tag].append((step, flat[i * (len(TAGS) - 1) + j]))
-    return out

@@ -37,7 +37,8 @@ from fdg_dist import (
 from fdg_dist.config import Config
 from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
-from fdg_dist.metrics import RunLog, Stop, chain
+from fdg_dist.memory import Usage
+from fdg_dist.metrics import EpochRecord, RunLog, Stop, chain, rank_name
 from fdg_dist.optim import build_optimizer, build_scheduler
 from fdg_dist.preempt import Preemption, Stopped
 from fdg_dist.stage import Stage
@@ -193,7 +194,8 @@ class Trainer:
         self.global_step = 0
         self.start_epoch = 0
         self.cut: Cut | None = None  # where a resumed epoch was cut, until it continues
-        self.preemption = Preemption(ctx.control_group, lag=self.K + 1)  # the worker installs its signal handlers
+        # the worker installs its signal handlers; the vote also brings every rank's memory to the progress lines
+        self.preemption = Preemption(ctx.control_group, lag=self.K + 1, device=ctx.device)
         self.trace = TraceWriter(run_dir, ctx.rank, self.k, time.perf_counter()) if cfg.logging.trace else None
 
     def _choose_split(self, transport: Transport, sync: Callable[[list[torch.Tensor]], None] | None
@@ -258,7 +260,7 @@ class Trainer:
                     log.info("%s: the run stops there", stop)
                 sizes = sizes[:left]
             tic = time.perf_counter()
-            train = self.train_epoch(epoch, sizes)
+            train, record = self.train_epoch(epoch, sizes)
             if train.stopped is not None:
                 self._stop(epoch, train.stopped)
             train_time = time.perf_counter() - tic
@@ -266,13 +268,12 @@ class Trainer:
             self.global_step += len(sizes)
             test = self.evaluate(epoch)
             if self.trace is not None:
-                self.trace.add(train.events, epoch=epoch, phase="train")
-                self.trace.add(test.events, epoch=epoch, phase="eval")
+                self.trace.flush()
             if self.is_reporter:
                 best = min(best, test.error)
             self.log.epoch(epoch, lr=self.stage.optimizer.param_groups[0]["lr"], train=train, test=test,
-                           seconds=train_time, samples=sum(sizes) * self.ctx.R, events=train.events,
-                           steps=self.stage.steps)
+                           seconds=train_time, samples=sum(sizes) * self.ctx.R, record=record,
+                           steps=self.stage.steps, memory=self.memory_of_every_rank())
             self.start_epoch = epoch + 1
             saved = cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0
             if saved:
@@ -282,19 +283,42 @@ class Trainer:
             if cut:
                 break
         self.export_final_model()
+        if self.trace is not None:
+            self.trace.close()
         return self.log.finish(wall_s=time.perf_counter() - started, best_error=best, steps=self.stage.steps,
                                stop=Stop(self.start_epoch, self.global_step, stop))
 
-    def train_epoch(self, epoch: int, sizes: list[int]) -> EpochResult:
-        """One epoch, or what is left of it after the cut a resumed checkpoint holds; a signal may cut it."""
+    def train_epoch(self, epoch: int, sizes: list[int]) -> tuple[EpochResult, EpochRecord]:
+        """One epoch, or what is left of it after the cut a resumed checkpoint holds; a signal may cut it.
+        Returns what the module saw and the record of its actions."""
         m = self.cfg.method
         plan = schedule.plan(m.name, self.k, self.K, len(sizes), train=True, accum_steps=m.accum_steps)
         cut, self.cut = self.cut, None
         first = 0 if cut is None else schedule.first_forward_after(plan, cut.tick)
         batches = self.train_data.epoch(epoch, start_batch=first) if self.k == 0 else None
-        return self.executor.run(plan, sizes, batches, epoch=epoch, train=True, resume=cut, stop=self.preemption,
-                                 on_action=chain(self.log.progress(epoch, len(sizes)),
-                                                 checkpoint.kill_hook(self.run_dir, self.k, epoch)))
+        record = EpochRecord(sum(a.kind is schedule.Kind.STEP for a in plan.actions), self.ctx.device)
+        trace = self.trace.hook(epoch, "train") if self.trace is not None else None
+        result = self.executor.run(plan, sizes, batches, epoch=epoch, train=True, resume=cut, stop=self.preemption,
+                                   on_action=chain(self.log.progress(epoch, len(sizes), self._memory_so_far),
+                                                   checkpoint.kill_hook(self.run_dir, self.k, epoch)),
+                                   on_timed=chain(record.add, trace))
+        return result, record
+
+    def _memory_so_far(self) -> dict[str, Usage] | None:
+        """Every rank's memory as the last preemption vote brought it (None before the first)."""
+        usages = self.preemption.memory
+        if usages is None:
+            return None
+        return {rank_name(r % self.K, r // self.K): u for r, u in enumerate(usages)}
+
+    def memory_of_every_rank(self) -> dict[str, Usage] | None:
+        """Every rank's memory now, gathered once at an epoch's end on the reporting rank (None elsewhere)."""
+        reporter = self.K - 1  # the last module of replica 0
+        usages: list[Usage] | None = [None] * self.ctx.world_size if self.ctx.rank == reporter else None
+        dist.gather_object(Usage.now(self.ctx.device), usages, dst=reporter, group=self.ctx.header_group)
+        if usages is None:
+            return None
+        return {rank_name(r % self.K, r // self.K): u for r, u in enumerate(usages)}
 
     def _stop(self, epoch: int, cut: Cut | None, *, saved: bool = False) -> NoReturn:
         """After a signal (on any rank): checkpoint where every rank stands — the cut, or the epoch end — and
@@ -347,7 +371,8 @@ class Trainer:
         sizes = data.batch_sizes(self.n_test, self.cfg.trainer.eval_batch_size)
         plan = schedule.plan(self.cfg.method.name, self.k, self.K, len(sizes), train=False)
         batches = self.test_data.epoch(epoch) if self.k == 0 else None
-        return self.executor.run(plan, sizes, batches, epoch=epoch, train=False)
+        return self.executor.run(plan, sizes, batches, epoch=epoch, train=False,
+                                 on_timed=self.trace.hook(epoch, "eval") if self.trace is not None else None)
 
     # ------------------------------------------------------------------ export
     def export_final_model(self) -> None:

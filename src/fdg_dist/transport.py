@@ -16,6 +16,7 @@ an in-process implementation with NCCL's rules for tests.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+SEND_WINDOW = 3
 HEADER_LEN = 16
 MAGIC = 0x46_44_47  # "FDG"
 _KINDS = ("act", "grad", "labels")
@@ -91,8 +93,6 @@ class Link:
 
 class Work(Protocol):
     def wait(self) -> object: ...
-
-    def is_completed(self) -> bool: ...
 
 
 class Wire(Protocol):
@@ -168,11 +168,16 @@ class _Done:
     def wait(self) -> bool:
         return True
 
-    def is_completed(self) -> bool:
-        return True
-
 
 _DONE = _Done()
+
+
+@dataclass
+class _Outgoing:
+    """One message's sends (its headers and payloads): the tensors stay alive until they were waited for."""
+
+    peer: int  # module
+    sends: list[tuple[Work, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -188,30 +193,46 @@ class Transport:
 
     ``memory_format`` is the layout stages compute in; 4-D payloads cross the wire in it (every rank of a
     run uses the same one, which the configuration check at start guarantees).
+
+    A sent tensor must stay alive and unchanged until its send is done, and a send is known to be done only
+    by waiting for it: gloo's ``is_completed()`` stays False until ``wait()`` (SPEC §5), so polling it kept
+    every payload of an epoch alive until the drain, memory growing with the epoch's length.  Instead, after
+    posting a schedule time's messages, a rank waits for the sends that are more than ``window`` messages old
+    on their link, so each link holds at most ``window`` messages (``window`` + 1 while posting).  Waiting for
+    a send waits until the neighbour has posted its receive; the neighbour posts receives ahead of its own
+    progress in the same ``schedule.program`` order, and ``fabric.replay`` proves every schedule free of
+    deadlock under this rule.  In a healthy FDG pipeline a message ``SEND_WINDOW`` = 3 times old is already
+    delivered (the neighbour's answer that this rank took since proves it), so the wait returns at once; it
+    only holds back a rank that runs ahead of a slower neighbour (evaluation has no answer to wait for).  Under
+    NCCL ``wait()`` only orders the compute stream after the send, with no host block.
     """
 
     def __init__(self, wire: Wire, module: int, device: torch.device, *,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format, window: int = SEND_WINDOW) -> None:
         self.wire = wire
         self.module = module
         self.device = device
         self.memory_format = memory_format
+        self.window = window
         self._inbox: dict[tuple[str, int], _Incoming] = {}
-        self._in_flight: list[tuple[Work, torch.Tensor, int]] = []  # isend tensors stay alive until done
+        self._sent: dict[Link, deque[_Outgoing]] = {}  # per link, oldest first: not yet waited for
 
     def post(self, sends: list[tuple[int, list[Envelope], list[torch.Tensor]]],
              recvs: list[tuple[int, list[Envelope]]]) -> None:
         """Post one schedule time's sends (to module, envelopes, tensors) and receives (from module, envelopes).
 
-        Every link is a FIFO: both ends post its messages in the order the schedule gives.
+        Every link is a FIFO: both ends post its messages in the order the schedule gives.  Then the sends
+        more than ``window`` messages old on their link are waited for and let go (see the class).
         """
         for peer, envelopes, tensors in sends:
+            message = _Outgoing(peer)
             for env, tensor in zip(envelopes, tensors, strict=True):
                 link = Link.of(env.kind, self.module, peer)
                 header = env.encode()
-                self._in_flight.append((self.wire.send_header(header, link, _tag(env)), header, peer))
+                message.sends.append((self.wire.send_header(header, link, _tag(env)), header))
                 payload = to_wire(tensor, self.memory_format).to(self.wire.device)
-                self._in_flight.append((self.wire.send(payload, link), payload, peer))
+                message.sends.append((self.wire.send(payload, link), payload))
+            self._sent.setdefault(Link.of(envelopes[0].kind, self.module, peer), deque()).append(message)
         for peer, envelopes in recvs:
             incoming = _Incoming(envelopes, peer)
             for env in envelopes:
@@ -221,6 +242,7 @@ class Transport:
                 buf, logical = wire_buffer(env.shape, env.dtype, self.wire.device, self.memory_format)
                 incoming.payloads.append((self.wire.recv(buf, link), logical))
             self._inbox[(envelopes[0].kind, envelopes[0].batch)] = incoming
+        self._release(self.window)
 
     def take(self, kind: str, batch: int) -> list[torch.Tensor]:
         """Wait for the message (kind, batch), verify its headers and return its tensors on the device.
@@ -253,16 +275,22 @@ class Transport:
 
     def drain(self) -> None:
         """Wait for every outstanding send; call before a checkpoint or shutdown."""
-        for work, _, peer in self._in_flight:
-            with self._lost(peer, "a send to complete"):
-                work.wait()
-        self._in_flight.clear()
+        self._release(0)
         if self._inbox:
             raise TransportError(f"messages received but never used: {sorted(self._inbox)}")
 
-    def reap(self) -> None:
-        """Drop finished sends so their buffers can be freed (cheap; called once per schedule time)."""
-        self._in_flight = [entry for entry in self._in_flight if not entry[0].is_completed()]
+    def in_flight(self) -> dict[Link, int]:
+        """Messages per link not yet waited for (at most ``window`` between two postings)."""
+        return {link: len(queue) for link, queue in self._sent.items() if queue}
+
+    def _release(self, keep: int) -> None:
+        """Wait for the oldest sends of every link until at most ``keep`` messages remain on it, and drop them."""
+        for queue in self._sent.values():
+            while len(queue) > keep:
+                message = queue.popleft()
+                with self._lost(message.peer, "a send to complete"):
+                    for work, _ in message.sends:
+                        work.wait()
 
     @contextmanager
     def _lost(self, peer: int, waiting_for: str) -> Iterator[None]:
