@@ -12,6 +12,8 @@
 # every rank checks it at start. FDG_STORE_SECRET: give every node the same random value (e.g. from
 # `openssl rand -hex 32`) and what the stores hold is signed with it (launch/slurm.sbatch does); without it
 # the stores have no authentication: use a trusted cluster network.
+# RDZV_TIMEOUT (seconds, default 600): how long node 0 waits for every node to join, and the others for node 0
+# to answer; a node that never comes, or a port nobody answers, then ends the launch with one line naming it.
 set -euo pipefail
 GPUS=${1:?usage: launch/multinode.sh GPUS_PER_NODE [overrides...]}; shift
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK (0 on the node MASTER names)}"
@@ -21,4 +23,5 @@ export GLOO_SOCKET_IFNAME="$IFNAME" NCCL_SOCKET_IFNAME="$IFNAME"
 export FDG_MASTER_ADDR="${MASTER%:*}" FDG_MASTER_PORT=$(( ${MASTER##*:} + 1 )) FDG_NODE_RANK="$NODE_RANK"
 exec "${PYTHON:-python}" -m fdg_dist.rendezvous --nnodes="$NNODES" --nproc_per_node="$GPUS" \
   --rdzv-backend=fdg-c10d --rdzv-endpoint="$MASTER" --rdzv-id="$RUN_ID" \
+  --rdzv-conf="join_timeout=${RDZV_TIMEOUT:-600},read_timeout=${RDZV_TIMEOUT:-600}" \
   --max-restarts="${MAX_RESTARTS:-0}" -m fdg_dist.train "$@"

@@ -132,9 +132,12 @@ def _link_groups(rank: int, K: int, R: int, timeout: timedelta) -> dict[Link, di
 
 def _store(timeout: timedelta) -> dist.Store:
     """A store of this attempt's own, never torchrun's shared one (stale keys after a restart), listening on
-    loopback on one machine, where gloo and NCCL listen too (``rendezvous.job_store``)."""
+    loopback on one machine, where gloo and NCCL listen too (``rendezvous.job_store``); returned once every
+    rank reached it (``rendezvous.await_ranks``: one line naming the store if some cannot)."""
     rendezvous.pin_transports_to_loopback()
-    return rendezvous.job_store(timeout)
+    store = rendezvous.job_store(timeout)
+    rendezvous.await_ranks(store, int(os.environ["WORLD_SIZE"]), timeout)
+    return store
 
 
 def close() -> None:

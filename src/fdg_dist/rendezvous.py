@@ -13,7 +13,9 @@ Two defaults of torch.distributed (2.14) that this module works around:
   worker of the current attempt serves.
 
 ``python -m fdg_dist.rendezvous`` is torchrun with one more rendezvous backend, ``fdg-c10d``: torch's c10d
-rendezvous whose store binds to the endpoint's address; the launch scripts and ``fdg-train`` use it.
+rendezvous whose store binds to the endpoint's address; the launch scripts and ``fdg-train`` use it.  Across
+machines what torch reports as a bare timeout is one line here: a node that never joined is named (a roll
+call in the rendezvous store), and a store nobody answers names its address and port.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import signal
 import socket
 import struct
+import sys
 import tempfile
 import time
 import uuid
@@ -37,7 +41,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed import Store, TCPStore
-from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous import (
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousTimeoutError,
+)
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 from torch.distributed.elastic.rendezvous.registry import handler_registry
@@ -51,6 +64,7 @@ RUN_MARKER = ".fdg_run_marker"
 SECRET = "FDG_STORE_SECRET"  # the run's secret: what its stores hold is signed with it (SignedStore)
 _TOKEN_KEY = "fdg/token"  # in the job store: which attempt serves it
 _PUBLISHED_KEY = "fdg/job_store"  # in torchrun's shared store: "address port token" of the job store
+_ARRIVED_KEY, _ALL_ARRIVED_KEY = "fdg/arrived", "fdg/all_arrived"  # in the job store: ranks that reached it
 # torch's libuv store server never listened on a given socket before pytorch#150215 (torch 2.8)
 _LIBUV_TAKES_FD = torch.__version__ >= "2.8"
 _SIOCGIFADDR = 0x8915
@@ -101,6 +115,7 @@ def serve(host: str, port: int, timeout: timedelta) -> TCPStore:
 
 
 def connect(host: str, port: int, timeout: timedelta) -> TCPStore:
+    reach(address(host), port, timeout)
     return TCPStore(address(host), port, is_master=False, timeout=timeout)
 
 
@@ -183,6 +198,28 @@ def signed(store: TCPStore, env: Mapping[str, str] = os.environ) -> Store:
     return SignedStore(store, secret.encode()) if secret else store
 
 
+def reach(ip: str, port: int, timeout: timedelta) -> None:
+    """Return once ``ip:port`` accepts a TCP connection, or raise ``ConnectionError``: one line naming the port.
+
+    torch's store client retries for its whole timeout, then prints a C++ stack saying "timed out": it does not
+    tell a server that is not up yet (refused: waited for, as torch does) from a port a firewall drops or a
+    wrong address (no answer).
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            socket.create_connection((ip, port), timeout=max(deadline - time.monotonic(), 0.1)).close()
+            return
+        except ConnectionRefusedError:
+            why = f"nothing listens on {ip}:{port}: is the node that serves it running, with this address?"
+        except OSError as e:  # timed out (a SYN dropped), no route
+            why = (f"no answer from {ip}:{port} ({e.strerror or 'timed out'}): a firewall drops TCP port {port} "
+                   f"on the way to {ip}, or {ip} is not that node's address")
+        if time.monotonic() >= deadline:
+            raise ConnectionError(f"cannot reach {ip}:{port} within {timeout.total_seconds():g} s; {why}")
+        time.sleep(0.2)
+
+
 # ------------------------------------------------------------------- workers
 def single_machine(env: Mapping[str, str] = os.environ) -> bool:
     world = int(env["WORLD_SIZE"])
@@ -236,6 +273,24 @@ def job_store(timeout: timedelta, env: Mapping[str, str] = os.environ) -> Store:
         shared.set(_PUBLISHED_KEY, f"{address(host)} {served.port} {token}")
         return store
     return _published_store(shared, timeout, env)
+
+
+def await_ranks(store: Store, world: int, timeout: timedelta, env: Mapping[str, str] = os.environ) -> None:
+    """Return once all ``world`` ranks reached the job store; else one line saying how many did and where.
+
+    Without it, the ranks that did reach it wait inside gloo's or NCCL's set-up for the others and fail with
+    torch's "wait timeout ... keys: /0//cpu//0/0", which says neither what is missing nor where.
+    """
+    if store.add(_ARRIVED_KEY, 1) == world:
+        store.set(_ALL_ARRIVED_KEY, "1")
+    try:
+        store.wait([_ALL_ARRIVED_KEY], timeout)
+    except dist.DistStoreError:  # the timeout; a lost store server is a DistNetworkError and passes
+        where = (f"{env['FDG_MASTER_ADDR']}:{env['FDG_MASTER_PORT']} (node 0)" if "FDG_MASTER_ADDR" in env
+                 else "rank 0's process-group store")
+        raise ConnectionError(f"only {store.add(_ARRIVED_KEY, 0)} of {world} ranks reached the workers' store at "
+                              f"{where} within {timeout.total_seconds():g} s: the others did not start or cannot "
+                              "reach it (a firewall dropping its port, a wrong address)") from None
 
 
 def _published_store(shared: Store, timeout: timedelta, env: Mapping[str, str]) -> Store:
@@ -319,7 +374,73 @@ def _bound_c10d_handler(params: RendezvousParameters) -> RendezvousHandler:
         if e.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE) or port == 0:
             raise
         store = signed(connect(host, port, timeout))
-    return create_handler(store, _BoundC10dBackend(store, params.run_id), params)
+    return _RollCall(create_handler(store, _BoundC10dBackend(store, params.run_id), params), store, params)
+
+
+class _RollCall(RendezvousHandler):
+    """A rendezvous handler that, at every rendezvous, counts this node's arrivals in the store under its
+    ``FDG_NODE_RANK`` (the multi-node launch scripts set it), so that a rendezvous that times out says which
+    nodes did not come this round instead of torch's bare ``RendezvousTimeoutError``."""
+
+    def __init__(self, handler: RendezvousHandler, store: Store, params: RendezvousParameters,
+                 node: str | None = None) -> None:
+        self._handler, self._store, self._params = handler, store, params
+        self._node = os.environ.get("FDG_NODE_RANK") if node is None else node
+        self._prefix = f"fdg/arrivals/{params.run_id}/"
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        arrivals = None if self._node is None else self._store.add(self._prefix + self._node, 1)
+        try:
+            return self._handler.next_rendezvous()
+        except RendezvousTimeoutError:
+            raise RendezvousTimeoutError(self._absent(arrivals)) from None
+        except RendezvousConnectionError as e:
+            raise self._lost(e) from e
+
+    def num_nodes_waiting(self) -> int:
+        try:
+            return self._handler.num_nodes_waiting()
+        except RendezvousConnectionError as e:  # asked every few seconds while the workers run
+            raise self._lost(e) from e
+
+    def _lost(self, error: RendezvousConnectionError) -> RendezvousConnectionError:
+        """torch says "The connection to the C10d store has failed"; say whose store and what it means."""
+        return RendezvousConnectionError(f"lost the rendezvous store at {self._params.endpoint}: node 0's launcher "
+                                         f"ended (its own line says why) or cannot be reached ({error})")
+
+    def _absent(self, arrivals: int | None) -> str:
+        """The timeout in one line: the nodes that have not arrived as often as this one (never, the first time)."""
+        p = self._params
+        waited = f"the rendezvous at {p.endpoint} timed out after {p.get_as_int('join_timeout', 600)} s"
+        if arrivals is None:  # no node ranks to go by
+            return f"{waited}: fewer than {p.min_nodes} nodes joined"
+        missing = [n for n in range(p.min_nodes) if self._store.add(f"{self._prefix}{n}", 0) < arrivals]
+        if not missing:
+            return f"{waited}, although nodes 0..{p.min_nodes - 1} all arrived"
+        names = ", ".join(map(str, missing))
+        return (f"{waited}: node{'s' * (len(missing) > 1)} {names} of {p.min_nodes} did not join; start "
+                f"NODE_RANK={names} with MASTER={p.endpoint} and check that it reaches that address (RDZV_TIMEOUT "
+                "sets how long the nodes wait for each other)")
+
+    # the rest is torch's handler's
+    def get_backend(self) -> str:
+        return self._handler.get_backend()
+
+    @property
+    def use_agent_store(self) -> bool:
+        return self._handler.use_agent_store
+
+    def is_closed(self) -> bool:
+        return self._handler.is_closed()
+
+    def set_closed(self) -> None:
+        self._handler.set_closed()
+
+    def get_run_id(self) -> str:
+        return self._handler.get_run_id()
+
+    def shutdown(self) -> bool:
+        return self._handler.shutdown()
 
 
 def register_backend() -> None:
@@ -354,7 +475,20 @@ def main() -> None:
 
     register_backend()
     with private_temp_dir("fdg-torchrun-"):
-        run.main()
+        try:
+            run.main()
+        except (RendezvousError, ConnectionError) as e:  # a node or store that is not there: one line, no traceback
+            sys.exit(f"fdg-rendezvous: {(str(e).splitlines() or [type(e).__name__])[0]}")
+        except ChildFailedError as e:  # each worker printed its own line; torchrun's table and traceback add nothing
+            rank, failure = e.get_first_failure()
+            how = (f"was killed by {failure.signal_name()} (no line of its own)" if failure.exitcode < 0 else
+                   f"ended with exit code {failure.exitcode} (its line above says why)")
+            sys.exit(f"fdg-rendezvous: rank {rank} on this node {how}; train.log in the run directory has every rank's "
+                     "traceback")
+        except SignalException as e:  # SIGTERM/SIGINT (SLURM's time limit, scancel): passed on to the workers
+            print(f"fdg-rendezvous: stopped by {signal.Signals(e.sigval).name}, passed on to this node's workers "
+                  "(a worker that checkpointed says so above)", file=sys.stderr)
+            sys.exit(128 + int(e.sigval))
 
 
 if __name__ == "__main__":
