@@ -59,8 +59,8 @@ def train(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
     if (run_dir / "result.json").exists():
         return {"reused": True}
     before, start = load_average(), time.time()
-    cmd = [*shlex.split(args.fdg_train), f"experiment={args.preset}", f"data.root={args.data_root}",
-           f"hydra.run.dir={run_dir}", "logging.progress=never", f"trainer.seed={args.seed}", *overrides,
+    root = [f"data.root={args.data_root}"] if args.data_root else []
+    cmd = [*shlex.split(args.fdg_train), f"experiment={args.preset}", *root, f"hydra.run.dir={run_dir}", "logging.progress=never", f"trainer.seed={args.seed}", *overrides,
            *args.overrides]
     print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def summarise(runs: dict[str, dict], out: Path) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--data-root", help="the preset's data.root (an ImageFolder with train/ and val/)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--preset", default="budget_long_cifar10_resnet20")
     parser.add_argument("--seed", type=int, default=0)
