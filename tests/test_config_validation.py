@@ -176,7 +176,7 @@ ROWS = [
     Row("spike-bp", "optim.spike_compensation", {"optim.spike_compensation": True, "method.name": "bp"}),
     Row("spike-adamw", "optim.spike_compensation", {"optim.spike_compensation": True, "optim.name": "adamw"}),
     Row("spike-nesterov", "optim.spike_compensation", {"optim.spike_compensation": True, "optim.nesterov": True}),
-    Row("delay_momentum<momentum", "optim.delay_momentum_max", {"optim.delay_momentum_max": 0.8}),
+    Row("delay_momentum=1", "optim.delay_momentum_max", {"optim.delay_momentum_max": 1.0}),
 ]
 
 

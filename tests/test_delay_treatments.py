@@ -39,6 +39,9 @@ TREATMENTS: dict[str, dict[str, object]] = {
     "clip": {"optim.clip_norm": 0.05},
     "anneal_fraction": {"corrector.name": "lr_by_delay", "corrector.anneal_fraction": 0.5},
     "warmup": {"method.sync_warmup_steps": 4},  # the switch inside epoch 0
+    "warmup_lr_by_delay": {"method.sync_warmup_steps": 4, "corrector.name": "lr_by_delay",
+                           "corrector.anneal_fraction": 0.5},  # the annealing starts at the switch
+    "less_momentum_with_delay": {"optim.delay_momentum_max": 0.5},
     # everything at once, the warm-up across the epoch boundary (epoch 0 synchronous, epoch 1 switches)
     "together": {"corrector.name": "predict", "optim.spike_compensation": True, "optim.delay_momentum_max": 0.95,
                  "optim.clip_norm": 0.05, "method.sync_warmup_steps": 8},
@@ -184,9 +187,16 @@ def test_anneal_fraction_is_a_fraction_of_the_modules_steps() -> None:
     assert correctors.anneal_steps(0.25, 160) == 40 and correctors.anneal_steps(0.5, 1760) == 880
     assert correctors.anneal_steps(0.5, 10, accum_steps=3) == 2  # 4 steps (10 batches in groups of 3)
     assert correctors.anneal_steps(0.01, 10) == 1
-    built = correctors.build(_cfg(**{"corrector.name": "lr_by_delay", "corrector.anneal_fraction": 0.25}).corrector,
-                             5, batches=160)
-    assert built.anneal_steps == 40
+    lr_by_delay = _cfg(**{"corrector.name": "lr_by_delay", "corrector.anneal_fraction": 0.25}).corrector
+    built = correctors.build(lr_by_delay, 5, batches=160)
+    assert (built.anneal_steps, built.offset) == (40, 0)
+    built = correctors.build(lr_by_delay, 5, batches=160, warmup=40)  # a quarter of the 120 delayed steps
+    assert (built.anneal_steps, built.offset) == (30, 40)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.6)
+    for step, lr in ((10, 0.1), (40, 0.1), (55, 0.6 * 6 ** -0.5), (70, 0.6)):  # LR / (τ+1) at the switch
+        with built.step_lr(opt, step):
+            assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+    assert correctors.build(lr_by_delay, 5, batches=10, accum_steps=3, warmup=4).offset == 2
 
 
 @pytest.mark.parametrize("decoupled", [False, True])
@@ -284,3 +294,5 @@ def test_delayed_update_is_plain_sgd_where_nothing_is_delayed() -> None:
     assert DelayedUpdate(OptimConfig(spike_compensation=True), 3, 5).spike == pytest.approx(
         (0.9 ** 3, 1 + 0.9 + 0.81))
     assert math.isclose(DelayedUpdate(OptimConfig(delay_momentum_max=0.99), 3, 0).momentum, 0.9)
+    assert [DelayedUpdate(OptimConfig(delay_momentum_max=0.5), d, 5).momentum for d in (5, 3, 0)] == pytest.approx(
+        [0.5, 0.66, 0.9])  # below optim.momentum: less momentum the more delayed

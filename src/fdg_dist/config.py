@@ -114,7 +114,7 @@ class OptimConfig:
     eps: float = 1e-8  # adam, adamw
     clip_norm: float | None = None  # each module clips its own gradient to this norm (no communication)
     spike_compensation: bool = False  # sgd: a delayed gradient's total effect equals undelayed momentum SGD's
-    delay_momentum_max: float | None = None  # sgd: module momentum grows with its delay up to this (module 0)
+    delay_momentum_max: float | None = None  # sgd: module momentum moves with its delay to this (module 0)
 
 
 @dataclass
@@ -526,9 +526,9 @@ def _validate_delay_options(cfg: Config) -> None:
     _require(not (o.spike_compensation and o.nesterov), "optim.spike_compensation",
              "replaces the momentum update, Nesterov's included (spike compensation at a delay of one step is "
              "Nesterov's); use optim.nesterov=false")
-    _require(o.delay_momentum_max is None or o.momentum < o.delay_momentum_max < 1, "optim.delay_momentum_max",
-             f"{o.delay_momentum_max!r} must be null or between optim.momentum ({o.momentum}) and 1 (the momentum "
-             "of the most delayed module)")
+    _require(o.delay_momentum_max is None or 0 <= o.delay_momentum_max < 1, "optim.delay_momentum_max",
+             f"{o.delay_momentum_max!r} must be null or in [0, 1): the momentum of the most delayed module (above "
+             f"optim.momentum={o.momentum} as Ajanthan et al., or below it)")
 
 
 def _validate_text(d: DataConfig) -> None:

@@ -19,7 +19,8 @@ and optimizer state (no extra communication), is deterministic, and is reproduce
 ``lr_by_delay``
     PipeMare's learning-rate rescheduling: the module's LR × (τ+1)^−(1 − min(s/S, 1)) at its step s,
     back to the schedule's LR after S = ``corrector.anneal_steps`` steps, or a fraction of the run's
-    (``corrector.anneal_fraction``, PipeMare's T_w): one setting for every budget.
+    (``corrector.anneal_fraction``, PipeMare's T_w): one setting for every budget.  After a synchronous
+    warm-up of W batches, s and the run count from the switch (s = steps − ⌈W/M⌉, M = ``accum_steps``).
 ``predict_adam``
     weight prediction along Adam's update for Adam/AdamW modules (language models): ŵ = w − τ·lr·(m̂/(√v̂ + ε)
     + λ·w), the weights τ more steps of the current update direction reach (m̂, v̂: the bias-corrected moments
@@ -60,8 +61,8 @@ def lookahead_coefficient(momentum: float, delay: int) -> float:
 
 
 def anneal_steps(fraction: float, batches: int, accum_steps: int = 1) -> int:
-    """S for ``corrector.anneal_fraction``: that fraction of the module's steps over the run (its batches ÷
-    ``accum_steps``, rounded up), at least 1."""
+    """S for ``corrector.anneal_fraction``: that fraction of the module's delayed steps over the run (its batches
+    after the warm-up ÷ ``accum_steps``, rounded up), at least 1."""
     return max(1, round(fraction * -(-batches // accum_steps)))
 
 
@@ -147,13 +148,14 @@ class PredictAdam(Corrector):
 
 
 class LrByDelay(Corrector):
-    def __init__(self, delay: int, anneal_steps: int) -> None:
+    def __init__(self, delay: int, anneal_steps: int, offset: int = 0) -> None:
         super().__init__(delay)
         self.anneal_steps = anneal_steps
+        self.offset = offset  # the warm-up's steps: annealing starts at the switch
 
     @contextmanager
     def step_lr(self, optimizer: torch.optim.Optimizer, step: int) -> Iterator[None]:
-        factor = lr_by_delay_factor(self.delay, step, self.anneal_steps)
+        factor = lr_by_delay_factor(self.delay, max(step - self.offset, 0), self.anneal_steps)
         kept = [g["lr"] for g in optimizer.param_groups]
         for g in optimizer.param_groups:
             g["lr"] = g["lr"] * factor
@@ -193,9 +195,10 @@ def compensate(g: torch.Tensor, ms: torch.Tensor, now: torch.Tensor, then: torch
 
 
 def build(cfg: CorrectorConfig, delay: int, *, optimizer: str = "sgd", batches: int = 0,
-          accum_steps: int = 1) -> Corrector:
+          accum_steps: int = 1, warmup: int = 0) -> Corrector:
     """Module's corrector for ``corrector.name`` (validated by ``config.validate``); ``optimizer`` is
-    ``optim.name``, ``batches`` the run's training batches (for ``corrector.anneal_fraction``)."""
+    ``optim.name``, ``batches`` the run's training batches and ``warmup`` its synchronous ones (for
+    lr_by_delay's annealing)."""
     if cfg.name == "predict":
         return Predict(delay)
     if cfg.name == "lookahead":
@@ -203,9 +206,10 @@ def build(cfg: CorrectorConfig, delay: int, *, optimizer: str = "sgd", batches: 
     if cfg.name == "predict_adam":
         return PredictAdam(delay, decoupled=optimizer == "adamw")
     if cfg.name == "lr_by_delay":
-        steps = cfg.anneal_steps if cfg.anneal_fraction is None else anneal_steps(cfg.anneal_fraction, batches,
-                                                                                    accum_steps)
-        return LrByDelay(delay, steps)
+        warmup = min(warmup, batches) if batches else warmup
+        steps = cfg.anneal_steps if cfg.anneal_fraction is None else anneal_steps(cfg.anneal_fraction,
+                                                                                    batches - warmup, accum_steps)
+        return LrByDelay(delay, steps, offset=-(-warmup // accum_steps))
     if cfg.name == "dc":
         return DelayCompensation(delay, cfg.dc_lambda, cfg.dc_momentum)
     return Corrector(delay)

@@ -43,7 +43,9 @@ def _decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> 
 def delay_momentum(momentum: float, momentum_max: float, delay: int, max_delay: int) -> float:
     """Ajanthan et al.'s delay-scaled momentum: m + (d_k / d_max)·(m_max − m), proportional to the module's delay,
     ``momentum_max`` at the most delayed module (their d_k/K, with FDG's delays 2(K−1−k)−1, which exceed K from
-    K = 4 on, normalised by the largest); ``momentum`` where nothing is delayed."""
+    K = 4 on, normalised by the largest); ``momentum`` where nothing is delayed.  ``momentum_max`` below
+    ``momentum`` takes momentum away with the delay instead (asynchrony itself acts as momentum: Mitliagkas et
+    al., 2016)."""
     return momentum + delay / max_delay * (momentum_max - momentum) if max_delay > 0 else momentum
 
 

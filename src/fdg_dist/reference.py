@@ -54,8 +54,11 @@ class Simulation:
         self.step_log: list[tuple[int, int, int]] = []  # (module, tick, last batch applied)
         self.corrector = corrector
         self.dc_lambda, self.dc_momentum, self.anneal_steps = dc_lambda, dc_momentum, anneal_steps
-        if anneal_fraction is not None:  # PipeMare's T_w: a fraction of the module's steps over the run
-            self.anneal_steps = max(1, round(anneal_fraction * math.ceil(run_batches / accum_steps)))
+        # lr_by_delay counts from the warm-up's switch; PipeMare's T_w: a fraction of the steps from there on
+        self.anneal_from = math.ceil(min(sync_warmup, run_batches or sync_warmup) / accum_steps)
+        if anneal_fraction is not None:
+            self.anneal_steps = max(1, round(anneal_fraction * math.ceil(
+                (run_batches - min(sync_warmup, run_batches)) / accum_steps)))
         self.spike = spike_compensation
         self.clip_norm = clip_norm
         self.sync_warmup = sync_warmup  # the run's first batches, by back-propagation
@@ -200,7 +203,8 @@ class Simulation:
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.clip_norm)
             kept = [(g["lr"], g.get("momentum")) for g in opt.param_groups]
             if self.corrector == "lr_by_delay" and delayed:  # PipeMare: LR / (τ+1), annealed back over anneal_steps
-                factor = (self.delay(k) + 1) ** -(1.0 - min(self.steps[k] / self.anneal_steps, 1.0))
+                s = max(self.steps[k] - self.anneal_from, 0)
+                factor = (self.delay(k) + 1) ** -(1.0 - min(s / self.anneal_steps, 1.0))
                 for g in opt.param_groups:
                     g["lr"] = g["lr"] * factor
             if self.momenta[k] is not None and delayed:

@@ -142,7 +142,7 @@ def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, bounds: li
     scheduler = build_scheduler(cfg.sched, optimizer, t.epochs, total_batches)
     delay = correctors.weight_delay(m.name, k, K, m.accum_steps)
     corrector = correctors.build(cfg.corrector, delay, optimizer=cfg.optim.name, batches=total_batches or 0,
-                                 accum_steps=m.accum_steps)
+                                 accum_steps=m.accum_steps, warmup=m.sync_warmup_steps)
     update = DelayedUpdate(cfg.optim, delay, correctors.weight_delay(m.name, 0, K, m.accum_steps))
     stage = Stage(module, k, K, optimizer, scheduler, beta=m.beta, stash="recompute" if m.name == "fr" else m.stash,
                   accum_steps=m.accum_steps, aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
