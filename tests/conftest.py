@@ -103,10 +103,14 @@ def _reference_run(cfg: Config, replica: int, mean: GradientMean | None,
                      accum_steps=cfg.method.accum_steps, aux_heads=aux,
                      grad_sync=None if mean is None else functools.partial(mean, replica), schedules=schedulers,
                      corrector=cfg.corrector.name, dc_lambda=cfg.corrector.dc_lambda,
-                     dc_momentum=cfg.corrector.dc_momentum, anneal_steps=cfg.corrector.anneal_steps)
+                     dc_momentum=cfg.corrector.dc_momentum, anneal_steps=cfg.corrector.anneal_steps,
+                     anneal_fraction=cfg.corrector.anneal_fraction, run_batches=total,
+                     spike_compensation=cfg.optim.spike_compensation, delay_momentum_max=cfg.optim.delay_momentum_max,
+                     clip_norm=cfg.optim.clip_norm, sync_warmup=cfg.method.sync_warmup_steps)
 
     def train() -> dict[str, torch.Tensor]:
         steps = 0 if start is None else start["global_step"]
+        sim.batches_done = steps
         for epoch in range(0 if start is None else start["next_epoch"], cfg.trainer.epochs):
             budget = loader.num_batches() if cfg.trainer.max_steps is None else min(
                 loader.num_batches(), cfg.trainer.max_steps - steps)

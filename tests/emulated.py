@@ -109,7 +109,9 @@ def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.pl
                 for epoch, sizes in enumerate(epochs):
                     if resume is not None and epoch < resume[0]:
                         continue
-                    p = plan(m.name, k, K, len(sizes), train=True, accum_steps=m.accum_steps)
+                    done = sum(map(len, epochs[:epoch]))
+                    p = plan(m.name, k, K, len(sizes), train=True, accum_steps=m.accum_steps,
+                             sync=schedule.sync_batches(m.sync_warmup_steps, done, len(sizes)))
                     data_iter = None
                     if k == 0:
                         first = 0 if cut is None else schedule.first_forward_after(p, cut.tick)

@@ -53,7 +53,7 @@ def partners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[
     corpus = [f"data.root={text}", "data.tokens=char", f"data.num_classes={len(set(text.read_text()))}",
               "data.context=16"]
     return {"model=gpt": ["data=text", *corpus], "data=text": ["model=gpt", *corpus[1:], f"data.root={text}"],
-            "model=custom": ["model._target_=my_model.mlp"]}
+            "model=custom": ["model._target_=my_model.mlp"], "corrector=predict_adam": ["optim=adamw"]}
 
 
 @pytest.fixture
@@ -114,7 +114,8 @@ def test_speed_settings_default_to_auto_and_take_explicit_values(composed: Calla
 
 
 def test_the_papers_rows_have_presets() -> None:
-    assert set(PAPER_ROWS) | {"quick_synthetic", "budget_cifar10_resnet20", "shakespeare_char_gpt"} == set(PRESETS)
+    assert set(PAPER_ROWS) | {"quick_synthetic", "budget_cifar10_resnet20", "budget_long_cifar10_resnet20",
+                              "shakespeare_char_gpt"} == set(PRESETS)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_ROWS))
@@ -166,5 +167,23 @@ def test_budget_preset_is_the_readme_recipe(composed: Callable[..., Config]) -> 
     assert (cfg.model.name, cfg.data.name, cfg.data.train_subset, cfg.data.test_subset) == (
         "resnet20", "imagefolder", 4096, 2500)
     assert (cfg.sched.name, cfg.trainer.epochs, cfg.optim.lr, cfg.trainer.batch_size) == ("cosine", 5, 0.1, 128)
-    assert (cfg.pipeline.k, cfg.corrector.name, cfg.method.beta) == (3, "predict", 1.0)
+    assert (cfg.pipeline.k, cfg.corrector.name, cfg.method.beta, cfg.pipeline.cost) == (3, "predict", 1.0, "flops")
     assert cfg.logging.staleness_every_steps == 10
+
+
+def test_long_budget_preset_is_the_whole_train_split(composed: Callable[..., Config]) -> None:
+    cfg = composed("experiment=budget_long_cifar10_resnet20", "pipeline.k=4")
+    assert (cfg.model.name, cfg.data.name, cfg.data.train_subset, cfg.data.test_subset) == (
+        "resnet20", "imagefolder", None, None)
+    assert (cfg.sched.name, cfg.trainer.epochs, cfg.optim.lr, cfg.pipeline.cost) == ("cosine", 5, 0.1, "flops")
+
+
+def test_delay_treatments_compose_from_the_command_line(composed: Callable[..., Config]) -> None:
+    """Every treatment of issue 33 is a key of its own section: they combine with any corrector and each other."""
+    cfg = composed("corrector=lr_by_delay", "corrector.anneal_fraction=0.25", "optim.spike_compensation=true",
+                   "optim.delay_momentum_max=0.99", "optim.clip_norm=1.0", "method.sync_warmup_steps=16")
+    assert (cfg.corrector.name, cfg.corrector.anneal_fraction, cfg.optim.spike_compensation) == ("lr_by_delay", 0.25, True)
+    assert (cfg.optim.delay_momentum_max, cfg.optim.clip_norm, cfg.method.sync_warmup_steps) == (0.99, 1.0, 16)
+    cfg = composed("optim=adamw", "corrector=predict_adam", "optim.clip_norm=1.0", "method=adl",
+                   "method.sync_warmup_steps=8")
+    assert (cfg.corrector.name, cfg.optim.clip_norm, cfg.method.sync_warmup_steps) == ("predict_adam", 1.0, 8)

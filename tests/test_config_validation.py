@@ -172,6 +172,21 @@ ROWS = [
     Row("dc_lambda<0", "corrector.dc_lambda", {"corrector.name": "dc", "corrector.dc_lambda": -1.0}),
     Row("dc_momentum=1", "corrector.dc_momentum", {"corrector.name": "dc", "corrector.dc_momentum": 1.0}),
     Row("anneal_steps=0", "corrector.anneal_steps", {"corrector.name": "lr_by_delay", "corrector.anneal_steps": 0}),
+    # the other treatments of delayed gradients (issue 33)
+    Row("anneal_fraction>1", "corrector.anneal_fraction", {"corrector.name": "lr_by_delay",
+                                                           "corrector.anneal_fraction": 1.5}),
+    Row("anneal_fraction-predict", "corrector.anneal_fraction", {"corrector.name": "predict",
+                                                                 "corrector.anneal_fraction": 0.5}),
+    Row("predict_adam-sgd", "corrector.name", {"corrector.name": "predict_adam"}),
+    Row("predict_adam-recompute", "corrector.name", {"corrector.name": "predict_adam", "optim.name": "adam",
+                                                     "method.stash": "recompute"}),
+    Row("sync_warmup<0", "method.sync_warmup_steps", {"method.sync_warmup_steps": -1}),
+    Row("sync_warmup-ddg", "method.sync_warmup_steps", {"method.name": "ddg", "method.sync_warmup_steps": 4}),
+    Row("clip_norm=0", "optim.clip_norm", {"optim.clip_norm": 0.0}),
+    Row("spike-bp", "optim.spike_compensation", {"optim.spike_compensation": True, "method.name": "bp"}),
+    Row("spike-adamw", "optim.spike_compensation", {"optim.spike_compensation": True, "optim.name": "adamw"}),
+    Row("spike-nesterov", "optim.spike_compensation", {"optim.spike_compensation": True, "optim.nesterov": True}),
+    Row("delay_momentum=1", "optim.delay_momentum_max", {"optim.delay_momentum_max": 1.0}),
 ]
 
 

@@ -101,8 +101,8 @@ def test_nhwc_goes_out_as_the_memory_it_is_and_comes_back_as_nhwc() -> None:
 
 # ------------------------------------------------------------------------------------------- replay
 def _programs(method: str, K: int, n: int, train: bool, accum: int = 1,
-              plan=schedule.plan) -> list[list[schedule.Step]]:
-    return [schedule.program(plan(method, k, K, n, train=train, accum_steps=accum), K) for k in range(K)]
+              plan=schedule.plan, sync: int = 0) -> list[list[schedule.Step]]:
+    return [schedule.program(plan(method, k, K, n, train=train, accum_steps=accum, sync=sync), K) for k in range(K)]
 
 
 @pytest.mark.parametrize("window", [SEND_WINDOW, 0, 1])
@@ -137,9 +137,20 @@ def test_replay_sees_two_ranks_that_wait_for_their_sends_before_posting_receives
         replay(programs, window=0)
 
 
-def _swap_two_receives(method: str, k: int, K: int, n: int, *, train: bool, accum_steps: int = 1) -> schedule.Plan:
+def test_replay_proves_a_synchronous_warm_up_deadlock_free() -> None:
+    """Back-propagation's locked rule for an epoch's first batches, then fdg's or adl's: every switch point,
+    including none and the whole epoch, replays under NCCL's rules."""
+    for method, accum in (("fdg", 1), ("adl", 2), ("adl", 3)):
+        for K in (2, 3, 4):
+            for sync in range(0, 8):
+                programs = _programs(method, K, 7, True, accum, sync=sync)
+                assert replay(programs) == sum(len(step.sends) for p in programs for step in p)
+
+
+def _swap_two_receives(method: str, k: int, K: int, n: int, *, train: bool, accum_steps: int = 1,
+                       sync: int = 0) -> schedule.Plan:
     """schedule.plan with module 1 posting its receives for batches 1 and 2 in the wrong order."""
-    p = schedule.plan(method, k, K, n, train=train, accum_steps=accum_steps)
+    p = schedule.plan(method, k, K, n, train=train, accum_steps=accum_steps, sync=sync)
     if k != 1 or not train:
         return p
     recvs = list(p.recvs)

@@ -118,14 +118,15 @@ def test_no_runs_is_an_error(tmp_path: Path) -> None:
 
 
 def _fake_run(root: Path, name: str, *, k: int, beta: float, corrector: str, seed: int, error: float,
-              cosines: dict[int, float] | None = None) -> None:
+              cosines: dict[int, float] | None = None, options: list[str] | None = None) -> None:
     """A finished run's files as fdg-train writes them; ``cosines`` adds staleness tags for those modules."""
     from torch.utils.tensorboard import SummaryWriter
 
     run = root / name
     run.mkdir(parents=True)
     result = {"final_test_error": error, "best_test_error": error, "k": k, "beta": beta, "method": "fdg",
-              "corrector": corrector, "model": "resnet20", "data": "imagefolder", "seed": seed}
+              "corrector": corrector, "model": "resnet20", "data": "imagefolder", "seed": seed,
+              **({"options": options} if options is not None else {})}
     (run / "result.json").write_text(json.dumps(result))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_error": error, "samples_per_s": 10.0}) + "\n")
     for module, cosine in (cosines or {}).items():
@@ -143,6 +144,8 @@ def test_by_k_table_and_staleness_per_module(tmp_path: Path, figures: list[plt.F
     _fake_run(sweep, "fdg0", k=2, beta=1.0, corrector="none", seed=0, error=0.34, cosines={0: 0.9, 1: 1.0})
     _fake_run(sweep, "fdg1", k=2, beta=1.0, corrector="none", seed=1, error=0.36, cosines={0: 0.8, 1: 1.0})
     _fake_run(sweep, "pred0", k=2, beta=1.0, corrector="predict", seed=0, error=0.31, cosines={0: 0.99, 1: 1.0})
+    _fake_run(sweep, "lbd0", k=2, beta=1.0, corrector="lr_by_delay", seed=0, error=0.33, options=["anneal=0.25", "spike"])
+    _fake_run(sweep, "warm0", k=2, beta=1.0, corrector="none", seed=0, error=0.32, options=["warmup=16"])
     out = tmp_path / "report"
     main([str(sweep), "--out", str(out)])
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
@@ -150,6 +153,8 @@ def test_by_k_table_and_staleness_per_module(tmp_path: Path, figures: list[plt.F
     assert rows["BP (K=1)"] == ["31.00 [30.00, 32.00]", "–"]
     assert rows["fdg β=1"] == ["–", "35.00 [34.00, 36.00] (+4.00)"]
     assert rows["fdg β=1 +predict"] == ["–", "31.00 [31.00] (+0.00)"]
+    assert rows["fdg β=1 +lr_by_delay +anneal=0.25 +spike"] == ["–", "33.00 [33.00] (+2.00)"]
+    assert rows["fdg β=1 +warmup=16"] == ["–", "32.00 [32.00] (+1.00)"]
     stale = (out / "staleness.md").read_text()
     assert "| fdg β=1 K=2 | 0.850 / 0.0200 / 2.0 | 1.000 / 0.0100 / 1.0 |" in stale  # median of the two seeds
     assert "| fdg β=1 K=2 +predict | 0.990 / 0.0200 / 2.0 |" in stale

@@ -29,7 +29,7 @@ SPLIT_COSTS = ("auto", "flops", "time")
 BACKENDS = ("auto", "nccl", "gloo")
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 MIN_TIMEOUT_S = 1.0
-CORRECTORS = ("none", "predict", "lookahead", "lr_by_delay", "dc")
+CORRECTORS = ("none", "predict", "lookahead", "lr_by_delay", "dc", "predict_adam")
 CORRECTED_METHODS = ("fdg", "adl", "ddg", "fr")  # methods whose modules apply delayed gradients
 SEED_MAX = 2**32 - 1  # numpy's generator takes seeds in 0..2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer applies its numbers to float32 weights
@@ -93,6 +93,7 @@ class MethodConfig:
     stash: str = "weights"
     accum_steps: int = 1  # adl
     aux_channels: int = 128  # dgl auxiliary head width
+    sync_warmup_steps: int = 0  # fdg, adl: the run's first N batches by locked back-propagation, then the method
 
 
 @dataclass
@@ -103,6 +104,7 @@ class CorrectorConfig:
     dc_lambda: float = 2.0  # dc: DC-ASGD-a's λ0
     dc_momentum: float = 0.95  # dc: decay of the gradient's mean square (DC-ASGD-a's m)
     anneal_steps: int = 500  # lr_by_delay: module steps until the LR is back at the schedule's
+    anneal_fraction: float | None = None  # lr_by_delay: instead, this fraction of the run's module steps
 
 
 @dataclass
@@ -114,6 +116,9 @@ class OptimConfig:
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8  # adam, adamw
+    clip_norm: float | None = None  # each module clips its own gradient to this norm (no communication)
+    spike_compensation: bool = False  # sgd: a delayed gradient's total effect equals undelayed momentum SGD's
+    delay_momentum_max: float | None = None  # sgd: module momentum moves with its delay to this (module 0)
 
 
 @dataclass
@@ -215,6 +220,27 @@ class Config:
         if unknown:
             raise ConfigError(f"{sorted(unknown)[0]}: unknown config key; valid: {[f.name for f in dataclasses.fields(cls)]}")
         return cls(**kwargs)
+
+
+def staleness_options(cfg: Config) -> list[str]:
+    """The settings beside β and the corrector that change how delayed gradients are applied, as short tokens
+    (``anneal=0.25``, ``spike``, ``dmom=0.99``, ``nesterov``, ``warmup=16``, ``clip=1``): what ``result.json``
+    records and ``fdg-report`` shows after the corrector; none for the paper's algorithm."""
+    o, m, c = cfg.optim, cfg.method, cfg.corrector
+    tokens = []
+    if c.name == "lr_by_delay" and c.anneal_fraction is not None:
+        tokens.append(f"anneal={c.anneal_fraction:g}")
+    if o.spike_compensation:
+        tokens.append("spike")
+    if o.delay_momentum_max is not None:
+        tokens.append(f"dmom={o.delay_momentum_max:g}")
+    if o.nesterov:
+        tokens.append("nesterov")
+    if m.sync_warmup_steps > 0:
+        tokens.append(f"warmup={m.sync_warmup_steps}")
+    if o.clip_norm is not None:
+        tokens.append(f"clip={o.clip_norm:g}")
+    return tokens
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
@@ -468,15 +494,22 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
 
 
 def _validate_corrector(cfg: Config) -> None:
-    """A corrector needs delayed gradients; weight-based ones need the stashed weights and SGD's velocity."""
+    """A corrector needs delayed gradients; weight-based ones need the stashed weights and their optimizer's
+    state (SGD's velocity, Adam's moments)."""
     c, m = cfg.corrector, cfg.method
+    _validate_delay_options(cfg)
     _require(c.name in CORRECTORS, "corrector.name", f"unknown corrector {c.name!r}; valid: {', '.join(CORRECTORS)}")
+    _require(c.anneal_fraction is None or 0 < c.anneal_fraction <= 1, "corrector.anneal_fraction",
+             f"{c.anneal_fraction!r} must be null (use corrector.anneal_steps) or in (0, 1]: the fraction of the "
+             "run's module steps over which lr_by_delay's LR returns to the schedule's")
+    _require(c.anneal_fraction is None or c.name == "lr_by_delay", "corrector.anneal_fraction",
+             f"sets lr_by_delay's annealing; corrector={c.name} has none (use corrector=lr_by_delay or leave it null)")
     if c.name == "none":
         return
     _require(m.name in CORRECTED_METHODS, "corrector.name",
              f"corrector={c.name} corrects delayed gradients; method {m.name!r} has none "
              f"(valid with {', '.join(CORRECTED_METHODS)}); use corrector=none")
-    if c.name in ("predict", "lookahead", "dc"):
+    if c.name in ("predict", "lookahead", "dc", "predict_adam"):
         _require(m.stash == "weights" and m.name != "fr", "corrector.name",
                  f"corrector={c.name} works on the stashed weights; method {m.name!r} with method.stash={m.stash} "
                  "re-runs the forward on the live weights (use method.stash=weights, or corrector=lr_by_delay)")
@@ -484,10 +517,41 @@ def _validate_corrector(cfg: Config) -> None:
         _require(cfg.optim.name == "sgd" and cfg.optim.momentum > 0, "corrector.name",
                  f"corrector={c.name} extrapolates along SGD's momentum buffer; it needs optim=sgd with "
                  f"optim.momentum > 0 (got optim={cfg.optim.name}, momentum {cfg.optim.momentum})")
+    if c.name == "predict_adam":
+        _require(cfg.optim.name in ("adam", "adamw"), "corrector.name",
+                 f"corrector=predict_adam extrapolates along Adam's update; it needs optim=adam or adamw (got "
+                 f"optim={cfg.optim.name}; for SGD use corrector=predict)")
     _require(c.dc_lambda >= 0, "corrector.dc_lambda", f"{c.dc_lambda!r} must be ≥ 0")
     _require(0 <= c.dc_momentum < 1, "corrector.dc_momentum", f"{c.dc_momentum!r} must be in [0, 1)")
     _require(isinstance(c.anneal_steps, int) and c.anneal_steps >= 1, "corrector.anneal_steps",
              f"{c.anneal_steps!r} must be an integer ≥ 1")
+
+
+def _validate_delay_options(cfg: Config) -> None:
+    """The optimizer-side treatments of delayed gradients and the synchronous warm-up: each composes with any
+    corrector, and each needs what it acts on (SGD's momentum, a method whose gradients are delayed)."""
+    o, m = cfg.optim, cfg.method
+    _require(m.sync_warmup_steps >= 0, "method.sync_warmup_steps",
+             f"{m.sync_warmup_steps!r} must be an integer ≥ 0 (batches of locked back-propagation at the start)")
+    _require(m.sync_warmup_steps == 0 or m.name in SHRINKING_METHODS, "method.sync_warmup_steps",
+             f"the synchronous warm-up switches from back-propagation to {' or '.join(SHRINKING_METHODS)}; method "
+             f"{m.name!r} needs sync_warmup_steps=0")
+    _require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm",
+             f"{o.clip_norm!r} must be null (no clipping) or > 0 (each module's gradient norm is clipped to it)")
+    for key, on in (("optim.spike_compensation", o.spike_compensation),
+                    ("optim.delay_momentum_max", o.delay_momentum_max is not None)):
+        if not on:
+            continue
+        _require(m.name in CORRECTED_METHODS, key, f"treats delayed gradients; method {m.name!r} has none "
+                 f"(valid with {', '.join(CORRECTED_METHODS)})")
+        _require(o.name == "sgd" and o.momentum > 0, key, f"acts on SGD's momentum; it needs optim=sgd with "
+                 f"optim.momentum > 0 (got optim={o.name}, momentum {o.momentum})")
+    _require(not (o.spike_compensation and o.nesterov), "optim.spike_compensation",
+             "replaces the momentum update, Nesterov's included (spike compensation at a delay of one step is "
+             "Nesterov's); use optim.nesterov=false")
+    _require(o.delay_momentum_max is None or 0 <= o.delay_momentum_max < 1, "optim.delay_momentum_max",
+             f"{o.delay_momentum_max!r} must be null or in [0, 1): the momentum of the most delayed module (above "
+             f"optim.momentum={o.momentum} as Ajanthan et al., or below it)")
 
 
 def _validate_text(d: DataConfig) -> None:

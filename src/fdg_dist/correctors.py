@@ -18,7 +18,13 @@ and optimizer state (no extra communication), is deterministic, and is reproduce
     NAG's look-ahead point).
 ``lr_by_delay``
     PipeMare's learning-rate rescheduling: the module's LR × (τ+1)^−(1 − min(s/S, 1)) at its step s,
-    back to the schedule's LR after S = ``corrector.anneal_steps`` steps.
+    back to the schedule's LR after S = ``corrector.anneal_steps`` steps, or a fraction of the run's
+    (``corrector.anneal_fraction``, PipeMare's T_w): one setting for every budget.  After a synchronous
+    warm-up of W batches, s and the run count from the switch (s = steps − ⌈W/M⌉, M = ``accum_steps``).
+``predict_adam``
+    weight prediction along Adam's update for Adam/AdamW modules (language models): ŵ = w − τ·lr·(m̂/(√v̂ + ε)
+    + λ·w), the weights τ more steps of the current update direction reach (m̂, v̂: the bias-corrected moments
+    of the last step; λ: AdamW's decoupled weight decay, 0 for Adam, whose decay is in the moments).
 ``dc``
     DC-ASGD-a's delay compensation: g + λ/√(ms + ε) ⊙ g ⊙ g ⊙ (w_live − w_stashed), the first-order
     Taylor term of the gradient's change with the Hessian approximated by g ⊙ g, where ms is the
@@ -52,6 +58,12 @@ def weight_delay(method: str, k: int, K: int, accum_steps: int = 1) -> int:
 def lookahead_coefficient(momentum: float, delay: int) -> float:
     """μ + μ² + … + μ^τ: how many steps' worth of the velocity momentum alone travels in τ steps."""
     return sum(momentum ** i for i in range(1, delay + 1))
+
+
+def anneal_steps(fraction: float, batches: int, accum_steps: int = 1) -> int:
+    """S for ``corrector.anneal_fraction``: that fraction of the module's delayed steps over the run (its batches
+    after the warm-up ÷ ``accum_steps``, rounded up), at least 1."""
+    return max(1, round(fraction * -(-batches // accum_steps)))
 
 
 def lr_by_delay_factor(delay: int, step: int, anneal_steps: int) -> float:
@@ -109,14 +121,41 @@ class LookAhead(_Extrapolate):
         return lookahead_coefficient(momentum, self.delay)
 
 
+class PredictAdam(Corrector):
+    """ŵ = w − τ·lr·(m̂/(√v̂ + ε) + λ·w) with Adam's moments (no moments yet: ŵ = w)."""
+
+    def __init__(self, delay: int, decoupled: bool) -> None:
+        super().__init__(delay)
+        self.decoupled = decoupled  # AdamW: the decay is a separate term of the update
+
+    def shift(self, snapshot: Sequence[torch.Tensor], live: Sequence[torch.Tensor],
+              optimizer: torch.optim.Optimizer) -> None:
+        if self.delay == 0:
+            return
+        for group in optimizer.param_groups:
+            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+            decay = group["weight_decay"] if self.decoupled else 0.0
+            mine = {id(p) for p in group["params"]}
+            for s, p in zip(snapshot, live, strict=True):
+                state = optimizer.state.get(p, {})
+                if id(p) not in mine or "exp_avg" not in state:
+                    continue
+                step = float(state["step"])  # a host tensor unless the optimizer is capturable or fused
+                mean = state["exp_avg"] / (1 - beta1 ** step)
+                s.add_(mean / ((state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt() + eps), alpha=-self.delay * lr)
+                if decay:
+                    s.add_(p.detach(), alpha=-self.delay * lr * decay)
+
+
 class LrByDelay(Corrector):
-    def __init__(self, delay: int, anneal_steps: int) -> None:
+    def __init__(self, delay: int, anneal_steps: int, offset: int = 0) -> None:
         super().__init__(delay)
         self.anneal_steps = anneal_steps
+        self.offset = offset  # the warm-up's steps: annealing starts at the switch
 
     @contextmanager
     def step_lr(self, optimizer: torch.optim.Optimizer, step: int) -> Iterator[None]:
-        factor = lr_by_delay_factor(self.delay, step, self.anneal_steps)
+        factor = lr_by_delay_factor(self.delay, max(step - self.offset, 0), self.anneal_steps)
         kept = [g["lr"] for g in optimizer.param_groups]
         for g in optimizer.param_groups:
             g["lr"] = g["lr"] * factor
@@ -155,14 +194,22 @@ def compensate(g: torch.Tensor, ms: torch.Tensor, now: torch.Tensor, then: torch
     return g + g * g * (now - then) * (lam / (ms + DC_EPS).sqrt())
 
 
-def build(cfg: CorrectorConfig, delay: int) -> Corrector:
-    """Module's corrector for ``corrector.name`` (validated by ``config.validate``)."""
+def build(cfg: CorrectorConfig, delay: int, *, optimizer: str = "sgd", batches: int = 0,
+          accum_steps: int = 1, warmup: int = 0) -> Corrector:
+    """Module's corrector for ``corrector.name`` (validated by ``config.validate``); ``optimizer`` is
+    ``optim.name``, ``batches`` the run's training batches and ``warmup`` its synchronous ones (for
+    lr_by_delay's annealing)."""
     if cfg.name == "predict":
         return Predict(delay)
     if cfg.name == "lookahead":
         return LookAhead(delay)
+    if cfg.name == "predict_adam":
+        return PredictAdam(delay, decoupled=optimizer == "adamw")
     if cfg.name == "lr_by_delay":
-        return LrByDelay(delay, cfg.anneal_steps)
+        warmup = min(warmup, batches) if batches else warmup
+        steps = cfg.anneal_steps if cfg.anneal_fraction is None else anneal_steps(cfg.anneal_fraction,
+                                                                                    batches - warmup, accum_steps)
+        return LrByDelay(delay, steps, offset=-(-warmup // accum_steps))
     if cfg.name == "dc":
         return DelayCompensation(delay, cfg.dc_lambda, cfg.dc_momentum)
     return Corrector(delay)

@@ -243,8 +243,7 @@ class Executor:
             result.loss_sum += resume.loss_sum.to(self.stage.device)
             result.errors += resume.errors.to(self.stage.device)
             result.samples += resume.samples
-        # every rank works in ticks K-1 .. N-1 of every method's schedule: there all ranks can agree to stop
-        votes = range(self.K - 1, len(batch_sizes))
+        votes = set(plan.votes)  # ticks where every rank works: there all ranks can agree to stop
         for i, step in enumerate(steps):
             for a, needs in step.actions:
                 start = self.clock.mark()
@@ -252,7 +251,8 @@ class Executor:
                     x, y = next(batches) if needs is None else self.transport.take(*needs)
                     ready = self.clock.mark()
                     out, stats, grad_in = self.stage.forward(
-                        a.batch, x, y, train=train, keep_for_backward=train and not self._has_loss)
+                        a.batch, x, y, train=train, keep_for_backward=train and not self._has_loss,
+                        delayed=a.batch >= plan.sync)
                     if self.k < self.K - 1:
                         outbox[("act", a.batch)] = [out.to(self.boundary.dtype), y]
                     if grad_in is not None:
@@ -268,13 +268,15 @@ class Executor:
                 elif a.kind is Kind.BACKWARD:
                     (grad,) = self.transport.take(*needs)
                     ready = self.clock.mark()
-                    grad_in = self.stage.backward(a.batch, grad, probe=self._due(self.probe_every))
+                    grad_in = self.stage.backward(a.batch, grad, probe=self._due(self.probe_every),
+                                                  delayed=a.batch >= plan.sync)
                     if grad_in is not None:
                         outbox[("grad", a.batch)] = [grad_in]
                     applied.append(a.batch)
                 else:
                     ready = start
-                    info = self.stage.step(measure=self._due(self.measure_every), probe=self._due(self.probe_every))
+                    info = self.stage.step(measure=self._due(self.measure_every), probe=self._due(self.probe_every),
+                                           delayed=a.batch >= plan.sync)
                 stepped = tuple(applied) if a.kind is Kind.STEP else ()
                 if stepped:
                     applied = []

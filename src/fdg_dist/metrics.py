@@ -26,7 +26,7 @@ import torch
 
 from fdg_dist import loss
 from fdg_dist.checkpoint import atomic_write
-from fdg_dist.config import Config
+from fdg_dist.config import Config, staleness_options
 from fdg_dist.executor import EpochResult, Event
 from fdg_dist.memory import Usage, describe
 from fdg_dist.schedule import Kind
@@ -376,8 +376,8 @@ class RunLog:
             **({"final_test_bpc": self.last["test_bpc"]} if self.last and "test_bpc" in self.last else {}),
             "wall_time_s": wall_s,
             "k": cfg.pipeline.k, "replicas": cfg.pipeline.replicas, "beta": cfg.method.beta,
-            "method": cfg.method.name, "corrector": cfg.corrector.name, "model": cfg.model.label,
-            "data": cfg.data.name,
+            "method": cfg.method.name, "corrector": cfg.corrector.name, "options": staleness_options(cfg),
+            "model": cfg.model.label, "data": cfg.data.name,
             "seed": cfg.trainer.seed, "epochs": stop.epochs, "steps": stop.steps, "stop_reason": stop.reason,
             "epochs_planned": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps,
             "batch_size": cfg.trainer.batch_size,

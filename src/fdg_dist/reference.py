@@ -4,15 +4,19 @@ Written to be obviously correct rather than fast, and independent of ``schedule`
 tick formulas are spelled out from SPEC §1 again, weight stashing is a ``deepcopy`` of the module
 taken at forward time, and messages are dictionary entries that become visible at the next tick.
 
-Staleness correctors (``corrector``: predict, lookahead, lr_by_delay, dc) are spelled out again here
-from their papers' formulas, each at the point of the simulation where it acts; ``probe_every`` records
-the staleness of the gradients applied, including the *full* fresh gradient of the same batch through
-every module's current weights, which no single rank of a pipeline has.
+Staleness correctors (``corrector``: predict, lookahead, predict_adam, lr_by_delay, dc) and the
+optimizer-side delay treatments (spike compensation, delay-scaled momentum, per-module clipping) are
+spelled out again here from their papers' formulas, each at the point of the simulation where it acts; a
+synchronous warm-up trains its batches by plain back-propagation through the chain of modules before the
+method's schedule takes the rest.  ``probe_every`` records the staleness of the gradients applied,
+including the *full* fresh gradient of the same batch through every module's current weights, which no
+single rank of a pipeline has.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,7 +37,9 @@ class Simulation:
                  grad_sync: Callable[[int, list[torch.Tensor]], None] | None = None,
                  corrector: str = "none", dc_lambda: float = 2.0, dc_momentum: float = 0.95,
                  anneal_steps: int = 500, probe_every: int = 0,
-                 schedules: Sequence[LRSchedule] | None = None) -> None:
+                 schedules: Sequence[LRSchedule] | None = None, anneal_fraction: float | None = None,
+                 run_batches: int = 0, spike_compensation: bool = False, delay_momentum_max: float | None = None,
+                 clip_norm: float | None = None, sync_warmup: int = 0) -> None:
         self.modules = list(modules)
         self.optimizers = list(optimizers)
         self.K = len(self.modules)
@@ -48,6 +54,22 @@ class Simulation:
         self.step_log: list[tuple[int, int, int]] = []  # (module, tick, last batch applied)
         self.corrector = corrector
         self.dc_lambda, self.dc_momentum, self.anneal_steps = dc_lambda, dc_momentum, anneal_steps
+        # lr_by_delay counts from the warm-up's switch; PipeMare's T_w: a fraction of the steps from there on
+        self.anneal_from = math.ceil(min(sync_warmup, run_batches or sync_warmup) / accum_steps)
+        if anneal_fraction is not None:
+            self.anneal_steps = max(1, round(anneal_fraction * math.ceil(
+                (run_batches - min(sync_warmup, run_batches)) / accum_steps)))
+        self.spike = spike_compensation
+        self.clip_norm = clip_norm
+        self.sync_warmup = sync_warmup  # the run's first batches, by back-propagation
+        self.batches_done = 0
+        # delay-scaled momentum: the optimizer's momentum m at module 0's largest delay grows to delay_momentum_max
+        self.momenta = [None] * self.K
+        if delay_momentum_max is not None:
+            for k, opt in enumerate(self.optimizers):
+                m = opt.param_groups[0]["momentum"]
+                d0 = self.delay(0)
+                self.momenta[k] = m + self.delay(k) * (delay_momentum_max - m) / d0 if d0 > 0 else m
         self.steps = [0] * self.K  # optimizer steps taken by each module
         self.probe_every = probe_every
         self.probes: list[dict] = []  # one per probed stale gradient (see _probe)
@@ -71,6 +93,20 @@ class Simulation:
             return (None, x, None, self.steps[k]), out.detach()
         snapshot = copy.deepcopy(live)  # the weights this forward uses, frozen until its backward
         tau = self.delay(k)
+        if self.corrector == "predict_adam" and tau > 0:  # tau more steps along Adam's update
+            opt = self.optimizers[k]
+            for group in opt.param_groups:
+                (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+                decay = group["weight_decay"] if isinstance(opt, torch.optim.AdamW) else 0.0
+                for used, p in zip(snapshot.parameters(), live.parameters(), strict=True):
+                    st = opt.state.get(p, {})
+                    if any(p is q for q in group["params"]) and "exp_avg" in st:
+                        n = st["step"].item()
+                        m_hat, v_hat = st["exp_avg"] / (1 - b1 ** n), st["exp_avg_sq"] / (1 - b2 ** n)
+                        with torch.no_grad():
+                            used.add_(m_hat / (v_hat.sqrt() + eps), alpha=-tau * lr)
+                            if decay:
+                                used.add_(p, alpha=-tau * lr * decay)
         if self.corrector in ("predict", "lookahead") and tau > 0:  # weights where momentum will carry them
             opt = self.optimizers[k]
             for group in opt.param_groups:
@@ -155,21 +191,33 @@ class Simulation:
         self._maybe_step(k, tick, batch, n_batches)
         return out.detach(), x.grad
 
-    def _maybe_step(self, k: int, tick: int, batch: int, n_batches: int) -> None:
+    def _maybe_step(self, k: int, tick: int, batch: int, n_batches: int, *, delayed: bool = True) -> None:
         self.backwards[k] += 1
         if self.backwards[k] % self.M == 0 or batch == n_batches - 1:
-            if self.grad_sync is not None:
-                self.grad_sync(k, [p.grad for g in self.optimizers[k].param_groups for p in g["params"]
-                                   if p.grad is not None])
             opt = self.optimizers[k]
-            kept = [g["lr"] for g in opt.param_groups]
-            if self.corrector == "lr_by_delay":  # PipeMare: LR / (τ+1), annealed back over anneal_steps
-                factor = (self.delay(k) + 1) ** -(1.0 - min(self.steps[k] / self.anneal_steps, 1.0))
+            if self.grad_sync is not None:
+                self.grad_sync(k, [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])
+            if self.clip_norm is not None:  # this module's own norm, as torch clips a whole model's
+                head = self.aux_heads[k]
+                params = [*self.modules[k].parameters(), *(head.parameters() if head is not None else ())]
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.clip_norm)
+            kept = [(g["lr"], g.get("momentum")) for g in opt.param_groups]
+            if self.corrector == "lr_by_delay" and delayed:  # PipeMare: LR / (τ+1), annealed back over anneal_steps
+                s = max(self.steps[k] - self.anneal_from, 0)
+                factor = (self.delay(k) + 1) ** -(1.0 - min(s / self.anneal_steps, 1.0))
                 for g in opt.param_groups:
                     g["lr"] = g["lr"] * factor
-            opt.step()
-            for g, lr in zip(opt.param_groups, kept, strict=True):
+            if self.momenta[k] is not None and delayed:
+                for g in opt.param_groups:
+                    g["momentum"] = self.momenta[k]
+            if self.spike and delayed and self.delay(k) > 0:
+                self._spike_compensated_step(opt, self.delay(k))
+            else:
+                opt.step()
+            for g, (lr, momentum) in zip(opt.param_groups, kept, strict=True):
                 g["lr"] = lr
+                if momentum is not None:
+                    g["momentum"] = momentum
             opt.zero_grad(set_to_none=True)
             self.steps[k] += 1
             if self.schedules is not None:
@@ -177,14 +225,53 @@ class Simulation:
             self.step_log.append((k, tick, batch))
             self.backwards[k] = 0
 
+    @staticmethod
+    @torch.no_grad()
+    def _spike_compensated_step(opt: torch.optim.Optimizer, d: int) -> None:
+        """Kosson et al.: v = m·v + g, w = w − lr·(m^d·v + (1 + m + … + m^(d−1))·g), g with weight decay."""
+        for group in opt.param_groups:
+            m = group["momentum"]
+            a, b = m ** d, (1 - m ** d) / (1 - m)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+                st = opt.state[p]
+                if st.get("momentum_buffer") is None:
+                    st["momentum_buffer"] = g.clone()
+                else:
+                    st["momentum_buffer"].mul_(m).add_(g)
+                p.add_(st["momentum_buffer"], alpha=-group["lr"] * a)
+                p.add_(g, alpha=-group["lr"] * b)
+
     # ------------------------------------------------------------------ epochs
     def epoch(self, batches: Sequence[Batch]) -> None:
+        """One epoch: its batches of the synchronous warm-up by back-propagation, the rest by the method."""
+        sync = min(max(self.sync_warmup - self.batches_done, 0), len(batches))
+        self.batches_done += len(batches)
+        if sync:
+            self._back_propagation(batches[:sync])
+        batches = batches[sync:]
+        if not batches:
+            return
         if self.method in ("fdg", "adl", "dgl"):
             self._decoupled_epoch(batches)
         elif self.method in ("ddg", "fr"):
             self._locked_epoch(batches)
         else:
             raise ValueError(f"no simulation for method {self.method!r}")
+
+    def _back_propagation(self, batches: Sequence[Batch]) -> None:
+        """Plain back-propagation through the chain of modules, every module stepping after every batch (every
+        M-th with accumulation, and after the last): nothing is delayed, no β, no corrector."""
+        for b, (x, y) in enumerate(batches):
+            for m in self.modules:
+                m.train()
+                x = m(x)
+            value = loss.cross_entropy(x, y)
+            (value / self.M if self.M > 1 else value).backward()
+            for k in range(self.K):
+                self._maybe_step(k, b, b, len(batches), delayed=False)
 
     def _decoupled_epoch(self, batches: Sequence[Batch]) -> None:
         """FDG: module k forwards batch t-k and back-propagates batch t-2(K-1)+k at tick t."""

@@ -5,9 +5,10 @@ multirun sweep dir, or a tree of them).  Prints a markdown table per dataset (ro
 method/β/K; cells: test error in %, median over seeds) and writes it to ``<out>/report.md`` (default:
 ``report/`` inside RUNS_DIR) with four PNGs: test error per epoch per run, test error against β per K
 with the seed spread, the per-module time breakdown (where the pipeline waits: its bubbles) and
-samples/s against K.  ``by_k.md`` has one row per method/β/corrector and one column per K (mean over
-seeds, each seed's value, the gap to BP); where runs logged ``staleness/`` tags, ``staleness.md`` and
-``staleness.png`` show them per module (``report_staleness``).
+samples/s against K.  ``by_k.md`` has one row per method/β/corrector (with the other delay treatments a
+run used, ``+spike``, ``+warmup=16``, …) and one column per K (mean over seeds, each seed's value, the gap to
+BP); where runs logged ``staleness/`` tags, ``staleness.md`` and ``staleness.png`` show them per module
+(``report_staleness``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class Run:
 
     @property
     def corrector(self) -> str:
-        return self.result.get("corrector", "none")
+        """The corrector and the other delay treatments (``config.staleness_options``): ``lr_by_delay +spike``;
+        ``none`` for the paper's algorithm."""
+        parts = [self.result.get("corrector", "none"), *self.result.get("options", [])]
+        return " +".join(parts[1:] if parts[0] == "none" and len(parts) > 1 else parts)
 
     @property
     def setting(self) -> tuple:

@@ -12,6 +12,10 @@ The FDG rule (SPEC §1), module k of K, batch b:
     backward at tick b + 2(K-1) - k  (k < K-1)  (the gradient arrives one hop per tick)
     the last module back-propagates its loss at once and steps after its forward.
 Within a tick: backward (phase 0), step (phase 1), forward (phase 2).
+
+A synchronous warm-up (``sync``) runs an epoch's first batches by back-propagation's locked rule and the
+rest by the method's: batch ``sync``'s first forward comes after the last synchronous batch is applied on
+every module (the pipeline drains between the two), and accumulation (adl) starts afresh there.
 """
 
 from __future__ import annotations
@@ -98,16 +102,18 @@ def _after(t: Time) -> Time:
     return (t[0], t[1], t[2], t[3] + 1)
 
 
-def train_actions(method: str, k: int, K: int, n_batches: int, accum_steps: int = 1) -> list[Action]:
+def train_actions(method: str, k: int, K: int, n_batches: int, accum_steps: int = 1, sync: int = 0) -> list[Action]:
     """Module k's actions for one epoch of ``n_batches`` batches, drained at the end.
 
     Steps follow the backward that completes them; with ``accum_steps`` M (adl) a module steps after
-    every M-th backward and after the epoch's last one, so every epoch ends fully applied.
+    every M-th backward and after the epoch's last one, so every epoch ends fully applied.  Batches
+    ``b < sync`` go by back-propagation's rule (the synchronous warm-up), applied before the others start.
     """
-    rule = RULES[method]
     last = k == K - 1
     actions: list[Action] = []
     for b in range(n_batches):
+        rule = RULES["bp" if b < sync else method]
+        first = 0 if b < sync else sync  # where this part's accumulation groups start
         fwd = rule.forward(k, b, K)
         actions.append(Action(fwd, k, Kind.FORWARD, b))
         if last or rule.backward is None:
@@ -115,7 +121,7 @@ def train_actions(method: str, k: int, K: int, n_batches: int, accum_steps: int 
         else:
             grad_time = rule.backward(k, b, K)
             actions.append(Action(grad_time, k, Kind.BACKWARD, b))
-        if (b + 1) % accum_steps == 0 or b == n_batches - 1:
+        if (b - first + 1) % accum_steps == 0 or b in (n_batches - 1, sync - 1):
             step_time = _after(grad_time) if grad_time[1] != BACKWARD_PHASE else (grad_time[0], STEP_PHASE, 0, 0)
             actions.append(Action(step_time, k, Kind.STEP, b))
     return sorted(actions)
@@ -141,27 +147,41 @@ def messages(actions: list[Action], K: int, *, sends_grad: bool) -> list[Message
 
 @dataclass
 class Plan:
-    """All actions and messages of one epoch for one rank: what the executor walks."""
+    """All actions and messages of one epoch for one rank: what the executor walks.  ``sync``: the epoch's
+    batches of synchronous warm-up (run by back-propagation's rule); ``votes``: the ticks in which every module
+    acts, where all ranks can agree to stop (``preempt``)."""
 
     actions: list[Action]
     sends: list[Message]
     recvs: list[Message]
+    sync: int = 0
+    votes: tuple[int, ...] = ()
 
     def times(self) -> list[Time]:
         """Every time at which this rank acts, sends or receives, in order."""
         return sorted({a.time for a in self.actions} | {m.time for m in self.sends} | {m.time for m in self.recvs})
 
 
-def plan(method: str, k: int, K: int, n_batches: int, *, train: bool, accum_steps: int = 1) -> Plan:
-    """Module k's plan; neighbours' messages are derived from their own schedules, never exchanged."""
+def plan(method: str, k: int, K: int, n_batches: int, *, train: bool, accum_steps: int = 1, sync: int = 0) -> Plan:
+    """Module k's plan; neighbours' messages are derived from their own schedules, never exchanged.  ``sync``
+    (training only): the epoch's first batches run synchronously (``sync_batches``)."""
     sends_grad = train and RULES[method].backward is not None
+    sync = sync if train else 0
 
     def acts(j: int) -> list[Action]:
-        return train_actions(method, j, K, n_batches, accum_steps) if train else eval_actions(j, n_batches)
+        return train_actions(method, j, K, n_batches, accum_steps, sync) if train else eval_actions(j, n_batches)
 
     mine = acts(k)
     recvs = [m for j in (k - 1, k + 1) if 0 <= j < K for m in messages(acts(j), K, sends_grad=sends_grad) if m.dst == k]
-    return Plan(mine, messages(mine, K, sends_grad=sends_grad), sorted(recvs))
+    busy = [{a.tick for a in acts(j)} for j in range(K)]
+    votes = tuple(t for t in range(K - 1, n_batches) if all(t in ticks for ticks in busy))
+    return Plan(mine, messages(mine, K, sends_grad=sends_grad), sorted(recvs), sync, votes)
+
+
+def sync_batches(warmup: int, done: int, n_batches: int) -> int:
+    """How many of an epoch's ``n_batches`` belong to a synchronous warm-up of ``warmup`` batches of the run
+    when ``done`` batches were trained before the epoch."""
+    return min(max(warmup - done, 0), n_batches)
 
 
 def consumes(action: Action, K: int) -> tuple[str, int] | None:

@@ -17,7 +17,10 @@ gradients are those of the stored activations; the gradients sent upstream go th
 
 A staleness corrector (``correctors``) acts at three points only: it may move a snapshot before the
 forward runs on it, correct the gradient back-propagated through it, and set the LR of the step; the
-staleness probe (``staleness``) measures the gradient about to be applied at log intervals.
+optimizer-side treatment of the delay (``optim.DelayedUpdate``: delay-scaled momentum, spike compensation)
+acts in the step.  None of them, and no β, act on the batches of a synchronous warm-up (``delayed=False``):
+those are back-propagation's.  Per-module clipping (``clip_norm``) scales the gradient before every step.
+The staleness probe (``staleness``) measures the gradient about to be applied at log intervals.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch.func import functional_call
 from fdg_dist import loss, models, staleness
 from fdg_dist.correctors import Corrector
 from fdg_dist.finite import FiniteWatch
-from fdg_dist.optim import LRSchedule
+from fdg_dist.optim import DelayedUpdate, LRSchedule, clip_
 
 RngState = tuple[torch.Tensor, torch.Tensor | None]  # CPU generator, and the stage's CUDA generator
 
@@ -82,7 +85,8 @@ class Stage:
                  grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
                  nan_policy: str = "stop",
                  memory_format: torch.memory_format = torch.contiguous_format,
-                 corrector: Corrector | None = None) -> None:
+                 corrector: Corrector | None = None, update: DelayedUpdate | None = None,
+                 clip_norm: float | None = None) -> None:
         self.module = module
         self.index = index
         self.num_stages = num_stages
@@ -106,16 +110,19 @@ class Stage:
         self.steps = 0
         self.pending_backwards = 0  # backwards accumulated into .grad since the last step
         self.corrector = corrector or Corrector()
+        self.update = update  # how the optimizer applies a delayed gradient (None: its plain step)
+        self.clip_norm = clip_norm  # this module's own gradient norm is clipped to it before a step
         self.probe: staleness.Probe | None = None  # measured at a backward, handed out by the next step
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: int, x: torch.Tensor, labels: torch.Tensor, *, train: bool,
-                keep_for_backward: bool) -> tuple[torch.Tensor, BatchStats | None, torch.Tensor | None]:
+                keep_for_backward: bool, delayed: bool = True) -> tuple[torch.Tensor, BatchStats | None, torch.Tensor | None]:
         """Run the module on batch ``batch``: (detached output to send, loss stats, input gradient).
 
         With a loss here (last module, or a DGL auxiliary head) the loss is back-propagated at once
         into this module's parameters and, if a gradient goes upstream, into the input.
-        ``keep_for_backward`` stashes the forward for a later gradient from the next module.
+        ``keep_for_backward`` stashes the forward for a later gradient from the next module; ``delayed``
+        False (a synchronous batch) stashes the weights as they are, unmoved by the corrector.
         """
         self.module.train(train)
         x = models.to_layout(x, self.memory_format)  # received activations arrive contiguous (NCHW); data too
@@ -127,7 +134,7 @@ class Stage:
         if keep_for_backward:
             x = x.detach().requires_grad_(self.sends_grad)
             if self.stash_mode in ("weights", "mixed"):
-                params = self._snapshot()
+                params = self._snapshot(shift=delayed)
                 rng = self._rng_state()  # to rebuild this very graph after a mid-epoch checkpoint
                 with self.autocast:
                     out = functional_call(self.module, params, (x,))
@@ -147,9 +154,10 @@ class Stage:
         self._accumulate_scaled(batch_loss)
         return out.detach(), self._stats(logits.detach(), labels, batch_loss.detach()), x.grad
 
-    def _snapshot(self) -> dict[str, torch.Tensor]:
+    def _snapshot(self, *, shift: bool = True) -> dict[str, torch.Tensor]:
         """The weights a stashed forward runs on: one buffer per dtype filled by one fused copy, with every
-        parameter's own strides (an NHWC weight stays NHWC), instead of one clone per parameter."""
+        parameter's own strides (an NHWC weight stays NHWC), instead of one clone per parameter; ``shift``: moved
+        by the corrector."""
         named = list(self.module.named_parameters())
         views: dict[str, torch.Tensor] = {}
         for dtype in dict.fromkeys(p.dtype for _, p in named):
@@ -160,7 +168,8 @@ class Stage:
                 views[n] = flat.as_strided(p.shape, p.stride(), offset)
                 offset += p.numel()
             torch._foreach_copy_([views[n] for n, _ in group], [p.detach() for _, p in group])
-        self.corrector.shift([views[n] for n, _ in named], [p for _, p in named], self.optimizer)
+        if shift:
+            self.corrector.shift([views[n] for n, _ in named], [p for _, p in named], self.optimizer)
         return {n: views[n].requires_grad_(p.requires_grad) for n, p in named}
 
     def _stats(self, logits: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor | None = None) -> BatchStats:
@@ -189,12 +198,14 @@ class Stage:
         self.pending_backwards += 1
 
     # ----------------------------------------------------------------- backward
-    def backward(self, batch: int, grad_out: torch.Tensor, *, probe: bool = False) -> torch.Tensor | None:
+    def backward(self, batch: int, grad_out: torch.Tensor, *, probe: bool = False,
+                 delayed: bool = True) -> torch.Tensor | None:
         """Back-propagate β · grad_out through batch ``batch``'s stashed forward.
 
         Returns the gradient for the previous module (None for module 0).  Parameter gradients (after
         the corrector) are accumulated into ``.grad`` of the live parameters.  ``probe`` measures the
         first gradient of a step against the local fresh one (``staleness``) for the next step to report.
+        ``delayed`` False (a synchronous batch): back-propagation's exact gradient, no β, no corrector.
         """
         entry = self.stash.pop(batch)
         x, out, params = entry.x, entry.out, entry.params
@@ -205,14 +216,16 @@ class Stage:
                 out = functional_call(self.module, {**params, **buffers}, (x,))
         elif self.stash_mode == "mixed":  # the live weights under the stored graph, unseen by autograd's versions
             torch._foreach_copy_([params[n].data for n in params], [p.detach() for _, p in self.module.named_parameters()])
-        scale = self.beta / self.accum_steps
+        scale = self.beta / self.accum_steps if delayed else 1.0
         grad = grad_out.to(out.dtype) * scale if scale != 1.0 else grad_out.to(out.dtype)
         names = [n for n, p in params.items() if p.requires_grad]
         inputs = [params[n] for n in names] + ([x] if x.requires_grad else [])
         grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
         live = dict(self.module.named_parameters())
-        applied = self.corrector.correct(list(grads[:len(names)]), [params[n] for n in names],
-                                         [live[n] for n in names], self.optimizer)
+        applied = list(grads[:len(names)])
+        if delayed:
+            applied = self.corrector.correct(applied, [params[n] for n in names], [live[n] for n in names],
+                                             self.optimizer)
         if probe and self.pending_backwards == 0:
             self.probe = self._measure_staleness(entry, x, grad, names, applied, params, live)
         for name, g in zip(names, applied, strict=True):
@@ -238,13 +251,14 @@ class Stage:
         return staleness.Probe(self.steps - entry.steps, moved, cosine, ratio)
 
     # --------------------------------------------------------------------- step
-    def step(self, *, measure: bool = False, probe: bool = False) -> StepInfo:
-        """Apply the accumulated gradient (averaged over replicas first).
+    def step(self, *, measure: bool = False, probe: bool = False, delayed: bool = True) -> StepInfo:
+        """Apply the accumulated gradient (averaged over replicas first, then clipped to ``clip_norm``).
 
-        The gradient norm stays a device tensor (no host sync); ``measure`` also computes the
-        update/weight ratio, which needs a copy of the weights, so callers ask only at log intervals;
+        The gradient norm (before clipping) stays a device tensor (no host sync); ``measure`` also computes
+        the update/weight ratio, which needs a copy of the weights, so callers ask only at log intervals;
         ``probe`` hands out the staleness measured at this step's backward (fresh by construction where
-        the loss was back-propagated at once).
+        the loss was back-propagated at once).  ``delayed`` False (a synchronous step): the optimizer's plain
+        step at the schedule's LR.
         """
         probed, self.probe = self.probe, None
         params = [p for p in self.parameters() if p.grad is not None]
@@ -259,9 +273,14 @@ class Stage:
             return StepInfo(norm, None)
         self.finite.watch(norm, f"non-finite gradient in module {self.index} at its step {self.steps}")
         self.finite.publish()
+        if self.clip_norm is not None and params:
+            clip_([p.grad for p in params], norm, self.clip_norm)
         before = [p.detach().clone() for p in params] if measure else None
-        with self.corrector.step_lr(self.optimizer, self.steps):
-            self.optimizer.step()
+        with self.corrector.step_lr(self.optimizer, self.steps) if delayed else nullcontext():
+            if self.update is None:
+                self.optimizer.step()
+            else:
+                self.update.step(self.optimizer, delayed=delayed)
         self.optimizer.zero_grad(set_to_none=True)
         self._advance_schedule(applied)
         self.steps += 1

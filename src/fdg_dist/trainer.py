@@ -39,7 +39,7 @@ from fdg_dist.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
 from fdg_dist.memory import Usage
 from fdg_dist.metrics import EpochRecord, RunLog, Stop, chain, rank_name
-from fdg_dist.optim import build_optimizer, build_scheduler
+from fdg_dist.optim import DelayedUpdate, build_optimizer, build_scheduler
 from fdg_dist.preempt import Preemption, Stopped
 from fdg_dist.stage import Stage
 from fdg_dist.trace import TraceWriter
@@ -126,7 +126,7 @@ def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, bounds: li
     """Module k as a stage on ``device`` (weights, optimizer, LR schedule, method settings) and its boundary.
 
     The one place a config becomes a stage: the trainer, the emulated-NCCL tests and the benchmarks use it.
-    ``total_batches`` (see ``run_batches``) sizes a per-batch LR schedule.
+    ``total_batches`` (see ``run_batches``) sizes a per-batch LR schedule and ``corrector.anneal_fraction``.
     """
     t, m = cfg.trainer, cfg.method
     built = build_module(cfg, K, k, bounds)
@@ -141,10 +141,14 @@ def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, bounds: li
                          "holds a layer with weights")
     optimizer = build_optimizer(cfg.optim, params)
     scheduler = build_scheduler(cfg.sched, optimizer, t.epochs, total_batches)
+    delay = correctors.weight_delay(m.name, k, K, m.accum_steps)
+    corrector = correctors.build(cfg.corrector, delay, optimizer=cfg.optim.name, batches=total_batches or 0,
+                                 accum_steps=m.accum_steps, warmup=m.sync_warmup_steps)
+    update = DelayedUpdate(cfg.optim, delay, correctors.weight_delay(m.name, 0, K, m.accum_steps))
     stage = Stage(module, k, K, optimizer, scheduler, beta=m.beta, stash="recompute" if m.name == "fr" else m.stash,
                   accum_steps=m.accum_steps, aux_head=aux, sends_grad=m.name != "dgl", precision=t.precision,
                   device=device, grad_sync=grad_sync, nan_policy=t.nan_policy, memory_format=fmt,
-                  corrector=correctors.build(cfg.corrector, correctors.weight_delay(m.name, k, K, m.accum_steps)))
+                  corrector=corrector, update=update, clip_norm=cfg.optim.clip_norm)
     wire_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     boundary = Boundary(tuple(built.shapes[0][1:]), tuple(built.shapes[1][1:]), wire_dtype,
                         data.sample_spec(cfg.data).label_shape)
@@ -292,7 +296,8 @@ class Trainer:
         """One epoch, or what is left of it after the cut a resumed checkpoint holds; a signal may cut it.
         Returns what the module saw and the record of its actions."""
         m = self.cfg.method
-        plan = schedule.plan(m.name, self.k, self.K, len(sizes), train=True, accum_steps=m.accum_steps)
+        plan = schedule.plan(m.name, self.k, self.K, len(sizes), train=True, accum_steps=m.accum_steps,
+                             sync=schedule.sync_batches(m.sync_warmup_steps, self.global_step, len(sizes)))
         cut, self.cut = self.cut, None
         first = 0 if cut is None else schedule.first_forward_after(plan, cut.tick)
         batches = self.train_data.epoch(epoch, start_batch=first) if self.k == 0 else None
