@@ -23,7 +23,7 @@ import pytest
 import torch.distributed as dist
 from conftest import REPO, TINY_RUN
 
-from fdg_dist import rendezvous
+from fdg_dist import cli, rendezvous
 
 pytestmark = pytest.mark.multiprocess
 
@@ -302,6 +302,22 @@ def test_workers_with_the_runs_secret_refuse_what_a_stranger_wrote_in_their_stor
     del env[rendezvous.SECRET]  # a run without a secret (plain torchrun): values as they are, as before
     env["MASTER_PORT"] = str(_free_port())
     assert isinstance(rendezvous.job_store(timeout, {**env, "RANK": "0"}), dist.TCPStore)
+
+
+def test_the_launcher_names_the_first_error_of_a_wrapped_chain() -> None:
+    """torch's agent wraps a store's error in RendezvousConnectionError, and that again in RendezvousError when
+    the call came from its state handler: the line must name the forgery, whichever depth the agent met it at."""
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousError
+
+    forged = rendezvous.ForgedValue("store key 'k' at 127.0.0.1:1 holds a value this run did not write")
+    for depth in range(3):
+        error: BaseException = forged
+        for wrapper in (RendezvousConnectionError, RendezvousError)[:depth]:
+            try:
+                raise wrapper("The connection to the C10d store has failed.") from error
+            except wrapper as wrapped:
+                error = wrapped
+        assert cli._innermost(error) is forged
 
 
 @pytest.mark.timeout(180)

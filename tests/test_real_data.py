@@ -20,7 +20,7 @@ from fdg_dist import data, models
 from fdg_dist.config import Config
 from fdg_dist.trainer import build_module
 
-METRIC_FIELDS = {"epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_time_s",
+METRIC_FIELDS = {"epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_time_s", "memory",
                  "samples_per_s"}
 RESULT_FIELDS = {"final_test_error", "best_test_error", "wall_time_s", "k", "beta", "method", "model"}
 

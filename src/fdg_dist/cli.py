@@ -186,6 +186,14 @@ def _stopped_by(sig: signal.Signals, cfg: Config, run_dir: Path) -> str:
             f"{again} resumes from it")
 
 
+def _innermost(error: BaseException) -> BaseException:
+    """The first error of a chain: torch wraps a store's error once or twice (``RendezvousConnectionError`` from
+    ``RendezvousError``, depending on which call of its agent met it), and only the first one names the cause."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def _launch(cfg: Config, run_dir: Path) -> dict | None:
     """``launch_local`` with its failures and interrupts turned into one line each."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -200,7 +208,7 @@ def _launch(cfg: Config, run_dir: Path) -> dict | None:
             _stop(message.split(": ", 1)[1], 128 + (signal.Signals[by.group(1)] if by else signal.SIGTERM))
         _stop(f"{_rank_label(cfg, rank)} failed: {message} [every rank's traceback: {run_dir / 'train.log'}]", 1)
     except RendezvousError as e:  # e.g. a value in its store that the run did not write (rendezvous.SignedStore)
-        cause = e.__cause__ or e
+        cause = _innermost(e)
         _stop(f"the launcher's rendezvous failed, every worker was stopped: {type(cause).__name__}: "
               f"{first_line(str(cause))}", 1)
     except SignalException as e:
