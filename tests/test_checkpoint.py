@@ -19,11 +19,13 @@ import torch
 from conftest import run_pipeline, small_config
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from fdg_dist import checkpoint, convert, distributed, metrics
-from fdg_dist.checkpoint import MANIFEST, CheckpointError, atomic_save, choose, verify
+from fdg_dist import convert
 from fdg_dist.config import Config
-from fdg_dist.executor import EpochResult
-from fdg_dist.trainer import Trainer
+from fdg_dist.engine.executor import EpochResult
+from fdg_dist.observe import metrics
+from fdg_dist.run import checkpoint, distributed
+from fdg_dist.run.checkpoint import MANIFEST, CheckpointError, atomic_save, choose, verify
+from fdg_dist.run.trainer import Trainer
 
 K = 3
 

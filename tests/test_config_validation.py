@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import REPO, small_config
 
-from fdg_dist import config
 from fdg_dist.config import Config, ConfigError, check_devices, validate
+from fdg_dist.config import schema as config
 
 
 @dataclass(frozen=True)

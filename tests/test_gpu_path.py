@@ -19,9 +19,9 @@ from conftest import small_config
 from emulated import fake_timeline, run_emulated
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fdg_dist import distributed, worker
-from fdg_dist.executor import DeviceClock
-from fdg_dist.transport import HEADER_LEN
+from fdg_dist.engine.executor import DeviceClock
+from fdg_dist.engine.transport import HEADER_LEN
+from fdg_dist.run import distributed, worker
 
 METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
 

@@ -23,7 +23,7 @@ import pytest
 import torch.distributed as dist
 from conftest import REPO, TINY_RUN
 
-from fdg_dist import rendezvous
+from fdg_dist.run import rendezvous
 
 pytestmark = pytest.mark.multiprocess
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from fdg_dist import models
 from fdg_dist.config import Config, ConfigError, ModelConfig, validate
-from fdg_dist.trainer import build_stage, split_table
+from fdg_dist.run.trainer import build_stage, split_table
 
 METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
 

@@ -25,11 +25,12 @@ from conftest import (
 )
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-from fdg_dist import checkpoint, convert, models, rundir, unsplit
-from fdg_dist.checkpoint import MANIFEST, CheckpointError, choose
+from fdg_dist import convert, models
 from fdg_dist.config import Config
-from fdg_dist.optim import build_optimizer, step_factor
-from fdg_dist.trainer import build_stage
+from fdg_dist.engine.optim import build_optimizer, step_factor
+from fdg_dist.run import checkpoint, rundir, unsplit
+from fdg_dist.run.checkpoint import MANIFEST, CheckpointError, choose
+from fdg_dist.run.trainer import build_stage
 
 
 def _config(**kw: object) -> Config:

@@ -35,10 +35,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from fdg_dist import checkpoint, data, rendezvous, rundir, sweep, worker
+from fdg_dist import data, sweep
 from fdg_dist.config import Config, ConfigError, check_devices, validate
 from fdg_dist.data import first_line
-from fdg_dist.preempt import Stopped
+from fdg_dist.run import checkpoint, rendezvous, rundir, worker
+from fdg_dist.run.preempt import Stopped
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("fdg_dist")

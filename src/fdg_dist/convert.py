@@ -14,8 +14,8 @@ import hashlib
 import sys
 from pathlib import Path
 
-from fdg_dist import checkpoint, rundir
-from fdg_dist.checkpoint import CheckpointError
+from fdg_dist.run import checkpoint, rundir
+from fdg_dist.run.checkpoint import CheckpointError
 
 SUFFIX = ".sha256"
 

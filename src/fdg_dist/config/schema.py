@@ -334,7 +334,7 @@ def check_devices(cfg: Config, local_processes: int) -> None:
     """What this machine must offer a valid configuration: CUDA for NCCL, one GPU per local process (NCCL
     rejects two ranks on one GPU), bf16 where asked.  Separate from ``validate``: a sweep's jobs may run
     elsewhere.  The rules are ``distributed.check_device``'s, which every worker applies to itself again."""
-    from fdg_dist.distributed import DeviceError, check_device, choose_backend  # local: torch.distributed
+    from fdg_dist.run.distributed import DeviceError, check_device, choose_backend  # local: torch.distributed
 
     cores = os.cpu_count() or 1
     threads = cfg.trainer.threads
@@ -572,7 +572,8 @@ def _validate_model(cfg: Config) -> tuple[int, int]:
     """Build the model on the meta device and pass it one sample of the data: it must build, take the
     data's input and return one logit vector per label.  Returns its number of blocks and how many modules
     an automatic split can make of them."""
-    from fdg_dist import data, models, partition
+    from fdg_dist import data, models
+    from fdg_dist.split import partition
 
     name = f"model._target_={cfg.model._target_}" if cfg.model.name == "custom" else f"model={cfg.model.name}"
     _require(cfg.model.name != "gpt" or cfg.data.name == "text", "model.name",

@@ -23,10 +23,10 @@ from typing import Any, Protocol
 
 import torch
 
-from fdg_dist import schedule
-from fdg_dist.schedule import Action, Kind, Message, Plan
-from fdg_dist.stage import Stage, StepInfo
-from fdg_dist.transport import Envelope, Transport
+from fdg_dist.engine import schedule
+from fdg_dist.engine.schedule import Action, Kind, Message, Plan
+from fdg_dist.engine.stage import Stage, StepInfo
+from fdg_dist.engine.transport import Envelope, Transport
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from fdg_dist.schedule import Message, Step
-from fdg_dist.transport import SEND_WINDOW, Link
+from fdg_dist.engine.schedule import Message, Step
+from fdg_dist.engine.transport import SEND_WINDOW, Link
 
 T = TypeVar("T")
 _NCCL_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,

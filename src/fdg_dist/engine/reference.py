@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fdg_dist import loss
-from fdg_dist.optim import LRSchedule
+from fdg_dist.engine import loss
+from fdg_dist.engine.optim import LRSchedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

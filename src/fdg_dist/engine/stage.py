@@ -34,10 +34,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fdg_dist import loss, models, staleness
-from fdg_dist.correctors import Corrector
-from fdg_dist.finite import FiniteWatch
-from fdg_dist.optim import DelayedUpdate, LRSchedule, clip_
+from fdg_dist import models
+from fdg_dist.engine import loss, staleness
+from fdg_dist.engine.correctors import Corrector
+from fdg_dist.engine.finite import FiniteWatch
+from fdg_dist.engine.optim import DelayedUpdate, LRSchedule, clip_
 
 RngState = tuple[torch.Tensor, torch.Tensor | None]  # CPU generator, and the stage's CUDA generator
 

@@ -77,7 +77,7 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     """The layout a run computes in (``trainer.channels_last``): NHWC convolutions are faster on CPUs and GPUs."""
     if not isinstance(channels_last, bool):
         raise ValueError(f"trainer.channels_last={channels_last!r}: resolve 'auto' for the device first "
-                         "(fdg_dist.device_defaults.resolve)")
+                         "(fdg_dist.run.devices.resolve)")
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

@@ -24,14 +24,14 @@ from typing import TextIO
 
 import torch
 
-from fdg_dist import loss
-from fdg_dist.checkpoint import atomic_write
 from fdg_dist.config import Config, staleness_options
-from fdg_dist.executor import EpochResult, Event
-from fdg_dist.memory import Usage, describe
-from fdg_dist.schedule import Kind
-from fdg_dist.staleness import TAGS as STALENESS_TAGS
-from fdg_dist.staleness import Probe
+from fdg_dist.engine import loss
+from fdg_dist.engine.executor import EpochResult, Event
+from fdg_dist.engine.schedule import Kind
+from fdg_dist.engine.staleness import TAGS as STALENESS_TAGS
+from fdg_dist.engine.staleness import Probe
+from fdg_dist.observe.memory import Usage, describe
+from fdg_dist.run.checkpoint import atomic_write
 
 log = logging.getLogger("fdg_dist")
 

@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed (CI, clusters)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fdg_dist import report_staleness  # noqa: E402
+from fdg_dist.observe import report_staleness  # noqa: E402
 
 BETA_METHODS = ("fdg", "adl")  # methods where β means something; for the others it is left out
 TIME_PARTS = (("compute_s", "compute"), ("wait_input_s", "waiting for input"),

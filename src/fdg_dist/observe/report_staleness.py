@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fdg_dist.staleness import TAGS
+from fdg_dist.engine.staleness import TAGS
 
 Label = Callable[[Any], str]
 

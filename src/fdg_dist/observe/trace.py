@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from fdg_dist.executor import Event
+from fdg_dist.engine.executor import Event
 
 _HEAD = b'{"traceEvents": [\n'
 _TAIL = b'\n], "displayTimeUnit": "ms"}'

@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from fdg_dist import unsplit
-from fdg_dist.schedule import Kind
+from fdg_dist.engine.schedule import Kind
+from fdg_dist.run import unsplit
 
 if TYPE_CHECKING:
     from fdg_dist.config import Config
-    from fdg_dist.executor import Event
-    from fdg_dist.trainer import Trainer
+    from fdg_dist.engine.executor import Event
+    from fdg_dist.run.trainer import Trainer
 
 log = logging.getLogger("fdg_dist")
 

@@ -18,8 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fdg_dist import rendezvous
-from fdg_dist.transport import Link
+from fdg_dist.engine.transport import Link
+from fdg_dist.run import rendezvous
 
 
 @dataclass

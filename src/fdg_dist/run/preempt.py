@@ -22,7 +22,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from fdg_dist.memory import FIELDS, Usage
+from fdg_dist.observe.memory import FIELDS, Usage
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from fdg_dist import checkpoint
 from fdg_dist.config import Config
+from fdg_dist.run import checkpoint
 
 LOCK = ".fdg-run.lock"
 log = logging.getLogger("fdg_dist")

@@ -39,13 +39,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fdg_dist import checkpoint, data, models, pace, partition, schedule
+from fdg_dist import data, models
 from fdg_dist.config import Config
-from fdg_dist.distributed import Context
-from fdg_dist.executor import Boundary, DeviceClock, Executor, HostClock
-from fdg_dist.schedule import Kind
-from fdg_dist.stage import Stage
-from fdg_dist.transport import Transport
+from fdg_dist.engine import schedule
+from fdg_dist.engine.executor import Boundary, DeviceClock, Executor, HostClock
+from fdg_dist.engine.schedule import Kind
+from fdg_dist.engine.stage import Stage
+from fdg_dist.engine.transport import Transport
+from fdg_dist.run import checkpoint
+from fdg_dist.run.distributed import Context
+from fdg_dist.split import pace, partition
 
 log = logging.getLogger("fdg_dist")
 

@@ -23,27 +23,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import (
-    checkpoint,
-    correctors,
-    data,
-    inference,
-    models,
-    partition,
-    schedule,
-    split_choice,
-    unsplit,
-)
+from fdg_dist import data, inference, models
 from fdg_dist.config import Config
-from fdg_dist.distributed import Context, allreduce_mean, check_agreement
-from fdg_dist.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
-from fdg_dist.memory import Usage
-from fdg_dist.metrics import EpochRecord, RunLog, Stop, chain, rank_name
-from fdg_dist.optim import DelayedUpdate, build_optimizer, build_scheduler
-from fdg_dist.preempt import Preemption, Stopped
-from fdg_dist.stage import Stage
-from fdg_dist.trace import TraceWriter
-from fdg_dist.transport import TorchWire, Transport
+from fdg_dist.engine import correctors, schedule
+from fdg_dist.engine.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
+from fdg_dist.engine.optim import DelayedUpdate, build_optimizer, build_scheduler
+from fdg_dist.engine.stage import Stage
+from fdg_dist.engine.transport import TorchWire, Transport
+from fdg_dist.observe.memory import Usage
+from fdg_dist.observe.metrics import EpochRecord, RunLog, Stop, chain, rank_name
+from fdg_dist.observe.trace import TraceWriter
+from fdg_dist.run import checkpoint, split_trial, unsplit
+from fdg_dist.run.distributed import Context, allreduce_mean, check_agreement
+from fdg_dist.run.preempt import Preemption, Stopped
+from fdg_dist.split import partition
 
 log = logging.getLogger("fdg_dist")
 
@@ -89,7 +82,7 @@ def build_module(cfg: Config, K: int, k: int, bounds: list[int] | None = None) -
 
     Every rank builds the whole model and keeps its blocks, so the split is deterministic and the
     weights equal those of the unsplit model built with that seed.  ``bounds`` (a split chosen by
-    ``split_choice``, identical on every rank) replaces ``pipeline.split`` balanced by counted FLOPs.
+    ``split_trial``, identical on every rank) replaces ``pipeline.split`` balanced by counted FLOPs.
     """
     seed_everything(cfg.trainer.seed)
     blocks = models.build_blocks(cfg.model, cfg.data.num_classes)
@@ -203,12 +196,12 @@ class Trainer:
         self.trace = TraceWriter(run_dir, ctx.rank, self.k, time.perf_counter()) if cfg.logging.trace else None
 
     def _choose_split(self, transport: Transport, sync: Callable[[list[torch.Tensor]], None] | None
-                      ) -> split_choice.Choice:
+                      ) -> split_trial.Choice:
         """``pipeline.cost=time``: measured, ranked, tried in this pipeline, kept in the run directory."""
         def trial_stage(bounds: list[int]) -> tuple[Stage, Boundary]:
             return build_stage(self.cfg, self.K, self.k, self.ctx.device, bounds=bounds, grad_sync=sync)[:2]
 
-        return split_choice.choose(self.cfg, self.ctx, self.run_dir, transport, trial_stage)
+        return split_trial.choose(self.cfg, self.ctx, self.run_dir, transport, trial_stage)
 
     # -------------------------------------------------------------------- data
     def _load_data(self) -> tuple[data.Batches | None, data.Batches | None]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from fdg_dist.stage import Stage
+    from fdg_dist.engine.stage import Stage
 
 FORMAT = "fdg_dist.unsplit/1"
 FILE = "unsplit.pt"  # its name inside an imported checkpoint directory

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from fdg_dist import checkpoint, device_defaults, distributed, rendezvous
 from fdg_dist.config import Config
-from fdg_dist.preempt import Stopped
-from fdg_dist.trainer import Trainer
+from fdg_dist.run import checkpoint, devices, distributed, rendezvous
+from fdg_dist.run.preempt import Stopped
+from fdg_dist.run.trainer import Trainer
 
 log = logging.getLogger("fdg_dist")
 
@@ -111,7 +111,7 @@ def run(raw: dict, run_dir: str) -> dict | None:
                            precision=cfg.trainer.precision)
     log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s), pid %d", rank, world, module, stages,
              replica, ctx.backend, ctx.device, threads, os.getpid())
-    for line in device_defaults.resolve(cfg, ctx.device):
+    for line in devices.resolve(cfg, ctx.device):
         if rank == 0:
             log.info("default: %s", line)
     finished = False

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from fdg_dist import schedule
-from fdg_dist.schedule import Kind
+from fdg_dist.engine import schedule
+from fdg_dist.engine.schedule import Kind
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from fdg_dist import models, pace
+from fdg_dist import models
+from fdg_dist.split import pace
 
 _META = torch.device("meta")
 
