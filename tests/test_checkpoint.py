@@ -24,8 +24,9 @@ from fdg_dist.config import Config
 from fdg_dist.engine.executor import EpochResult
 from fdg_dist.observe import metrics
 from fdg_dist.run import checkpoint, distributed
-from fdg_dist.run.checkpoint import MANIFEST, CheckpointError, atomic_save, choose, verify
+from fdg_dist.run.checkpoint import MANIFEST, CheckpointError, choose, verify
 from fdg_dist.run.trainer import Trainer
+from fdg_dist.util.files import atomic_save
 
 K = 3
 

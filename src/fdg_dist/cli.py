@@ -37,9 +37,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from fdg_dist import data, sweep
 from fdg_dist.config import Config, ConfigError, check_devices, validate
-from fdg_dist.data import first_line
 from fdg_dist.run import checkpoint, rendezvous, rundir, worker
 from fdg_dist.run.preempt import Stopped
+from fdg_dist.util import files
+from fdg_dist.util.text import first_line
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("fdg_dist")
@@ -237,7 +238,7 @@ def _write_records(run_dir: Path, raw: DictConfig) -> None:
     hc = HydraConfig.get()
     for name, node in (("config.yaml", raw), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
                        ("overrides.yaml", hc.overrides.task)):
-        checkpoint.atomic_write(OmegaConf.to_yaml(node).encode(), run_dir / ".hydra" / name)
+        files.atomic_write(OmegaConf.to_yaml(node).encode(), run_dir / ".hydra" / name)
 
 
 def _refuse(line: str, run_dir: Path) -> NoReturn:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fdg_dist.run import checkpoint, rundir
 from fdg_dist.run.checkpoint import CheckpointError
+from fdg_dist.util import files
 
 SUFFIX = ".sha256"
 
@@ -34,8 +35,8 @@ def export(source: Path, out: Path, checkpoint_dir: str = "checkpoints", *,
     directory = checkpoint.locate(source, checkpoint_dir, None, label=str(source))
     state = checkpoint.read_unsplit(directory)
     sidecar(out).unlink(missing_ok=True)  # the old hash must not vouch for a half-written new file
-    digest = checkpoint.atomic_save(state, out)
-    checkpoint.atomic_write(f"{digest}  {out.name}\n".encode(), sidecar(out))
+    digest = files.atomic_save(state, out)
+    files.atomic_write(f"{digest}  {out.name}\n".encode(), sidecar(out))
     return directory, state
 
 

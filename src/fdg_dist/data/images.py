@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fdg_dist.config import DataConfig
+from fdg_dist.util.text import first_line
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -369,13 +369,6 @@ def _decode_files(paths: list[str]) -> list[torch.Tensor]:
         decoded = [one(p, r) for p, r in zip(jpeg_paths, jpeg_raw)]
     jpegs = iter(decoded)
     return [next(jpegs) if j else one(p, r) for p, r, j in zip(paths, raw, is_jpeg)]
-
-
-def first_line(text: str) -> str:
-    """An error message in one line (its first), without torchvision's C++ location prefix
-    (``decode_jpeg, …/x.cpp:171, ``)."""
-    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
-    return re.sub(r"^\w+, \S+\.cpp:\d+, ", "", line)
 
 
 def text_tokens(cfg: DataConfig) -> tuple[torch.Tensor, list[str] | None]:

@@ -31,7 +31,7 @@ from fdg_dist.engine.schedule import Kind
 from fdg_dist.engine.staleness import TAGS as STALENESS_TAGS
 from fdg_dist.engine.staleness import Probe
 from fdg_dist.observe.memory import Usage, describe
-from fdg_dist.run.checkpoint import atomic_write
+from fdg_dist.util.files import atomic_write
 
 log = logging.getLogger("fdg_dist")
 

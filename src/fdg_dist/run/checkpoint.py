@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from fdg_dist.engine.schedule import Kind
 from fdg_dist.run import unsplit
+from fdg_dist.util.files import atomic_save, atomic_write, sha256
 
 if TYPE_CHECKING:
     from fdg_dist.config import Config
@@ -62,46 +63,6 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------------ files
-def atomic_save(obj: Any, path: Path) -> str:
-    """Write to a temporary file, fsync, rename: a crash leaves the old file or the new one, never half.
-
-    Returns the sha256 of the bytes written, for the manifest.
-    """
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getvalue()
-    atomic_write(data, path)
-    return hashlib.sha256(data).hexdigest()
-
-
-def atomic_write(data: bytes, path: Path) -> None:
-    """Temporary file, fsync, rename, fsync the directory: the old content or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself must reach the disk too
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_name(module: int, replica: int) -> str:
     return f"module{module}-replica{replica}.pt"
 
@@ -244,7 +205,7 @@ def verify(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
             return manifest, f"{f} is truncated: {size} of {want_bytes} bytes"
         if size != want_bytes:
             return manifest, f"{f} has {size} bytes, the manifest says {want_bytes}"
-        if _sha256(f) != want_sha:
+        if sha256(f) != want_sha:
             return manifest, f"{f} is corrupt: its sha256 differs from the manifest's"
     return manifest, None
 

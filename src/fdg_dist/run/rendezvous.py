@@ -56,7 +56,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handl
 from torch.distributed.elastic.rendezvous.registry import handler_registry
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-from fdg_dist.run.checkpoint import atomic_write
+from fdg_dist.util.files import atomic_write
 
 LOOPBACK = "127.0.0.1"
 BACKEND = "fdg-c10d"  # torchrun --rdzv-backend name of the bound c10d rendezvous

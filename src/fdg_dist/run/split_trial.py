@@ -46,9 +46,9 @@ from fdg_dist.engine.executor import Boundary, DeviceClock, Executor, HostClock
 from fdg_dist.engine.schedule import Kind
 from fdg_dist.engine.stage import Stage
 from fdg_dist.engine.transport import Transport
-from fdg_dist.run import checkpoint
 from fdg_dist.run.distributed import Context
 from fdg_dist.split import pace, partition
+from fdg_dist.util import files
 
 log = logging.getLogger("fdg_dist")
 
@@ -102,7 +102,7 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
                   "tried": [{"bounds": b, "predicted_s": p, "median_s": m, "se_s": se, "trial_s": t}
                             for (b, p), t, (m, se) in zip(tried, trial, estimates, strict=True)],
                   "bounds": bounds}
-        checkpoint.atomic_write(json.dumps(record).encode(), run_dir / FILE)
+        files.atomic_write(json.dumps(record).encode(), run_dir / FILE)
     if runs < 2:
         how = f"the best predicted split (a trial in the pipeline would take more than {TRIAL_BUDGET_S:.0f} s)"
     elif not tried:

@@ -37,6 +37,7 @@ from fdg_dist.run import checkpoint, split_trial, unsplit
 from fdg_dist.run.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.run.preempt import Preemption, Stopped
 from fdg_dist.split import partition
+from fdg_dist.util import files
 
 log = logging.getLogger("fdg_dist")
 
@@ -386,7 +387,7 @@ class Trainer:
             for part in parts[: self.K]:  # replica 0 holds one copy of every module
                 merged.update(part)
             model = models.build_model(self.cfg.model, self.cfg.data.num_classes, device="meta")
-            checkpoint.atomic_save(model.model_state(merged), self.run_dir / inference.WEIGHTS)
+            files.atomic_save(model.model_state(merged), self.run_dir / inference.WEIGHTS)
             meta = inference.metadata(self.cfg, self.train_data.data)
-            checkpoint.atomic_write((json.dumps(meta, indent=1) + "\n").encode(), self.run_dir / inference.METADATA)
-            checkpoint.atomic_write(json.dumps({"bounds": self.bounds}).encode(), self.run_dir / "split.json")
+            files.atomic_write((json.dumps(meta, indent=1) + "\n").encode(), self.run_dir / inference.METADATA)
+            files.atomic_write(json.dumps({"bounds": self.bounds}).encode(), self.run_dir / "split.json")

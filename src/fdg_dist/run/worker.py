@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from fdg_dist.config import Config
-from fdg_dist.run import checkpoint, devices, distributed, rendezvous
+from fdg_dist.run import devices, distributed, rendezvous
 from fdg_dist.run.preempt import Stopped
 from fdg_dist.run.trainer import Trainer
+from fdg_dist.util import files
 
 log = logging.getLogger("fdg_dist")
 
@@ -76,7 +77,7 @@ def report_failure(rank: int, error: BaseException) -> None:
         return
     report = {"error": f"{type(error).__name__}: {error}", "time": time.time()}
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    checkpoint.atomic_write(json.dumps(report).encode(), report_path(Path(folder), attempt, rank))
+    files.atomic_write(json.dumps(report).encode(), report_path(Path(folder), attempt, rank))
 
 
 _FLIGHT_RECORDER = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")  # torch reads the first one set
