@@ -10,7 +10,6 @@ them beside it as ``final_model.json``: that pair is all inference needs.  For a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 from fdg_dist import models
 from fdg_dist.config import Config, ModelConfig
 from fdg_dist.data import ImageSet, Normalize, TextSet
+from fdg_dist.util.files import read_json
 
 WEIGHTS = "final_model.pt"
 METADATA = "final_model.json"
@@ -141,11 +141,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", *,
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """``final_model.json``, or a ValueError naming it and what is wrong (cut short, not this format)."""
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); copy it again from the run directory "
-                         "(a finished run writes it whole)") from None
+    meta = read_json(path, "copy it again from the run directory (a finished run writes it whole)")
     needed = ("model", "num_classes") + (("vocab", "context") if isinstance(meta, dict) and "tokens" in meta
                                          else ("mean", "std", "image_size", "classes"))
     missing = [key for key in needed if not isinstance(meta, dict) or key not in meta]

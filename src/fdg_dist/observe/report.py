@@ -14,7 +14,6 @@ BP); where runs logged ``staleness/`` tags, ``staleness.md`` and ``staleness.png
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from collections import defaultdict
@@ -28,6 +27,7 @@ matplotlib.use("Agg")  # files only, no display needed (CI, clusters)
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fdg_dist.observe import report_staleness  # noqa: E402
+from fdg_dist.util.files import parse_json  # noqa: E402
 
 BETA_METHODS = ("fdg", "adl")  # methods where β means something; for the others it is left out
 TIME_PARTS = (("compute_s", "compute"), ("wait_input_s", "waiting for input"),
@@ -80,11 +80,7 @@ def load_run(path: Path) -> Run:
 
 
 def _parse(text: str, where: str) -> dict:
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"{where} is damaged ({type(e).__name__}: {e}); repair or remove it, or leave that run "
-                         "out of the report") from None
+    return parse_json(text, where, "repair or remove it, or leave that run out of the report")
 
 
 def setting_label(method: str, beta: float | None, k: int, corrector: str = "none") -> str:

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from fdg_dist.engine.schedule import Kind
 from fdg_dist.run import unsplit
-from fdg_dist.util.files import atomic_save, atomic_write, sha256
+from fdg_dist.util.files import atomic_save, atomic_write, damaged, sha256
 
 if TYPE_CHECKING:
     from fdg_dist.config import Config
@@ -456,8 +456,8 @@ def truncate_metrics(path: Path, start_epoch: int) -> list[dict[str, Any]]:
             rows.append((line, row, int(row["epoch"])))
         except (ValueError, KeyError, TypeError) as e:
             if number < len(lines):
-                raise CheckpointError(f"{path}: line {number} is damaged ({type(e).__name__}: {e}); repair or "
-                                      "delete that line (each line is one epoch) and resume again") from e
+                raise CheckpointError(damaged(f"{path}: line {number}", e, "repair or delete that line (each line "
+                                                                              "is one epoch) and resume again")) from e
             torn = rows[-1][2] + 1 if rows else 0  # as torn_epoch says: choose resumed before it if it could
             what = (f"epoch {torn + 1} is redone and its row written again" if start_epoch <= torn
                     else f"no checkpoint before epoch {torn + 1} is kept, so the run goes on after it and this "

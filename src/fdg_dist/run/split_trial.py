@@ -49,6 +49,7 @@ from fdg_dist.engine.transport import Transport
 from fdg_dist.run.distributed import Context
 from fdg_dist.split import pace, partition
 from fdg_dist.util import files
+from fdg_dist.util.files import damaged
 
 log = logging.getLogger("fdg_dist")
 
@@ -180,8 +181,7 @@ def _read(path: Path) -> dict:
         if not (all(isinstance(b, int) for b in bounds) and all(isinstance(t, list) and 3 <= len(t) <= 4 for t in times)):
             raise TypeError("bounds must be block indices and block_times rows of 3 or 4 numbers")
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it, and the run measures and "
-                         "chooses its split again") from None
+        raise ValueError(damaged(path, e, "delete it, and the run measures and chooses its split again")) from None
     return record
 
 
