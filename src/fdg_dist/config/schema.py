@@ -333,8 +333,8 @@ def _typed_fields(cfg: Config) -> list[tuple[str, Any, Any]]:
 def check_devices(cfg: Config, local_processes: int) -> None:
     """What this machine must offer a valid configuration: CUDA for NCCL, one GPU per local process (NCCL
     rejects two ranks on one GPU), bf16 where asked.  Separate from ``validate``: a sweep's jobs may run
-    elsewhere.  The rules are ``distributed.check_device``'s, which every worker applies to itself again."""
-    from fdg_dist.run.distributed import DeviceError, check_device, choose_backend  # local: torch.distributed
+    elsewhere.  The rules are ``devices.check_device``'s, which every worker applies to itself again."""
+    from fdg_dist.run.devices import DeviceError, check_device, choose_backend  # local: torch
 
     cores = os.cpu_count() or 1
     threads = cfg.trainer.threads

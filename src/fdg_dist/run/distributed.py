@@ -1,4 +1,4 @@
-"""Process-group set-up: backend and device choice, timeouts, the pipeline and replica groups.
+"""Process-group set-up: timeouts, the pipeline and replica groups, on the backend and device ``devices`` picks.
 
 Layout of a run with K modules and R replicas (world size K·R): global rank ``r·K + k`` holds module
 k of replica r.  Module k of every replica forms one "replica group" that averages gradients.  Every
@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from fdg_dist.engine.transport import Link
 from fdg_dist.run import rendezvous
+from fdg_dist.run.devices import check_device, choose_backend
 
 
 @dataclass
@@ -45,45 +46,6 @@ class Context:
     def pipeline_ranks(self) -> list[int]:
         """Global ranks of modules 0..K-1 of this rank's replica."""
         return [self.replica * self.K + k for k in range(self.K)]
-
-
-def choose_backend(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-class DeviceError(RuntimeError):
-    """This machine cannot run the configuration (no GPU for NCCL, a rank without a GPU, no bf16); ``key`` is
-    the setting to change."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-
-
-def check_device(backend: str, local_rank: int, precision: str) -> torch.device:
-    """The device local rank ``local_rank`` computes on, or one line saying why this machine cannot run it.
-
-    Caught at start (by the CLI for all its local ranks, by every worker for itself) instead of as a CUDA
-    error deep in the first NCCL call or the first bf16 message.
-    """
-    if backend != "nccl":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DeviceError("dist.backend", "nccl needs CUDA GPUs and torch sees none here; use dist.backend=gloo "
-                          "(or auto) to train on the CPU")
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise DeviceError("dist.backend", f"NCCL runs one process per GPU (it refuses two ranks on one GPU): "
-                          f"{local_rank + 1} processes on this machine but {count} GPU(s) visible "
-                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower "
-                          "pipeline.k × pipeline.replicas (or --nproc_per_node) or use dist.backend=gloo")
-    device = torch.device("cuda", local_rank)
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise DeviceError("trainer.precision", f"bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 "
-                          "support; use trainer.precision=fp32")
-    return device
 
 
 def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
