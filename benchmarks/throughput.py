@@ -53,9 +53,10 @@ import _workers
 import torch
 
 from fdg_dist import models
-from fdg_dist.config import Config, ConfigError, validate
+from fdg_dist.config import Config, ConfigError
 from fdg_dist.run import devices
 from fdg_dist.split import partition
+from fdg_dist.validation import validate
 
 SINGLE = ("bp_single_1thread", "bp_single_allthreads")
 ENGINE = ("fdg", "fdg_recompute", "ddg", "bp", "dp")

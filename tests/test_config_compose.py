@@ -17,8 +17,9 @@ from omegaconf import DictConfig
 
 from fdg_dist import models
 from fdg_dist.cli import config_from_hydra  # also registers the fdg_run_id resolver
-from fdg_dist.config import Config, ConfigError, validate
+from fdg_dist.config import Config, ConfigError
 from fdg_dist.config.paper import PAPER_ROWS
+from fdg_dist.validation import validate
 
 CONF = REPO / "conf"
 GROUPS = ("model", "data", "method", "corrector", "optim", "sched")

@@ -275,7 +275,8 @@ def test_a_folder_reached_twice_through_a_link_is_refused(tmp_path: Path, link: 
 @pytest.mark.parametrize("tokens", ["byte", "char"])
 def test_an_empty_text_file_is_named(tmp_path: Path, tokens: str) -> None:
     """torch.frombuffer said "both buffer length (0) and count (-1) must not be 0"."""
-    from fdg_dist.config import ConfigError, validate
+    from fdg_dist.config import ConfigError
+    from fdg_dist.validation import validate
 
     empty = tmp_path / "input.txt"
     empty.write_bytes(b"")

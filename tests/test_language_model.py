@@ -29,11 +29,12 @@ from torch import nn
 
 import fdg_dist
 from fdg_dist import data, models
-from fdg_dist.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedConfig, validate
+from fdg_dist.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedConfig
 from fdg_dist.engine import loss, optim
 from fdg_dist.engine.stage import Stage
 from fdg_dist.run import checkpoint
 from fdg_dist.run.trainer import split_table
+from fdg_dist.validation import validate
 
 METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
 

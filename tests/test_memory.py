@@ -204,7 +204,8 @@ def test_the_flight_recorder_is_off_unless_the_user_asks(monkeypatch: pytest.Mon
 _LAUNCHER_CHECK = """
 import sys
 from fdg_dist import cli
-from fdg_dist.config import Config, ConfigError, validate
+from fdg_dist.config import Config, ConfigError
+from fdg_dist.validation import validate
 
 def config(k):
     cfg = Config()

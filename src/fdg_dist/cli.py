@@ -36,11 +36,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from fdg_dist import data, sweep
-from fdg_dist.config import Config, ConfigError, check_devices, validate
+from fdg_dist.config import Config, ConfigError
 from fdg_dist.run import checkpoint, rendezvous, rundir, worker
 from fdg_dist.run.preempt import Stopped
 from fdg_dist.util import files
 from fdg_dist.util.text import first_line
+from fdg_dist.validation import check_devices, validate
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("fdg_dist")

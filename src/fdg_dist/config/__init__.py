@@ -35,14 +35,11 @@ from fdg_dist.config.schema import (
     PipelineConfig,
     SchedConfig,
     TrainerConfig,
-    check_devices,
     staleness_options,
-    validate,
 )
 
 __all__ = ["BACKENDS", "CIFAR_CLASSES", "CORRECTED_METHODS", "CORRECTORS", "DATASETS", "FLOAT32_MAX", "METHODS",
            "MIN_TIMEOUT_S", "NAN_POLICIES", "OPTIMIZERS", "PRECISIONS", "SCHEDULERS", "SEED_MAX", "SHRINKING_METHODS",
            "SPLIT_COSTS", "STASH_MODES", "TEXT_TOKENS", "CheckpointConfig", "Config", "ConfigError",
            "CorrectorConfig", "DataConfig", "DistConfig", "LoggingConfig", "MethodConfig", "ModelConfig",
-           "OptimConfig", "PipelineConfig", "SchedConfig", "TrainerConfig", "check_devices", "staleness_options",
-           "validate"]
+           "OptimConfig", "PipelineConfig", "SchedConfig", "TrainerConfig", "staleness_options"]

@@ -204,7 +204,7 @@ def check_available(cfg: DataConfig, *, download: bool = True) -> None:
     """Fail in one line before any worker starts if a CIFAR root lacks its files; fetch them here, once, if
     ``data.download=true`` and ``download`` (under torchrun every process calls this: there module 0 fetches).
 
-    ImageFolder roots are checked by ``config.validate``; synthetic data needs no files.
+    ImageFolder roots are checked by ``validation.validate``; synthetic data needs no files.
     """
     if cfg.name not in CIFAR_STATS:
         return

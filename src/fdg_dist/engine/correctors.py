@@ -196,7 +196,7 @@ def compensate(g: torch.Tensor, ms: torch.Tensor, now: torch.Tensor, then: torch
 
 def build(cfg: CorrectorConfig, delay: int, *, optimizer: str = "sgd", batches: int = 0,
           accum_steps: int = 1, warmup: int = 0) -> Corrector:
-    """Module's corrector for ``corrector.name`` (validated by ``config.validate``); ``optimizer`` is
+    """Module's corrector for ``corrector.name`` (validated by ``validation.validate``); ``optimizer`` is
     ``optim.name``, ``batches`` the run's training batches and ``warmup`` its synchronous ones (for
     lr_by_delay's annealing)."""
     if cfg.name == "predict":
