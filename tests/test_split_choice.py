@@ -13,6 +13,7 @@ from conftest import assert_same_weights, final_state, reference_state, run_pipe
 from fdg_dist import models
 from fdg_dist.config import Config
 from fdg_dist.run import devices, split_trial
+from fdg_dist.split import choice
 from fdg_dist.split.pace import BlockTime
 from fdg_dist.split.partition import split_points
 
@@ -35,13 +36,13 @@ def test_auto_settings_become_the_fastest_for_the_device_and_explicit_ones_stay(
 
 def test_candidates_are_the_balanced_split_and_its_neighbours_fastest_predicted_first() -> None:
     times = [BlockTime(0.1, 0.2, 0.0)] * 4 + [BlockTime(0.05, 0.1, 0.0)] * 8  # a costly first half
-    ranked = split_trial.rank_candidates(times, 2, "fdg", recompute=False)
+    ranked = choice.rank_candidates(times, 2, "fdg", recompute=False)
     balanced = split_points([t.total for t in times], 2, "auto")
     assert ranked[0][0] == balanced
     assert sorted(b[1] for b, _ in ranked) == [balanced[1] + d for d in range(-2, 3)]
     periods = [p for _, p in ranked]
     assert periods == sorted(periods) and ranked[0][1] == pytest.approx(max(0.3 * 4 - 0.0, 0.15 * 8) / 1.0, rel=0.2)
-    three = split_trial.rank_candidates(times, 3, "fdg", recompute=False)
+    three = choice.rank_candidates(times, 3, "fdg", recompute=False)
     assert all(0 < b[1] < b[2] < 12 for b, _ in three) and len(three) <= 25
 
 
@@ -50,7 +51,7 @@ def test_candidates_start_modules_only_where_a_module_has_weights_to_train() -> 
     neighbour of the balanced split would be predicted faster."""
     times = [BlockTime(0.1, 0.2, 0.0)] * 12
     starts = [2, 4, 6, 8, 10]
-    ranked = split_trial.rank_candidates(times, 2, "fdg", recompute=False, starts=starts)
+    ranked = choice.rank_candidates(times, 2, "fdg", recompute=False, starts=starts)
     assert ranked and all(b[1] in starts for b, _ in ranked)
     assert sorted(b[1] for b, _ in ranked) == [4, 6, 8]  # the balanced split 6 and its allowed neighbours
 
@@ -68,17 +69,17 @@ def test_trial_batches_of_a_language_model_are_tokens_with_a_label_per_token() -
 
 def test_a_trial_compares_the_best_plausible_candidates_that_fit_its_budget() -> None:
     ranked = [([0, 5, 11], 1.00), ([0, 4, 11], 1.05), ([0, 6, 11], 1.09), ([0, 3, 11], 1.30)]
-    assert split_trial.worth_trying(ranked, runs=10) == ranked[:3]
-    assert split_trial.worth_trying(ranked, runs=2) == ranked[:2]  # the budget affords two runs
-    assert split_trial.worth_trying(ranked, runs=1) == []
-    assert split_trial.worth_trying([ranked[0], ranked[3]], runs=10) == []  # the runner-up is 30 % slower
+    assert choice.worth_trying(ranked, runs=10) == ranked[:3]
+    assert choice.worth_trying(ranked, runs=2) == ranked[:2]  # the budget affords two runs
+    assert choice.worth_trying(ranked, runs=1) == []
+    assert choice.worth_trying([ranked[0], ranked[3]], runs=10) == []  # the runner-up is 30 % slower
 
 
 def test_a_candidates_time_is_the_median_of_its_batches_and_one_slow_batch_moves_neither_it_nor_its_error() -> None:
     quiet = [0.300, 0.302, 0.298, 0.301, 0.299, 0.300, 0.303, 0.297]
-    median, se = split_trial.median_se(quiet)
+    median, se = choice.median_se(quiet)
     assert median == pytest.approx(0.300) and se == pytest.approx(1.2533 * 1.4826 * 0.0015 / 8 ** 0.5)
-    assert split_trial.median_se([*quiet[:-1], 0.900]) == pytest.approx((median, se), rel=0.02)  # interference
+    assert choice.median_se([*quiet[:-1], 0.900]) == pytest.approx((median, se), rel=0.02)  # interference
 
 
 def test_the_trial_winner_is_the_fastest_it_can_tell_apart_and_otherwise_the_best_predicted() -> None:
@@ -86,13 +87,13 @@ def test_the_trial_winner_is_the_fastest_it_can_tell_apart_and_otherwise_the_bes
     steady = [0.300 + d for d in (-0.002, 0.0, 0.002)] * 4  # median 0.300, standard error ~0.9 ms
     slower = [x * 1.05 for x in steady]
     faster = [x * 0.95 for x in steady]
-    assert split_trial.decide([steady, faster, slower]) == 1  # 5 % faster, well beyond its error: the trial decides
-    assert split_trial.contenders([steady, faster, slower]) == [1]
+    assert choice.decide([steady, faster, slower]) == 1  # 5 % faster, well beyond its error: the trial decides
+    assert choice.contenders([steady, faster, slower]) == [1]
     near = [x * 0.975 for x in steady]  # 2.5 % faster: within TIE, equal to what a fresh pipeline varies by
-    assert split_trial.contenders([slower, steady, near]) == [1, 2] and split_trial.decide([slower, steady, near]) == 1
+    assert choice.contenders([slower, steady, near]) == [1, 2] and choice.decide([slower, steady, near]) == 1
     noisy = [0.300 + d for d in (-0.03, 0.0, 0.03)] * 4  # the same median, ten times the spread
-    assert split_trial.decide([[x * 1.05 for x in noisy], noisy]) == 0  # 5 % is within two errors: predicted first
-    assert split_trial.decide([[x * 1.05 for x in steady], steady]) == 1  # the same 5 % with little noise: trial
+    assert choice.decide([[x * 1.05 for x in noisy], noisy]) == 0  # 5 % is within two errors: predicted first
+    assert choice.decide([[x * 1.05 for x in steady], steady]) == 1  # the same 5 % with little noise: trial
 
 
 @pytest.mark.parametrize("spread", [0.01, 0.001])
@@ -141,13 +142,13 @@ def test_a_default_run_tries_the_best_candidates_in_its_pipeline_and_a_restart_k
     record = json.loads((fresh / split_trial.FILE).read_text())
     assert len(record["block_times"]) == 7 and record["shape"] == [16, 3, 32, 32]
     tried = record["tried"]
-    assert len(tried) == split_trial.TRIALS
-    assert max(t["predicted_s"] for t in tried) <= min(t["predicted_s"] for t in tried) * (1 + split_trial.PLAUSIBLE)
+    assert len(tried) == choice.TRIALS
+    assert max(t["predicted_s"] for t in tried) <= min(t["predicted_s"] for t in tried) * (1 + choice.PLAUSIBLE)
     per_run = split_trial.TRIAL_BATCHES - split_trial.TRIAL_BATCHES // 4 - 1  # batches timed in one run
     assert all(len(t["trial_s"]) % per_run == 0 and len(t["trial_s"]) >= split_trial.ROUNDS * per_run
                and min(t["trial_s"]) > 0 for t in tried)
-    assert [t["median_s"] for t in tried] == [split_trial.median_se(t["trial_s"])[0] for t in tried]
-    assert record["bounds"] == tried[split_trial.decide([t["trial_s"] for t in tried])]["bounds"]
+    assert [t["median_s"] for t in tried] == [choice.median_se(t["trial_s"])[0] for t in tried]
+    assert record["bounds"] == tried[choice.decide([t["trial_s"] for t in tried])]["bounds"]
     assert json.loads((fresh / "split.json").read_text())["bounds"] == record["bounds"]
     assert f"split {record['bounds']} by measured time: the fastest in this pipeline" in log
 

@@ -8,21 +8,25 @@ it and two message times take longer than its own tick.  So every fresh run:
 1. rank 0 times every block's forward, backward and optimizer step at the training batch on its device
    (``partition.measured_block_times``);
 2. every rank ranks the same candidates — the balanced split and its neighbours, each boundary moved by
-   up to ``SPREAD`` blocks — by the steady-state time per batch ``pace.split_period`` predicts for them
-   (every message costed as two copies of its tensor);
-3. the best ``TRIALS`` (those predicted within ``PLAUSIBLE`` of the best: a noisy trial must not pick a
-   poor split) run ``TRIAL_BATCHES`` synthetic batches each in the real pipeline (the run's own stages,
-   messages and devices), in interleaved rounds; every batch after the first quarter (warm-up) is one
+   up to ``choice.SPREAD`` blocks — by the steady-state time per batch ``pace.split_period`` predicts for
+   them (every message costed as two copies of its tensor);
+3. the best ``choice.TRIALS`` (those predicted within ``choice.PLAUSIBLE`` of the best: a noisy trial must
+   not pick a poor split) run ``TRIAL_BATCHES`` synthetic batches each in the real pipeline (the run's own
+   stages, messages and devices), in interleaved rounds; every batch after the first quarter (warm-up) is one
    sample of the seconds per batch (the last module's pace).  A candidate's time is the median of its
    samples (a spell of interference on a shared machine moves a mean, not a median), known to a standard
    error estimated from their spread.  After ``ROUNDS`` rounds of all, further rounds (up to
    ``MAX_ROUNDS``, within ``TRIAL_BUDGET_S``) go to the candidates still indistinguishable from the
    fastest, as long as the error is what keeps them so: more batches only where they can decide.  The
-   fastest wins; among those the trial cannot tell from it (within ``Z`` standard errors, or ``TIE``)
+   fastest wins; among those the trial cannot tell from it (within ``choice.Z`` standard errors, or ``TIE``)
    the best predicted, because the prediction ranks near-equal splits the same way in every fresh run
    (ResNet-56 on a 2-core CPU: ten of ten) while a fresh pipeline's pace varies by several %;
 4. rank 0 keeps the measurements, the trial and the choice in ``split_choice.json``: a restart in the run
    directory reuses the choice (its checkpoints hold that split's modules), the run log says what won.
+
+The rule that ranks and decides is ``split.choice`` (pure); this module measures, runs the trial in the
+pipeline's process groups and keeps the record.  Must not change the training that follows: trial batches are
+synthetic and carry negative epochs, and the stages it builds are dropped.
 """
 
 from __future__ import annotations
@@ -30,8 +34,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
-import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,21 +49,16 @@ from fdg_dist.engine.schedule import Kind
 from fdg_dist.engine.stage import Stage
 from fdg_dist.engine.transport import Transport
 from fdg_dist.run.distributed import Context
-from fdg_dist.split import pace, partition
+from fdg_dist.split import choice, pace, partition
 from fdg_dist.util import files
 from fdg_dist.util.files import damaged
 
 log = logging.getLogger("fdg_dist")
 
 FILE = "split_choice.json"
-SPREAD = 2  # blocks each boundary of the balanced split may move
-TRIALS = 3  # candidates tried in the pipeline
 TRIAL_BATCHES = 16  # per candidate and round; the first quarter is warm-up, every later batch one sample
 ROUNDS = 2  # every tried candidate runs this often (interleaved: a slow spell of the machine hits all alike) ...
 MAX_ROUNDS = 6  # ... and the ones still indistinguishable from the fastest up to this often
-PLAUSIBLE = 0.10  # only candidates predicted within this of the best are tried: noise cannot pick a poor one
-Z = 2.0  # medians closer than Z standard errors of their difference cannot be told apart ...
-TIE = 0.03  # ... nor closer than this (relative): a fresh pipeline on a shared machine varies more than that
 TRIAL_BUDGET_S = 120.0  # at most this long (predicted) in trials: fewer rounds or candidates, or none, beyond it
 
 BuildStage = Callable[[list[int]], tuple[Stage, Boundary]]
@@ -91,13 +88,13 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
                       f"kept from {where} (chosen when that run started)")
     times = _measured(cfg, ctx)
     starts = partition.weighted_starts(models.build_blocks(cfg.model, cfg.data.num_classes, device="meta"))
-    ranked = rank_candidates(times, ctx.K, cfg.method.name, cfg.method.name == "fr" or cfg.method.stash == "recompute",
-                             starts)
+    ranked = choice.rank_candidates(times, ctx.K, cfg.method.name,
+                                    cfg.method.name == "fr" or cfg.method.stash == "recompute", starts)
     runs = int(TRIAL_BUDGET_S // (TRIAL_BATCHES * ranked[0][1]))  # trial runs that fit the budget
-    tried = worth_trying(ranked, runs)
+    tried = choice.worth_trying(ranked, runs)
     trial = _trial(cfg, ctx, transport, build, [b for b, _ in tried], runs)
-    bounds = tried[decide(trial)][0] if tried else ranked[0][0]
-    estimates = [median_se(t) for t in trial]
+    bounds = tried[choice.decide(trial)][0] if tried else ranked[0][0]
+    estimates = [choice.median_se(t) for t in trial]
     if ctx.rank == 0:
         record = {"shape": _batch_shape(cfg, ctx), "block_times": [[t.forward, t.backward, t.step, t.copy_out] for t in times],
                   "tried": [{"bounds": b, "predicted_s": p, "median_s": m, "se_s": se, "trial_s": t}
@@ -107,52 +104,12 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
     if runs < 2:
         how = f"the best predicted split (a trial in the pipeline would take more than {TRIAL_BUDGET_S:.0f} s)"
     elif not tried:
-        how = f"the best predicted split (no other predicted within {100 * PLAUSIBLE:.0f} % of it)"
+        how = f"the best predicted split (no other predicted within {100 * choice.PLAUSIBLE:.0f} % of it)"
     else:
         how = (f"the fastest in this pipeline of the {len(tried)} best predicted splits (median per batch: " + ", ".join(
             f"{b[1:-1]} {1e3 * m:.3g} ± {1e3 * se:.2g} ms over {len(t)}"
             for (b, _), t, (m, se) in zip(tried, trial, estimates, strict=True)) + ")")
     return Choice(bounds, [t.total for t in times], f"{how}; kept in {FILE}")
-
-
-def worth_trying(ranked: list[tuple[list[int], float]], runs: int) -> list[tuple[list[int], float]]:
-    """The candidates a trial compares: the best ``TRIALS`` (fewer if only ``runs`` trial runs fit the budget)
-    predicted within ``PLAUSIBLE`` of the best; none if that leaves fewer than two."""
-    plausible = [c for c in ranked[:min(TRIALS, runs)] if c[1] <= ranked[0][1] * (1 + PLAUSIBLE)]
-    return plausible if len(plausible) >= 2 else []
-
-
-def median_se(samples: list[float]) -> tuple[float, float]:
-    """The median of a candidate's seconds per batch and its standard error (from the median absolute
-    deviation: one batch slowed by interference neither moves the median nor inflates the spread)."""
-    median = statistics.median(samples)
-    mad = statistics.median(abs(x - median) for x in samples)
-    return median, 1.2533 * 1.4826 * mad / math.sqrt(len(samples))
-
-
-def _lags(samples: list[list[float]]) -> list[tuple[float, float]]:
-    """Every candidate's lag behind the fastest median and the uncertainty of that lag (``Z`` standard errors
-    of the difference), both relative to the fastest."""
-    estimates = [median_se(s) for s in samples]
-    fastest, fastest_se = min(estimates)
-    return [((m - fastest) / fastest, Z * math.hypot(se, fastest_se) / fastest) for m, se in estimates]
-
-
-def contenders(samples: list[list[float]]) -> list[int]:
-    """The candidates the trial cannot tell from the fastest (lag within ``Z`` standard errors, or within
-    ``TIE``), the fastest included."""
-    return [i for i, (lag, error) in enumerate(_lags(samples)) if lag <= max(error, TIE)]
-
-
-def decide(samples: list[list[float]]) -> int:
-    """Which tried candidate (in predicted order) wins: the fastest in the trial, or the best predicted of those
-    the trial cannot tell from the fastest.
-
-    Candidates that close are equally fast within what the trial measured, and whether one of them comes out
-    ahead changes from run to run; the prediction ranks them the same way in every fresh run (it comes from
-    block times measured in one process, away from the pipeline's interference), so it decides.
-    """
-    return min(contenders(samples))
 
 
 def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
@@ -183,22 +140,6 @@ def _read(path: Path) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(damaged(path, e, "delete it, and the run measures and chooses its split again")) from None
     return record
-
-
-def rank_candidates(times: list[pace.BlockTime], K: int, method: str, recompute: bool,
-                    starts: list[int] | None = None) -> list[tuple[list[int], float]]:
-    """Every split within ``SPREAD`` blocks of the balanced one, fastest predicted first (ties: smaller bounds);
-    modules start only at ``starts`` (default: any block; see ``partition.weighted_starts``)."""
-    n = len(times)
-    base = partition.split_points([t.total for t in times], K, "auto", starts)
-    allowed = set(range(1, n) if starts is None else starts)
-    options = set()
-    for shift in itertools.product(range(-SPREAD, SPREAD + 1), repeat=K - 1):
-        bounds = [0, *(b + s for b, s in zip(base[1:-1], shift, strict=True)), n]
-        if all(a < b for a, b in itertools.pairwise(bounds)) and allowed.issuperset(bounds[1:-1]):
-            options.add(tuple(bounds))
-    scored = [(list(b), pace.split_period(method, times, b, recompute=recompute)) for b in options]
-    return sorted(scored, key=lambda c: (c[1], c[0]))
 
 
 def _batch_shape(cfg: Config, ctx: Context) -> list[int]:
@@ -234,15 +175,8 @@ def _trial(cfg: Config, ctx: Context, transport: Transport, build: BuildStage, c
             samples[i] += _trial_periods(cfg, ctx, transport, build, candidates[i], tag)
         runs -= len(running)
         if done + 1 >= ROUNDS:
-            running = [] if _settled(samples) else contenders(samples)
+            running = [] if choice.settled(samples) else choice.contenders(samples)
     return samples
-
-
-def _settled(samples: list[list[float]]) -> bool:
-    """Whether the trial has seen enough: every contender's uncertainty is inside ``TIE``, so measuring
-    better could hardly change who contends."""
-    lags = _lags(samples)
-    return all(lags[i][1] <= TIE for i in contenders(samples))
 
 
 def _trial_periods(cfg: Config, ctx: Context, transport: Transport, build: BuildStage, bounds: list[int],
