@@ -18,24 +18,10 @@ import torch
 from torch import nn
 
 from fdg_dist import models
-from fdg_dist.config import Config, ModelConfig
-from fdg_dist.data import ImageSet, Normalize, TextSet
+from fdg_dist.config import ModelConfig
+from fdg_dist.data import Normalize
+from fdg_dist.run.final_model import METADATA, WEIGHTS
 from fdg_dist.util.files import read_json
-
-WEIGHTS = "final_model.pt"
-METADATA = "final_model.json"
-FORMAT = 2  # 2: "model" is the whole model config (custom, torchvision, gpt, variants); 1: a zoo name
-
-
-def metadata(cfg: Config, train: ImageSet | TextSet) -> dict[str, Any]:
-    """What ``final_model.json`` holds: how to build the model and how to feed it."""
-    common = {"format": FORMAT, "model": cfg.model.to_dict(), "num_classes": train.num_classes,
-              "data": cfg.data.name}
-    if isinstance(train, TextSet):
-        return {**common, "tokens": cfg.data.tokens, "vocab": train.vocab, "context": cfg.data.context,
-                "input": f"int64 token ids (N, T), T <= {cfg.data.context}"}
-    return {**common, "classes": list(train.classes), "image_size": cfg.data.image_size, "mean": list(train.mean),
-            "std": list(train.std), "input": "RGB, (x/255 - mean)/std per channel, NCHW float32"}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fdg_dist import data, inference, models
+from fdg_dist import data, models
 from fdg_dist.config import Config
 from fdg_dist.engine import correctors, schedule
 from fdg_dist.engine.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
@@ -33,7 +33,7 @@ from fdg_dist.engine.transport import TorchWire, Transport
 from fdg_dist.observe.memory import Usage
 from fdg_dist.observe.metrics import EpochRecord, RunLog, Stop, chain, rank_name
 from fdg_dist.observe.trace import TraceWriter
-from fdg_dist.run import checkpoint, split_trial, unsplit
+from fdg_dist.run import checkpoint, final_model, split_trial, unsplit
 from fdg_dist.run.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.run.preempt import Preemption, Stopped
 from fdg_dist.split import partition
@@ -387,7 +387,7 @@ class Trainer:
             for part in parts[: self.K]:  # replica 0 holds one copy of every module
                 merged.update(part)
             model = models.build_model(self.cfg.model, self.cfg.data.num_classes, device="meta")
-            files.atomic_save(model.model_state(merged), self.run_dir / inference.WEIGHTS)
-            meta = inference.metadata(self.cfg, self.train_data.data)
-            files.atomic_write((json.dumps(meta, indent=1) + "\n").encode(), self.run_dir / inference.METADATA)
+            files.atomic_save(model.model_state(merged), self.run_dir / final_model.WEIGHTS)
+            meta = final_model.metadata(self.cfg, self.train_data.data)
+            files.atomic_write((json.dumps(meta, indent=1) + "\n").encode(), self.run_dir / final_model.METADATA)
             files.atomic_write(json.dumps({"bounds": self.bounds}).encode(), self.run_dir / "split.json")
