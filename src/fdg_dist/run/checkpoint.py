@@ -10,12 +10,17 @@ manifest, or whose files fail their hash, is not a checkpoint: a flipped byte lo
 wrong values, so the hash is checked before loading.
 
 What a rank's file holds is its trainer's ``state_dict()`` (state belongs to its owner); this module
-only files, hashes, checks and prunes it.  A drained checkpoint of another split, K, number of replicas or
+only files, hashes, checks and prunes it.  The trainer hands it that state, a ``Layout`` (where the rank
+stands) and the group to gather over; ``restore`` returns what it found (``Found``) and the trainer loads it
+itself.  A drained checkpoint of another split, K, number of replicas or
 method is re-cut: every rank reads the module files of replica 0, gathers them into one unsplit state and
 takes its part (``unsplit``); a directory holding one ``unsplit.pt`` (``fdg-checkpoint import``) is read
 directly.  A mid-epoch cut holds its split's stashes and messages in flight: it resumes only as it was.
 Every load passes ``weights_only=True``: states are tensors and plain types.  Nothing read from a checkpoint
 is ever instantiated: its configuration is only compared.
+
+Must not import the trainer (not even for type hints) nor load state into anything: its owner hands state in
+and loads what ``restore`` returns itself.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import re
 import shutil
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +49,6 @@ from fdg_dist.util.files import atomic_save, atomic_write, damaged, sha256
 if TYPE_CHECKING:
     from fdg_dist.config import Config
     from fdg_dist.engine.executor import Event
-    from fdg_dist.run.trainer import Trainer
 
 log = logging.getLogger("fdg_dist")
 
@@ -60,6 +65,32 @@ _NEUTRAL_KEYS = ("data.root", "data.download", "data.cache", "pipeline.split", "
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or must not be loaded; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one rank stands, as its owner tells it: its module and replica of a run of K modules and R
+    replicas, cut at ``bounds`` for ``method``, and (for ``save``) the epoch it goes on with and the batches
+    done.  ``save`` names the file and writes the manifest from it; ``restore`` compares it with a checkpoint's."""
+
+    module: int
+    replica: int
+    K: int
+    R: int
+    bounds: list[int]
+    method: str
+    next_epoch: int = 0
+    global_step: int = 0
+
+
+@dataclass(frozen=True)
+class Found:
+    """What ``restore`` found for this rank in ``directory``: its own file's state (``recut`` False: the owner
+    loads it with ``load_state_dict``), or the checkpoint's unsplit state, to take its part of (``recut``)."""
+
+    directory: Path
+    state: dict[str, Any]
+    recut: bool
 
 
 # ------------------------------------------------------------------------ files
@@ -113,39 +144,40 @@ def _recuttable(key: str) -> bool:
 
 
 # ------------------------------------------------------------------------ save
-def save(trainer: Trainer, epoch: int, tick: int | None = None) -> Path:
-    """Write this rank's state at the end of ``epoch`` (or cut after ``tick``); rank 0 commits the manifest
-    once every rank succeeded.
+def save(cfg: Config, run_dir: Path, owned: dict[str, Any], layout: Layout, group: dist.ProcessGroup | None,
+         epoch: int, tick: int | None = None) -> Path:
+    """Write this rank's state ``owned`` (its trainer's ``state_dict()``) at the end of ``epoch`` (or cut after
+    ``tick``); global rank 0 commits the manifest once every rank of ``group`` (all of them) succeeded.
 
     A failed write (disk full, read-only directory) on any rank raises ``CheckpointError`` on every
     rank, naming the rank's error; no manifest is written, so the previous checkpoint stays the newest.
     """
-    cfg, ctx = trainer.cfg, trainer.ctx
     fp = fingerprint(cfg)
     chash = config_hash(fp)
-    root = checkpoint_root(cfg, trainer.run_dir)
+    root = checkpoint_root(cfg, run_dir)
     directory = root / directory_name(epoch, tick)
-    name = file_name(trainer.k, ctx.replica)
-    state = {"format": FORMAT, "config_hash": chash, "epoch": epoch, "tick": tick, **trainer.state_dict()}
+    name = file_name(layout.module, layout.replica)
+    state = {"format": FORMAT, "config_hash": chash, "epoch": epoch, "tick": tick, **owned}
     try:
         digest = atomic_save(state, directory / name)
         report: tuple[str, str | None, int, str | None] = (name, digest, (directory / name).stat().st_size, None)
     except OSError as e:
-        report = (name, None, 0, f"module {trainer.k} replica {ctx.replica} could not write {directory / name}: {e}")
-    _kill_point(trainer.run_dir, trainer.k, epoch, "checkpoint")  # file written, manifest not: the riskiest moment
-    reports: list[Any] | None = [None] * ctx.world_size if ctx.rank == 0 else None
-    dist.gather_object(report, reports, dst=0, group=ctx.header_group)
+        report = (name, None, 0, f"module {layout.module} replica {layout.replica} could not write "
+                                 f"{directory / name}: {e}")
+    _kill_point(run_dir, layout.module, epoch, "checkpoint")  # file written, manifest not: the riskiest moment
+    reports: list[Any] | None = [None] * dist.get_world_size(group) if dist.get_rank() == 0 else None
+    dist.gather_object(report, reports, dst=0, group=group)
     status: list[str | None] = [None]
     if reports is not None:
-        status[0] = _commit(reports, directory, epoch, tick, trainer, fp, chash)
-    dist.broadcast_object_list(status, src=0, group=ctx.header_group)
+        status[0] = _commit(reports, directory, epoch, tick, layout, cfg.checkpoint.keep, fp, chash)
+    dist.broadcast_object_list(status, src=0, group=group)
     if status[0] is not None:
         raise CheckpointError(status[0])
     return directory
 
 
-def _commit(reports: list[Any], directory: Path, epoch: int, tick: int | None, trainer: Trainer, fp: dict[str, Any],
-            chash: str) -> str | None:
+def _commit(reports: list[Any], directory: Path, epoch: int, tick: int | None, layout: Layout, keep: int,
+            fp: dict[str, Any], chash: str) -> str | None:
     """Rank 0: write the manifest if every rank wrote its file, then prune; returns an error or None."""
     previous = next((d.name for d in epoch_dirs(directory.parent) if (d / MANIFEST).exists() and d != directory), None)
     intact = f"; the previous checkpoint ({previous}) is intact" if previous else ""
@@ -153,9 +185,8 @@ def _commit(reports: list[Any], directory: Path, epoch: int, tick: int | None, t
     if failures:
         return f"checkpoint of epoch {epoch} not written: {'; '.join(failures)}{intact}"
     manifest = {
-        "format": FORMAT, "epoch": epoch, "tick": tick, "next_epoch": trainer.start_epoch,
-        "global_step": trainer.global_step,
-        "k": trainer.K, "replicas": trainer.ctx.R, "bounds": trainer.bounds, "method": trainer.cfg.method.name,
+        "format": FORMAT, "epoch": epoch, "tick": tick, "next_epoch": layout.next_epoch,
+        "global_step": layout.global_step, **_run_layout(layout),
         "config_hash": chash, "config": fp,
         "files": {name: {"sha256": digest, "bytes": size} for name, digest, size, _ in reports},
     }
@@ -167,7 +198,7 @@ def _commit(reports: list[Any], directory: Path, epoch: int, tick: int | None, t
         leftover.unlink(missing_ok=True)
     log.info("checkpoint %s written (%d files)", directory, len(reports))
     try:
-        prune(directory.parent, trainer.cfg.checkpoint.keep)
+        prune(directory.parent, keep)
     except OSError as e:
         log.warning("could not delete old checkpoints under %s: %s", directory.parent, e)
     return None
@@ -281,34 +312,33 @@ def choose(cfg: Config, run_dir: Path) -> Path | None:
     return locate(Path(cfg.resume), cfg.checkpoint.dir, fp, label=f"resume={cfg.resume}")
 
 
-def restore(trainer: Trainer) -> Path | None:
-    """Load the checkpoint ``cfg.resume`` designates; all ranks load the same one (chosen on rank 0), each its
-    own file, or, when the split, K, replicas or method changed, its part of the checkpoint's unsplit state.
+def restore(cfg: Config, run_dir: Path, layout: Layout, group: dist.ProcessGroup | None) -> Found | None:
+    """What this rank resumes from under ``cfg.resume``: every rank of ``group`` (all of them) reads the same
+    checkpoint (chosen on global rank 0), each its own file, or, when the split, K, replicas or method changed,
+    the checkpoint's unsplit state; None when there is none (or ``resume=never``).
 
-    Also cuts ``metrics.jsonl`` back to the epochs before the one the run (re)starts from, so a resumed
-    run's file equals an uninterrupted run's.
+    The owner loads what it gets, then cuts ``metrics.jsonl`` back (``truncate_metrics``) to the epoch it
+    resumes at, so that a resumed run's file equals an uninterrupted run's.
     """
-    cfg, ctx = trainer.cfg, trainer.ctx
-    directory = None
-    if cfg.resume != "never":
-        decision: list[Any] = [None, None, False]  # chosen directory, error, whether it is re-cut
-        if ctx.rank == 0:
-            try:
-                found = choose(cfg, trainer.run_dir)
-                decision[0] = None if found is None else str(found)
-                decision[2] = found is not None and _needs_recut(found, trainer)
-            except CheckpointError as e:
-                decision[1] = str(e)
-        dist.broadcast_object_list(decision, src=0, group=ctx.header_group)
-        if decision[1] is not None:
-            raise CheckpointError(decision[1])
-        if decision[0] is not None:
-            directory = Path(decision[0])
-            (_recut if decision[2] else _load)(trainer, directory)
-    if trainer.is_reporter:  # a run resumed after its last epoch still reports that epoch's numbers
-        kept = truncate_metrics(trainer.log.metrics_path, trainer.start_epoch)
-        trainer.log.last = kept[-1] if kept else None
-    return directory
+    if cfg.resume == "never":
+        return None
+    decision: list[Any] = [None, None, False]  # chosen directory, error, whether it is re-cut
+    if dist.get_rank() == 0:
+        try:
+            found = choose(cfg, run_dir)
+            decision[0] = None if found is None else str(found)
+            decision[2] = found is not None and _needs_recut(found, cfg, layout)
+        except CheckpointError as e:
+            decision[1] = str(e)
+    dist.broadcast_object_list(decision, src=0, group=group)
+    if decision[1] is not None:
+        raise CheckpointError(decision[1])
+    if decision[0] is None:
+        return None
+    directory = Path(decision[0])
+    if decision[2]:
+        return Found(directory, read_unsplit(directory), recut=True)
+    return Found(directory, _load(cfg, layout, directory), recut=False)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -323,18 +353,19 @@ def _read(path: Path) -> dict[str, Any]:
     return state
 
 
-def _load(trainer: Trainer, directory: Path) -> None:
-    path = directory / file_name(trainer.k, trainer.ctx.replica)
+def _load(cfg: Config, layout: Layout, directory: Path) -> dict[str, Any]:
+    """This rank's own file, checked to be its module's, split's and configuration's."""
+    path = directory / file_name(layout.module, layout.replica)
     state = _read(path)
-    if (state.get("config_hash") != config_hash(fingerprint(trainer.cfg)) or state.get("module") != trainer.k
-            or state.get("bounds") != trainer.bounds):  # the manifest said otherwise: an inconsistent checkpoint
-        raise CheckpointError(f"{path} belongs to another configuration, split or module than module {trainer.k} of "
-                              "this run, unlike its manifest says")
-    trainer.load_state_dict(state)
+    if (state.get("config_hash") != config_hash(fingerprint(cfg)) or state.get("module") != layout.module
+            or state.get("bounds") != layout.bounds):  # the manifest said otherwise: an inconsistent checkpoint
+        raise CheckpointError(f"{path} belongs to another configuration, split or module than module "
+                              f"{layout.module} of this run, unlike its manifest says")
+    return state
 
 
 # ------------------------------------------------------------- another layout
-def _layout(manifest: dict[str, Any], directory: Path) -> str:
+def _describe(manifest: dict[str, Any], directory: Path) -> str:
     """How a checkpoint (or a run: ``_run_layout``) is cut, in words; two layouts are equal when their words are."""
     if manifest.get("layout") == unsplit.FILE:
         return f"unsplit ({manifest['method']})"
@@ -343,16 +374,17 @@ def _layout(manifest: dict[str, Any], directory: Path) -> str:
     return f"{method}, K={manifest['k']}, {manifest['replicas']} replica(s), blocks {bounds}"
 
 
-def _run_layout(trainer: Trainer) -> dict[str, Any]:
-    return {"k": trainer.K, "replicas": trainer.ctx.R, "bounds": trainer.bounds, "method": trainer.cfg.method.name}
+def _run_layout(layout: Layout) -> dict[str, Any]:
+    """A run's layout as its manifest records it."""
+    return {"k": layout.K, "replicas": layout.R, "bounds": layout.bounds, "method": layout.method}
 
 
-def _needs_recut(directory: Path, trainer: Trainer) -> bool:
+def _needs_recut(directory: Path, cfg: Config, layout: Layout) -> bool:
     """Whether ``directory`` was written by another layout (split, K, replicas, method) than this run's."""
     manifest = json.loads((directory / MANIFEST).read_text())
-    mine = _layout(_run_layout(trainer), directory)
-    theirs = _layout(manifest, directory)
-    if theirs == mine and manifest.get("config_hash") == config_hash(fingerprint(trainer.cfg)):
+    mine = _describe(_run_layout(layout), directory)
+    theirs = _describe(manifest, directory)
+    if theirs == mine and manifest.get("config_hash") == config_hash(fingerprint(cfg)):
         return False
     _refuse_recutting_a_cut(directory, manifest, f"written as {theirs}, this run is {mine}")
     return True
@@ -391,21 +423,14 @@ def read_unsplit_file(path: Path, data: bytes | None = None) -> dict[str, Any]:
     return state
 
 
-def _recut(trainer: Trainer, directory: Path) -> None:
-    """Take this rank's part of the checkpoint's unsplit state; rank 0 says what is carried and what is not."""
-    cfg = trainer.cfg
-    state = read_unsplit(directory)
-    try:
-        trainer.load_unsplit(state)
-    except unsplit.UnsplitError as e:
-        raise CheckpointError(f"checkpoint {directory} cannot be re-cut for module {trainer.k}: {e}") from e
-    if trainer.ctx.rank == 0:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        log.info("re-cut checkpoint %s (%s) as %s: weights, buffers, optimizer state per parameter, LR schedule "
-                 "and counters carried over", directory, _layout(manifest, directory),
-                 _layout(_run_layout(trainer), directory))
-        log.info("not carried over: %s", "; ".join(unsplit.not_carried(state, cfg.method.name, trainer.bounds,
-                                                                       cfg.method.aux_channels)))
+def log_recut(found: Found, layout: Layout, aux_channels: int) -> None:
+    """Say (on global rank 0, once its owner took its part of ``found``) what a re-cut carried over and what not."""
+    manifest = json.loads((found.directory / MANIFEST).read_text())
+    log.info("re-cut checkpoint %s (%s) as %s: weights, buffers, optimizer state per parameter, LR schedule "
+             "and counters carried over", found.directory, _describe(manifest, found.directory),
+             _describe(_run_layout(layout), found.directory))
+    log.info("not carried over: %s", "; ".join(unsplit.not_carried(found.state, layout.method, layout.bounds,
+                                                                   aux_channels)))
 
 
 def commit_unsplit(data: bytes, state: dict[str, Any], directory: Path) -> None:

@@ -1,6 +1,9 @@
 """The training loop of one rank, top-down: build → (resume) → epochs of train, drain, eval, log, save.
 
 Everything here is per rank; the cross-rank choreography lives in ``schedule`` and ``executor``.
+
+Must not know a checkpoint's files or manifest (``checkpoint`` files the ``state_dict()`` and ``Layout`` it is
+handed, and hands back what it found) nor a method's tick rule (``engine.schedule``).
 """
 
 from __future__ import annotations
@@ -234,7 +237,7 @@ class Trainer:
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict | None:
         cfg = self.cfg
-        resumed = checkpoint.restore(self)  # also cuts metrics.jsonl back to the epochs kept
+        resumed = self.restore()  # also cuts metrics.jsonl back to the epochs kept
         self.log.first_step = self.stage.steps + 1
         if resumed is not None:
             log.info("resumed from %s (next epoch %d/%d%s)", resumed, self.start_epoch + 1, cfg.trainer.epochs,
@@ -275,7 +278,7 @@ class Trainer:
             self.start_epoch = epoch + 1
             saved = cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0
             if saved:
-                checkpoint.save(self, epoch)
+                self.save_checkpoint(epoch)
             if self.preemption.agree():
                 self._stop(epoch, None, saved=saved)
             if cut:
@@ -332,10 +335,39 @@ class Trainer:
         directory = checkpoint.checkpoint_root(self.cfg, self.run_dir) / checkpoint.directory_name(
             epoch, cut.tick if cut else None)
         if not saved:
-            checkpoint.save(self, epoch, cut.tick if cut else None)
+            self.save_checkpoint(epoch, cut.tick if cut else None)
         raise Stopped(f"stopped by {by} {where}; checkpoint {directory} written: the same command resumes it", signum)
 
     # ------------------------------------------------------------------- state
+    def layout(self) -> checkpoint.Layout:
+        """Where this rank stands, as its checkpoint names its file and records it in the manifest."""
+        return checkpoint.Layout(self.k, self.ctx.replica, self.K, self.ctx.R, self.bounds, self.cfg.method.name,
+                                 self.start_epoch, self.global_step)
+
+    def save_checkpoint(self, epoch: int, tick: int | None = None) -> Path:
+        """Hand ``state_dict()`` to ``checkpoint.save``, which files it for every rank (a collective)."""
+        return checkpoint.save(self.cfg, self.run_dir, self.state_dict(), self.layout(), self.ctx.header_group,
+                               epoch, tick)
+
+    def restore(self) -> Path | None:
+        """Load what ``checkpoint.restore`` found for ``cfg.resume`` (this rank's own state, or its part of an
+        unsplit one) and cut ``metrics.jsonl`` back to the epoch the run goes on with; the directory, or None."""
+        found = checkpoint.restore(self.cfg, self.run_dir, self.layout(), self.ctx.header_group)
+        if found is not None and found.recut:
+            try:
+                self.load_unsplit(found.state)
+            except unsplit.UnsplitError as e:
+                raise checkpoint.CheckpointError(f"checkpoint {found.directory} cannot be re-cut for module "
+                                                 f"{self.k}: {e}") from e
+            if self.ctx.rank == 0:
+                checkpoint.log_recut(found, self.layout(), self.cfg.method.aux_channels)
+        elif found is not None:
+            self.load_state_dict(found.state)
+        if self.is_reporter:  # a run resumed after its last epoch still reports that epoch's numbers
+            kept = checkpoint.truncate_metrics(self.log.metrics_path, self.start_epoch)
+            self.log.last = kept[-1] if kept else None
+        return None if found is None else found.directory
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's state, enough to go on bit for bit: its stage (stash included at a cut), where the run
         stands (next epoch, batches done, the cut with its messages in flight) and its random generators."""
