@@ -9,6 +9,9 @@ job getting its own processes.
 What the user sees of a run that cannot go on is one line: an invalid configuration or a refused run
 directory (exit 2, before anything is written), a worker's root cause (exit 1; every traceback stays
 in ``train.log``), or an interrupt (128 + signal number, saying how to resume).
+
+An entry point (layer 6): nothing in the package imports it.  Must not train or hold a run's state: it
+composes, validates, claims the directory and hands over to ``run.worker``.
 """
 
 from __future__ import annotations

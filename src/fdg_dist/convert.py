@@ -5,6 +5,9 @@ state by parameter name, its LR schedule and counters) to one file and, beside i
 ``sha256sum``'s format: the commit marker, as a checkpoint's manifest is (``sha256sum -c`` checks it).
 ``import`` checks that hash, then files the state as a checkpoint directory of a run directory, which
 ``fdg-train`` resumes with any split, K, number of replicas or method.
+
+An entry point (layer 6): nothing in the package imports it.  Must not redo what ``run.checkpoint`` (verify,
+read, commit) and ``run.unsplit`` (gather, cut) do: it only calls them and writes the one file.
 """
 
 from __future__ import annotations

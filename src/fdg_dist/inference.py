@@ -6,6 +6,9 @@ CIFAR), and its outputs are indices into a class order that only the dataset kno
 ``final_model.pt`` (a plain ``state_dict``, loadable with ``weights_only=True``), so the export writes
 them beside it as ``final_model.json``: that pair is all inference needs.  For a language model the
 "transform" is its tokenizer: the characters in id order (``data.tokens=char``) or raw bytes.
+
+An entry point (``fdg_dist.load_model``, layer 6): nothing below imports it.  Must not train, write files or
+need a process group.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ preset's β (and of the numbers its comment quotes), checked by tests/test_confi
 Source: the tables of the README of github.com/ZHUANGHP/FDG (commit c3ed646, "Update README.md"), which
 supersede the arXiv:1906.09108 v1 numbers; test errors are medians of 3 runs, 300 epochs.  ``table`` names
 the README table, ``row`` its row; ``beta`` is the shrinking factor of the bold (best) FDG result.
+
+Must not import any other part of fdg_dist: it is data that the presets' tests read.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ and optimizer state (no extra communication), is deterministic, and is reproduce
     DC-ASGD-a's delay compensation: g + λ/√(ms + ε) ⊙ g ⊙ g ⊙ (w_live − w_stashed), the first-order
     Taylor term of the gradient's change with the Hessian approximated by g ⊙ g, where ms is the
     gradient's running mean square (kept in the optimizer's state, so checkpoints carry it).
+
+Must not communicate, read files or know the schedule: each corrector sees only its own module's delay,
+weights and optimizer state.
 """
 
 from __future__ import annotations

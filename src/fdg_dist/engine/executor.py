@@ -9,6 +9,9 @@ and are read once, at the epoch end; finiteness is checked a step late (``finite
 a ``Clock`` that on a GPU records CUDA events and converts them once the device has passed them.  Each
 action's event goes to ``on_action`` at once and to ``on_timed`` when its times are known, and is then
 dropped: nothing is kept for the whole epoch (``record`` keeps the events, for short trials and tests).
+
+Must not decide what happens when (``schedule``), compute (``stage``) or move tensors itself (``transport``),
+nor read files or the configuration.
 """
 
 from __future__ import annotations

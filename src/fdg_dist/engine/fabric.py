@@ -22,6 +22,8 @@ peers' waits fail as a closed socket would.
 ``replay`` checks the programs of all ranks (``schedule.program``: the order in which each rank takes
 and posts messages, the order the executor uses, with the transport's wait for sends more than its
 window old) against the same FIFO rules without tensors or threads, in milliseconds.
+
+Must not be used by a real run: it stands in for NCCL in tests and benchmarks only.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ device, are copied to the host without blocking, and are read one step later, wh
 finished: a NaN or inf stops the run at most one step after it appeared, and the error names the step
 where it appeared.  ``flush`` reads the last flags at once; the trainer calls it at every epoch end,
 before evaluation and checkpoints, so a non-finite model is never saved.
+
+Must not make the host wait for the device at any step, nor decide more than ``trainer.nan_policy`` says.
 """
 
 from __future__ import annotations

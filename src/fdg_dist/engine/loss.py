@@ -3,6 +3,8 @@
 One definition for the stages, the reference simulation and the tests, so a language model is trained
 and checked with the same arithmetic as an image classifier: the mean cross-entropy over every
 predicted label, and errors counted per label (a token-level error rate for language models).
+
+Must not know models, stages or the schedule: logits and labels in, sums out.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Schedules are epoch-wise (``multistep``, ``cosine``, ``constant``: the LR change
 drain) or per batch (``step_cosine``: linear warm-up, then cosine, moved on after every optimizer step by
 the number of batches that step applied).  Counting batches rather than optimizer steps gives every method
 the same LR for the same batch, ``adl`` included (it steps once per ``accum_steps`` batches).
+
+Must not know the schedule, the other modules or process groups: each module builds and steps its own.
 """
 
 from __future__ import annotations

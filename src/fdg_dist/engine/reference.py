@@ -11,6 +11,9 @@ synchronous warm-up trains its batches by plain back-propagation through the cha
 method's schedule takes the rest.  ``probe_every`` records the staleness of the gradients applied,
 including the *full* fresh gradient of the same batch through every module's current weights, which no
 single rank of a pipeline has.
+
+Must not import ``schedule``, ``stage``, ``executor`` or ``correctors``: an oracle that shared their code
+would share their bugs.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Within a tick: backward (phase 0), step (phase 1), forward (phase 2).
 A synchronous warm-up (``sync``) runs an epoch's first batches by back-propagation's locked rule and the
 rest by the method's: batch ``sync``'s first forward comes after the last synchronous batch is applied on
 every module (the pipeline drains between the two), and accumulation (adl) starts afresh there.
+
+Must not touch tensors, devices or process groups: plain data that ``executor`` walks and ``fabric`` and
+``split.pace`` replay.
 """
 
 from __future__ import annotations

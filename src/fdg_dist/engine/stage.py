@@ -21,6 +21,9 @@ optimizer-side treatment of the delay (``optim.DelayedUpdate``: delay-scaled mom
 acts in the step.  None of them, and no β, act on the batches of a synchronous warm-up (``delayed=False``):
 those are back-propagation's.  Per-module clipping (``clip_norm``) scales the gradient before every step.
 The staleness probe (``staleness``) measures the gradient about to be applied at log intervals.
+
+Must not know ticks, neighbours, wires or process groups (beyond the ``grad_sync`` it is handed): the executor
+drives it.
 """
 
 from __future__ import annotations

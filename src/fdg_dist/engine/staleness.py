@@ -15,6 +15,8 @@ gradient by construction: delay 0, distance 0, cosine and ratio 1.  The rest of 
 of the staleness (stale activations from upstream, stale gradients from downstream) needs every
 module's current weights, which only ``reference.Simulation`` has: its probes add the *full* fresh
 gradient of the same batch.  Values stay on the device until the epoch end (``metrics.EpochRecord``).
+
+Must not change what a step applies: the probes only measure.
 """
 
 from __future__ import annotations

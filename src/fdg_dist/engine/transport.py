@@ -12,6 +12,8 @@ epoch, batch, dtype and shape and raises naming the field.
 
 The ``Wire`` protocol is the only thing the transport needs from torch.distributed; ``fabric`` gives
 an in-process implementation with NCCL's rules for tests.
+
+Must not know the schedule or the stage: it moves and checks what the executor hands it.
 """
 
 from __future__ import annotations

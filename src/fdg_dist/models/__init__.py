@@ -9,6 +9,9 @@ A pipeline module owning blocks [a, b) is an ``nn.Sequential`` keyed by block in
 ``BlockModel.model_state`` maps such keys to the model's own: for the zoo, ``gpt`` and a returned list
 they are the same, for torchvision they are torchvision's (``layer1.0.conv1.weight``), for a returned
 ``nn.Sequential`` its children's names.  ``build`` returns the model those keys load into.
+
+Must not know pipelines, stages, data or process groups (layer 1: it imports only ``config``): blocks are built
+the same on every rank from the seed.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ microseconds: cheap enough for every tick).  Workers keep freed memory for reuse
 so RSS is the peak working set so far rather than what is in use this instant: a leak shows as RSS that keeps
 rising with the batches, a healthy run as RSS that levels off after warm-up.  On a GPU the device memory that
 matters is the caching allocator's peak of allocated memory.
+
+Must not allocate, free or move memory: it only reads the counters.
 """
 
 from __future__ import annotations

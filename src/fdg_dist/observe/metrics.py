@@ -7,6 +7,9 @@ gradients were, how big its stash grew) and writes them at the end of an epoch i
 ``result.json``, the HParams summary, the progress (a bar on a terminal, plain lines elsewhere, with
 every rank's memory) and the end-of-run summary.  Between actions only the progress counter and the
 record's sums run: device tensors are read once per epoch.
+
+Must not change training or decide anything: it records what the engine hands it; the run-level files are the
+reporting rank's alone.
 """
 
 from __future__ import annotations

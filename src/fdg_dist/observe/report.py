@@ -9,6 +9,9 @@ samples/s against K.  ``by_k.md`` has one row per method/β/corrector (with the 
 run used, ``+spike``, ``+warmup=16``, …) and one column per K (mean over seeds, each seed's value, the gap to
 BP); where runs logged ``staleness/`` tags, ``staleness.md`` and ``staleness.png`` show them per module
 (``report_staleness``).
+
+Must not import anything of a run in progress (engine, run): it reads finished runs' files, and writes only
+under ``--out``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Each run's ``tb/module<k>`` is read back with TensorBoard's ``EventAccumulator``; a module's value is the mean
 of its probes over the run, and a setting's (method, β, K, corrector) the median over its seeds.
+
+Must not write into a run directory: it only reads its TensorBoard files.
 """
 
 from __future__ import annotations

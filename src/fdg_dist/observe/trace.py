@@ -7,6 +7,8 @@ input and the time it computed, with the tick, batch, stash depth and applied ba
 Spans are written as their actions' times resolve, one line each, to ``rank{r}.part`` beside the trace,
 and ``flush`` (at every epoch end) appends them to the trace file: the timeline of a long run never sits
 in memory, and a crash mid-epoch leaves the previous epochs' timeline readable.
+
+Must not time anything itself nor hold a whole epoch in memory: the executor's clock times, this only writes.
 """
 
 from __future__ import annotations

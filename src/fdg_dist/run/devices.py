@@ -11,6 +11,8 @@ CUDA nothing has been measured yet, so the choice follows torch's guidance: NHWC
 of cuDNN's tensor-core convolutions (torch's channels-last tutorial), and a measured split sees what
 counted FLOPs miss on every device (memory-bound BatchNorm and ReLU on large activations).  An
 explicit ``trainer.channels_last`` or ``pipeline.cost`` always wins; the run log says what ``auto`` became.
+
+Must not create a process group: validation imports it before any exists.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ under NCCL its own communicator and stream, so activations never queue behind gr
 
 On an error the groups are *aborted*, not destroyed: destroying an NCCL group waits for its pending
 kernels, which never finish when the peer they wait for is dead.
+
+Must not know the schedule or the stage: it builds the groups the transport and the trainer use, and tears
+them down.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ last module), so the vote adds no coupling between them.
 The same vote carries every rank's memory (``memory.Usage``; each rank fills its own slots, the others
 are zero, MAX keeps them): the reporting rank's progress lines show every rank's resident memory, ``lag``
 ticks old, without a message of their own.
+
+Must not save or exit itself: it only makes every rank agree when to stop; the trainer saves and the worker
+exits.
 """
 
 from __future__ import annotations

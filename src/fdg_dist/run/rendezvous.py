@@ -16,6 +16,8 @@ Two defaults of torch.distributed (2.14) that this module works around:
 rendezvous whose store binds to the endpoint's address; the launch scripts and ``fdg-train`` use it.  Across
 machines what torch reports as a bare timeout is one line here: a node that never joined is named (a roll
 call in the rendezvous store), and a store nobody answers names its address and port.
+
+Must not know about training: stores, addresses and the run directory only.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Both checks run before anything is written: a refused run leaves the directory a
 launcher writes ``.hydra/`` only once the run has been accepted).  The lock is ``flock`` on
 ``.fdg-run.lock``, released by the kernel when its holder exits, however it exits; the file names the
 holder so that a refusal can say who.
+
+Must not write anything before both checks pass, nor read what a checkpoint holds (``checkpoint`` chooses and
+compares).
 """
 
 from __future__ import annotations

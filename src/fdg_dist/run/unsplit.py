@@ -16,7 +16,8 @@ each of its groups among the checkpoint's.
 The optimizer's state uses ``torch.distributed.checkpoint.state_dict``'s layout (``{"state": {fqn: …},
 "param_groups": [{…, "params": [fqn, …]}]}``), so an exported state loads anywhere with
 ``model.load_state_dict(u["model"])`` and ``set_optimizer_state_dict(model, opt, optim_state_dict=u["optimizer"])``.
-Pure data in, data out: files and manifests are ``checkpoint``'s.
+Pure data in, data out: files and manifests are ``checkpoint``'s.  Must not read or write files, nor import the
+trainer or ``checkpoint``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 No Hydra below this line: the worker receives the resolved configuration as a plain dict, so the
 same entry serves torchrun (each process composed its own config) and our elastic launch (the parent
 composed it once).
+
+Must not import Hydra or compose a configuration, nor train itself (that is the trainer's).
 """
 
 from __future__ import annotations

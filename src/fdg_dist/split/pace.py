@@ -7,6 +7,8 @@ neighbours — module k's forward of batch b goes down the pipeline and its grad
 than its own ticks.  Walking every rank's real program (``schedule.program``, the order the executor
 uses) with measured forward, backward and step times and a time per message predicts both, for any
 method and split: ``period`` ranks candidate splits by what the pipeline would do, not by balance.
+
+Must not time anything, start processes or touch files: measured costs in, a predicted period out.
 """
 
 from __future__ import annotations

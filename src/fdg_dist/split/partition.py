@@ -4,6 +4,8 @@ Pure functions, no process group: every rank computes the same split from the sa
 Shapes and FLOPs are computed on the meta device so even wrn28_10 costs no real memory.  A model's
 input is float images or, for language models, int64 tokens (``dtype``); every later boundary is what
 the blocks make of it.
+
+Must not start processes, create process groups or touch files.
 """
 
 from __future__ import annotations
