@@ -5,7 +5,7 @@ under torchrun the workers are found through ``/proc/<pid>/task/*/children`` and
 ``TORCHELASTIC_RESTART_COUNT`` of their environment (``workers``); ``fdg-train``'s own launch spawns them with
 that environment set only inside, so there they are found by the pid each rank logs at its start
 (``logged_workers``).  The ranks' own view (each from ``/proc/self/statm``, with the batches done) comes from
-the reporting rank's progress lines (``fdg_dist.memory.parse``).
+the reporting rank's progress lines (``fdg_dist.observe.memory.parse``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fdg_dist import memory
+from fdg_dist.observe import memory
 
 _BATCH = re.compile(r" batch (\d+)/(\d+) ")
 

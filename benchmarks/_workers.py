@@ -31,9 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fdg_dist import data, models, partition, worker
+from fdg_dist import data, models
 from fdg_dist.config import DataConfig, OptimConfig
-from fdg_dist.optim import build_optimizer
+from fdg_dist.engine.optim import build_optimizer
+from fdg_dist.run import worker
+from fdg_dist.split import partition
 
 Spec = dict[str, Any]
 
@@ -153,7 +155,7 @@ def single_process(spec: Spec) -> Spec:
 
 # ------------------------------------------------------------------------------------ our engine
 def engine_rank(raw: dict, run_dir: str) -> Spec:
-    """One rank of our engine (``fdg_dist.worker.run``), reporting its peak memory afterwards."""
+    """One rank of our engine (``fdg_dist.run.worker.run``), reporting its peak memory afterwards."""
     worker.run(raw, run_dir)
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if raw["dist"]["backend"] == "nccl" else torch.device("cpu")
     return {"rank": int(os.environ["RANK"]), "peak_mem_mb": peak_mem_mb(device)}

@@ -30,12 +30,12 @@ import torch
 
 from fdg_dist.cli import launch_local
 from fdg_dist.config import Config
-from fdg_dist.executor import EpochResult, Event
-from fdg_dist.metrics import EpochRecord, RunLog, Stop
-from fdg_dist.schedule import Action, Kind
-from fdg_dist.stage import StepInfo
-from fdg_dist.trace import TraceWriter
-from fdg_dist.trainer import build_stage
+from fdg_dist.engine.executor import EpochResult, Event
+from fdg_dist.engine.schedule import Action, Kind
+from fdg_dist.engine.stage import StepInfo
+from fdg_dist.observe.metrics import EpochRecord, RunLog, Stop
+from fdg_dist.observe.trace import TraceWriter
+from fdg_dist.run.trainer import build_stage
 
 
 def config(args: argparse.Namespace, logging_on: bool) -> Config:

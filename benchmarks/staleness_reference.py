@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from fdg_dist import data
-from fdg_dist.config import Config, validate
-from fdg_dist.optim import build_optimizer, build_scheduler
-from fdg_dist.reference import Simulation
-from fdg_dist.trainer import build_module
+from fdg_dist.config import Config
+from fdg_dist.engine.optim import build_optimizer, build_scheduler
+from fdg_dist.engine.reference import Simulation
+from fdg_dist.run.trainer import build_module
+from fdg_dist.validation import validate
 
 TREATMENTS = {  # variant token -> (config section, key, type of its value; None: a switch set to true)
     "spike": ("optim", "spike_compensation", None), "nesterov": ("optim", "nesterov", None),

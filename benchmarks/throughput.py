@@ -52,8 +52,11 @@ from typing import Any
 import _workers
 import torch
 
-from fdg_dist import device_defaults, models, partition
-from fdg_dist.config import Config, ConfigError, validate
+from fdg_dist import models
+from fdg_dist.config import Config, ConfigError
+from fdg_dist.run import devices
+from fdg_dist.split import partition
+from fdg_dist.validation import validate
 
 SINGLE = ("bp_single_1thread", "bp_single_allthreads")
 ENGINE = ("fdg", "fdg_recompute", "ddg", "bp", "dp")
@@ -391,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     channels_last = args.channels_last
     if channels_last is None:
-        channels_last = device_defaults.fastest("trainer.channels_last", args.device)
+        channels_last = devices.fastest("trainer.channels_last", args.device)
     common = {"model": args.model, "k": args.k, "batch_size": args.batch_size, "epochs": args.epochs,
               "warmup": args.warmup, "train_size": args.train_size, "image_size": IMAGE_SIZE,
               "num_classes": NUM_CLASSES, "seed": args.seed, "timeout_s": min(args.timeout, 300.0),

@@ -18,12 +18,13 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-from fdg_dist import data, loss, models
+from fdg_dist import data, models
 from fdg_dist.cli import launch_local
 from fdg_dist.config import Config, DataConfig, ModelConfig, OptimConfig, SchedConfig
-from fdg_dist.optim import build_optimizer, build_scheduler
-from fdg_dist.reference import Simulation
-from fdg_dist.trainer import build_module, run_batches, seed_everything
+from fdg_dist.engine import loss
+from fdg_dist.engine.optim import build_optimizer, build_scheduler
+from fdg_dist.engine.reference import Simulation
+from fdg_dist.run.trainer import build_module, run_batches, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10"

@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fdg_dist import data, schedule
+from fdg_dist import data
 from fdg_dist.config import Config
-from fdg_dist.executor import Clock, EpochResult, Event, Executor
-from fdg_dist.fabric import Fabric
-from fdg_dist.metrics import EpochRecord
-from fdg_dist.stage import Stage
-from fdg_dist.trainer import build_stage
-from fdg_dist.transport import Transport
+from fdg_dist.engine import schedule
+from fdg_dist.engine.executor import Clock, EpochResult, Event, Executor
+from fdg_dist.engine.fabric import Fabric
+from fdg_dist.engine.stage import Stage
+from fdg_dist.engine.transport import Transport
+from fdg_dist.observe.metrics import EpochRecord
+from fdg_dist.run.trainer import build_stage
 
 PlanFn = Callable[..., schedule.Plan]
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]

@@ -19,11 +19,14 @@ import torch
 from conftest import run_pipeline, small_config
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from fdg_dist import checkpoint, convert, distributed, metrics
-from fdg_dist.checkpoint import MANIFEST, CheckpointError, atomic_save, choose, verify
+from fdg_dist import convert
 from fdg_dist.config import Config
-from fdg_dist.executor import EpochResult
-from fdg_dist.trainer import Trainer
+from fdg_dist.engine.executor import EpochResult
+from fdg_dist.observe import metrics
+from fdg_dist.run import checkpoint, distributed
+from fdg_dist.run.checkpoint import MANIFEST, CheckpointError, choose, verify
+from fdg_dist.run.trainer import Trainer
+from fdg_dist.util.files import atomic_save
 
 K = 3
 
@@ -79,7 +82,7 @@ def test_state_round_trip_restores_everything(world1, run_dir: Path) -> None:
     cfg = _config(**{"pipeline.k": 1, "trainer.epochs": 2})
     _fit(cfg, world1, run_dir)
     trainer = Trainer(cfg, world1, run_dir)
-    assert checkpoint.restore(trainer) == run_dir / "checkpoints" / "epoch0001"
+    assert trainer.restore() == run_dir / "checkpoints" / "epoch0001"
     assert (trainer.start_epoch, trainer.global_step, trainer.stage.steps) == (2, 12, 12)
     saved = torch.load(run_dir / "checkpoints/epoch0001/module0-replica0.pt", weights_only=True)
     for name, tensor in trainer.stage.module.state_dict().items():
@@ -146,7 +149,7 @@ def test_resume_never_starts_afresh_and_resets_metrics(world1, run_dir: Path) ->
     _fit(cfg, world1, run_dir)
     cfg.resume = "never"
     trainer = Trainer(cfg, world1, run_dir)
-    assert checkpoint.restore(trainer) is None and trainer.start_epoch == 0
+    assert trainer.restore() is None and trainer.start_epoch == 0
     assert (run_dir / "metrics.jsonl").read_text() == ""
 
 
@@ -161,7 +164,7 @@ def test_resume_repairs_a_torn_last_metrics_line_and_says_so(world1, run_dir: Pa
     path.write_text(whole + whole.splitlines()[-1][:25])  # a torn third line
     trainer = Trainer(cfg, world1, run_dir)
     with caplog.at_level(logging.WARNING, logger="fdg_dist"):
-        assert checkpoint.restore(trainer) == run_dir / "checkpoints" / "epoch0001"
+        assert trainer.restore() == run_dir / "checkpoints" / "epoch0001"
     assert path.read_text() == whole
     assert f"{path}: dropped its last line, cut short" in caplog.text
 
@@ -226,7 +229,7 @@ def test_a_damaged_metrics_line_before_the_last_is_named(world1, run_dir: Path) 
     lines = path.read_text().splitlines()
     path.write_text("\n".join(["{not json", *lines[1:]]) + "\n")
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: line 1 is damaged"):
-        checkpoint.restore(Trainer(cfg, world1, run_dir))
+        Trainer(cfg, world1, run_dir).restore()
 
 
 def test_a_crash_while_appending_metrics_leaves_the_previous_lines(tmp_path: Path,

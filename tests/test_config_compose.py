@@ -17,8 +17,9 @@ from omegaconf import DictConfig
 
 from fdg_dist import models
 from fdg_dist.cli import config_from_hydra  # also registers the fdg_run_id resolver
-from fdg_dist.config import Config, ConfigError, validate
-from fdg_dist.paper import PAPER_ROWS
+from fdg_dist.config import Config, ConfigError
+from fdg_dist.config.paper import PAPER_ROWS
+from fdg_dist.validation import validate
 
 CONF = REPO / "conf"
 GROUPS = ("model", "data", "method", "corrector", "optim", "sched")
@@ -104,7 +105,7 @@ def test_defaults_are_the_papers_setting(composed: Callable[..., Config]) -> Non
 
 
 def test_speed_settings_default_to_auto_and_take_explicit_values(composed: Callable[..., Config]) -> None:
-    """``auto`` (resolved per device by ``device_defaults`` in the worker) is what users run; an explicit value
+    """``auto`` (resolved per device by ``run.devices`` in the worker) is what users run; an explicit value
     on the command line arrives typed (a YAML bool) and validates."""
     cfg = composed()
     assert (cfg.trainer.channels_last, cfg.pipeline.cost) == ("auto", "auto")

@@ -1,8 +1,8 @@
 """Bad configurations are rejected before any process group exists, with one message naming the key.
 
 One table holds a row for every check ``validate``, ``check_devices`` and ``Config.from_dict`` make, and
-``test_every_check_has_a_row`` fails when a check exists that no row triggers (it finds the checks in
-config.py's source and the check each row trips in the traceback).  A few go through the real CLI,
+``test_every_check_has_a_row`` fails when a check exists that no row triggers (it finds the checks in the
+source of validation.py and config/schema.py and the check each row trips in the traceback).  A few go through the real CLI,
 which must exit 2 with a single line on stderr and start no worker.
 """
 
@@ -19,8 +19,9 @@ import pytest
 import torch
 from conftest import REPO, small_config
 
-from fdg_dist import config
-from fdg_dist.config import Config, ConfigError, check_devices, validate
+from fdg_dist import validation
+from fdg_dist.config import Config, ConfigError, schema
+from fdg_dist.validation import check_devices, validate
 
 
 @dataclass(frozen=True)
@@ -225,24 +226,29 @@ def _error(row: Row, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> ConfigError:
     return err.value
 
 
-def _site(err: ConfigError) -> int:
-    """The line of config.py whose check raised ``err``."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == config.__file__]
-    return [f for f in frames if f.name != "_require"][-1].lineno
+CHECKED = (validation.__file__, schema.__file__)  # Config.from_dict's checks are the schema's, the rest validation's
 
 
-def _checks() -> dict[int, str]:
-    """Every check in config.py: each ``_require(...)`` call and each ``raise ConfigError`` outside
-    ``_require``, by line, with its source text."""
-    source = Path(config.__file__).read_text()
+def _site(err: ConfigError) -> tuple[str, int]:
+    """The file and line whose check raised ``err``."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename in CHECKED]
+    frame = [f for f in frames if f.name != "_require"][-1]
+    return frame.filename, frame.lineno
+
+
+def _checks() -> dict[tuple[str, int], str]:
+    """Every check: each ``_require(...)`` call and each ``raise ConfigError`` outside ``_require``, by file
+    and line, with its source text."""
     found = {}
-    for fn in ast.walk(ast.parse(source)):
-        if not isinstance(fn, ast.FunctionDef) or fn.name == "_require":
-            continue
-        for node in ast.walk(fn):
-            call = node.exc if isinstance(node, ast.Raise) else node
-            if isinstance(call, ast.Call) and getattr(call.func, "id", None) in ("_require", "ConfigError"):
-                found[node.lineno] = ast.get_source_segment(source, node).splitlines()[0]
+    for path in CHECKED:
+        source = Path(path).read_text()
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, ast.FunctionDef) or fn.name == "_require":
+                continue
+            for node in ast.walk(fn):
+                call = node.exc if isinstance(node, ast.Raise) else node
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) in ("_require", "ConfigError"):
+                    found[path, node.lineno] = ast.get_source_segment(source, node).splitlines()[0]
     return found
 
 
@@ -260,10 +266,10 @@ def test_bad_config_is_rejected_naming_the_key(row: Row, tmp_path: Path, monkeyp
 def test_every_check_has_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deleting a check fails its row above; adding one without a row fails here."""
     checks = _checks()
-    assert len(checks) > 50, "found too few checks: is config.py still written with _require?"
+    assert len(checks) > 50, "found too few checks: is validation.py still written with _require?"
     tripped = {_site(_error(row, tmp_path, monkeypatch)) for row in ROWS}
     missing = {line: text for line, text in checks.items() if line not in tripped}
-    assert not missing, f"checks in config.py without a row in ROWS: {missing}"
+    assert not missing, f"checks without a row in ROWS: {missing}"
 
 
 def test_resume_must_be_a_directory(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ import torch
 from conftest import assert_same_weights, reference_state, small_config
 from emulated import merged_state, run_emulated
 
-from fdg_dist import correctors
-from fdg_dist.config import ConfigError, validate
+from fdg_dist.config import ConfigError
+from fdg_dist.engine import correctors
+from fdg_dist.validation import validate
 
 CORRECTORS = ["predict", "lookahead", "lr_by_delay", "dc"]
 

@@ -9,6 +9,7 @@ import torch
 
 from fdg_dist import data
 from fdg_dist.config import Config, DataConfig
+from fdg_dist.data import images
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -134,10 +135,10 @@ def test_subset_is_class_balanced_and_seeded() -> None:
     assert torch.bincount(train.labels, minlength=10).tolist() == [4] * 10
     # class-sorted data (like an ImageFolder) still yields every class
     sorted_set = data.ImageSet(full.images, full.labels.sort().values, 10, full.mean, full.std)
-    sub = data._subset(sorted_set, 30, 0, "train")
+    sub = images.subset(sorted_set, 30, 0, "train")
     assert torch.bincount(sub.labels, minlength=10).tolist() == [3] * 10
     assert torch.equal(data.load(cfg, 0)[0].images, train.images)
-    other = data._subset(sorted_set, 30, 1, "train")
+    other = images.subset(sorted_set, 30, 1, "train")
     assert not torch.equal(sub.images, other.images)
 
 
@@ -275,7 +276,8 @@ def test_a_folder_reached_twice_through_a_link_is_refused(tmp_path: Path, link: 
 @pytest.mark.parametrize("tokens", ["byte", "char"])
 def test_an_empty_text_file_is_named(tmp_path: Path, tokens: str) -> None:
     """torch.frombuffer said "both buffer length (0) and count (-1) must not be 0"."""
-    from fdg_dist.config import ConfigError, validate
+    from fdg_dist.config import ConfigError
+    from fdg_dist.validation import validate
 
     empty = tmp_path / "input.txt"
     empty.write_bytes(b"")

@@ -22,12 +22,13 @@ from conftest import (
 from emulated import StopAt, merged_state, run_emulated
 from torch import nn
 
-from fdg_dist import correctors, schedule
-from fdg_dist.config import Config, OptimConfig, staleness_options, validate
-from fdg_dist.executor import Cut
-from fdg_dist.optim import DelayedUpdate, SpikeCompensatedSGD, spike_coefficients
-from fdg_dist.stage import Stage
-from fdg_dist.trainer import build_stage
+from fdg_dist.config import Config, OptimConfig, staleness_options
+from fdg_dist.engine import correctors, schedule
+from fdg_dist.engine.executor import Cut
+from fdg_dist.engine.optim import DelayedUpdate, SpikeCompensatedSGD, spike_coefficients
+from fdg_dist.engine.stage import Stage
+from fdg_dist.run.trainer import build_stage
+from fdg_dist.validation import validate
 
 # the reference steps spike compensation by hand, not through the optimizer's step, which torch's scheduler notes
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")

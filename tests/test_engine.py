@@ -50,8 +50,8 @@ def test_k1_is_plain_backpropagation_bit_for_bit(run_dir: Path) -> None:
     cfg = _config(**{"pipeline.k": 1})
     run_pipeline(cfg, run_dir)
     from fdg_dist import data
-    from fdg_dist.optim import build_optimizer, build_scheduler
-    from fdg_dist.trainer import seed_everything
+    from fdg_dist.engine.optim import build_optimizer, build_scheduler
+    from fdg_dist.run.trainer import seed_everything
 
     torch.set_num_threads(1)
     seed_everything(cfg.trainer.seed)
@@ -95,7 +95,7 @@ def test_shrink_is_exact_on_the_first_applied_step(tmp_path: Path) -> None:
     init = {}
     for b in (1.0, beta):
         run_pipeline(small_config(**{**base, "method.beta": b}), tmp_path / str(b))
-    from fdg_dist.trainer import build_module
+    from fdg_dist.run.trainer import build_module
 
     for k in range(K):
         init.update(build_module(small_config(**base), K, k).module.state_dict())

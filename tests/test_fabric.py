@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from conftest import assert_same_weights, data_parallel_reference, reference_state, small_config
 from emulated import StopAt, merged_state, run_emulated
 
-from fdg_dist import data, models, schedule
-from fdg_dist.executor import Cut
-from fdg_dist.fabric import DeadlockError, Fabric, FabricError, replay
-from fdg_dist.transport import SEND_WINDOW, Link, Transport, TransportError, to_wire, wire_buffer
+from fdg_dist import data, models
+from fdg_dist.engine import schedule
+from fdg_dist.engine.executor import Cut
+from fdg_dist.engine.fabric import DeadlockError, Fabric, FabricError, replay
+from fdg_dist.engine.transport import SEND_WINDOW, Link, Transport, TransportError, to_wire, wire_buffer
 
 METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
 

@@ -19,9 +19,9 @@ from conftest import small_config
 from emulated import fake_timeline, run_emulated
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fdg_dist import distributed, worker
-from fdg_dist.executor import DeviceClock
-from fdg_dist.transport import HEADER_LEN
+from fdg_dist.engine.executor import DeviceClock
+from fdg_dist.engine.transport import HEADER_LEN
+from fdg_dist.run import devices, distributed, worker
 
 METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
 
@@ -167,7 +167,7 @@ def test_what_the_machine_cannot_do_is_one_line_at_start(monkeypatch, setting, k
     monkeypatch.setattr(torch.cuda, "device_count", lambda: setting.get("count", 4))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: setting.get("bf16", True))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
-    with pytest.raises(distributed.DeviceError, match=match) as err:
-        distributed.check_device("nccl", setting.get("local_rank", 0), setting.get("precision", "fp32"))
+    with pytest.raises(devices.DeviceError, match=match) as err:
+        devices.check_device("nccl", setting.get("local_rank", 0), setting.get("precision", "fp32"))
     assert err.value.key == key
-    assert distributed.check_device("gloo", 7, "bf16") == torch.device("cpu")
+    assert devices.check_device("gloo", 7, "bf16") == torch.device("cpu")

@@ -11,6 +11,7 @@ import torch
 
 from fdg_dist import data, inference
 from fdg_dist.config import Config, DataConfig
+from fdg_dist.run import final_model
 
 
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -27,7 +28,7 @@ def test_imagefolder_class_names_and_measured_normalisation_are_exported(tmp_pat
     train, test = data.load(cfg.data, 0)
     assert train.classes == test.classes == ("cat", "dog")
     assert train.labels.tolist() == [0, 1] and train.images[0].eq(140).all()  # "cat" holds the 140s
-    meta = inference.metadata(cfg, train)
+    meta = final_model.metadata(cfg, train)
     assert (meta["classes"], meta["num_classes"], meta["model"], meta["image_size"]) == (["cat", "dog"], 2, {"name": "tiny"}, 8)
     assert meta["mean"] == pytest.approx([90 / 255] * 3) and meta["std"] == pytest.approx([50 / 255] * 3)
 
@@ -70,10 +71,10 @@ def _run_dir_naming(tmp_path: Path, model: dict) -> Path:
 
     run = tmp_path / "their_run"
     run.mkdir()
-    torch.save({}, run / inference.WEIGHTS)
-    meta = {"format": inference.FORMAT, "model": model, "num_classes": 2, "data": "synthetic", "classes": ["a", "b"],
+    torch.save({}, run / final_model.WEIGHTS)
+    meta = {"format": final_model.FORMAT, "model": model, "num_classes": 2, "data": "synthetic", "classes": ["a", "b"],
             "image_size": 4, "mean": [0.5] * 3, "std": [0.25] * 3}
-    (run / inference.METADATA).write_text(json.dumps(meta))
+    (run / final_model.METADATA).write_text(json.dumps(meta))
     return run
 
 
@@ -91,7 +92,7 @@ def test_load_model_runs_no_code_a_custom_run_names_without_trust_code(tmp_path:
     with pytest.raises(ValueError) as refused:
         inference.load_model(run)
     assert str(refused.value) == (
-        f"{run / inference.METADATA}: this model is built by calling {target!r}, code that the run directory "
+        f"{run / final_model.METADATA}: this model is built by calling {target!r}, code that the run directory "
         "names; load_model(..., trust_code=True) imports and runs it: do so only for a run directory you trust")
     assert not written.exists()
 
@@ -104,7 +105,7 @@ def test_load_model_builds_a_trusted_custom_run(tmp_path: Path, monkeypatch: pyt
     monkeypatch.syspath_prepend(str(tmp_path))
     run = _run_dir_naming(tmp_path, {"name": "custom", "_target_": "two_blocks.net"})
     weights = {"1.weight": torch.arange(96.0).view(2, 48), "1.bias": torch.tensor([1.0, -1.0])}
-    torch.save(weights, run / inference.WEIGHTS)
+    torch.save(weights, run / final_model.WEIGHTS)
     model, transform = inference.load_model(run, trust_code=True)
     assert torch.equal(model.state_dict()["1.weight"], weights["1.weight"]) and transform.classes == ("a", "b")
 
@@ -116,8 +117,8 @@ def test_load_model_builds_a_trusted_custom_run(tmp_path: Path, monkeypatch: pyt
 ])
 def test_a_damaged_final_model_json_is_one_line_naming_it(tmp_path: Path, text: str, reason: str) -> None:
     run = _run_dir_naming(tmp_path, {"name": "tiny"})
-    (run / inference.METADATA).write_text(text)
+    (run / final_model.METADATA).write_text(text)
     with pytest.raises(ValueError) as err:
         inference.load_model(run)
-    assert str(err.value).startswith(f"{run / inference.METADATA} ") and reason in str(err.value)
+    assert str(err.value).startswith(f"{run / final_model.METADATA} ") and reason in str(err.value)
     assert "\n" not in str(err.value)

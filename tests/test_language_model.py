@@ -28,10 +28,13 @@ from test_checkpoint import _fit, world1  # noqa: F401  (world1 is a fixture)
 from torch import nn
 
 import fdg_dist
-from fdg_dist import checkpoint, data, loss, models, optim
-from fdg_dist.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedConfig, validate
-from fdg_dist.stage import Stage
-from fdg_dist.trainer import split_table
+from fdg_dist import data, models
+from fdg_dist.config import ConfigError, DataConfig, ModelConfig, OptimConfig, SchedConfig
+from fdg_dist.engine import loss, optim
+from fdg_dist.engine.stage import Stage
+from fdg_dist.run import checkpoint
+from fdg_dist.run.trainer import split_table
+from fdg_dist.validation import validate
 
 METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
 
@@ -211,7 +214,7 @@ def test_split_table_shows_batch_context_width_on_the_wire(text: Path) -> None:
 
 def test_measured_split_times_token_inputs() -> None:
     """pipeline.cost=time feeds block 0 integer tokens (a float input would fail the embedding)."""
-    from fdg_dist import partition
+    from fdg_dist.split import partition
 
     blocks = models.build_blocks(ModelConfig("gpt", args={"context": 16, "layers": 2, "width": 16, "heads": 2}), 40)
     seconds = partition.measured_block_costs(blocks, (4, 16), torch.device("cpu"), repeats=1, warmup=0,
@@ -297,8 +300,8 @@ def test_resume_continues_the_per_batch_schedule_bitwise(world1, text: Path, tmp
     _fit(cfg, world1, tmp_path / "straight")
     save = checkpoint.save
 
-    def save_then_die(trainer, epoch: int):
-        save(trainer, epoch)
+    def save_then_die(*args: object) -> None:
+        save(*args)
         raise RuntimeError("killed after the checkpoint")
 
     monkeypatch.setattr(checkpoint, "save", save_then_die)

@@ -33,8 +33,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fdg_dist import report
 from fdg_dist.cli import CONF_DIR, config_from_hydra
+from fdg_dist.observe import report
 
 pytestmark = pytest.mark.multiprocess
 

@@ -26,12 +26,14 @@ import torch
 from conftest import run_pipeline, small_config
 from emulated import run_emulated
 
-from fdg_dist import memory, schedule, worker
-from fdg_dist.executor import DeviceClock, Event
-from fdg_dist.metrics import EpochRecord, ProgressLines
-from fdg_dist.schedule import Action, Kind
-from fdg_dist.stage import StepInfo
-from fdg_dist.trainer import build_module
+from fdg_dist.engine import schedule
+from fdg_dist.engine.executor import DeviceClock, Event
+from fdg_dist.engine.schedule import Action, Kind
+from fdg_dist.engine.stage import StepInfo
+from fdg_dist.observe import memory
+from fdg_dist.observe.metrics import EpochRecord, ProgressLines
+from fdg_dist.run import worker
+from fdg_dist.run.trainer import build_module
 
 BATCH, BATCHES, WARM_UP = 32, 400, 100
 _BATCH = re.compile(r" batch (\d+)/\d+ ")
@@ -202,7 +204,8 @@ def test_the_flight_recorder_is_off_unless_the_user_asks(monkeypatch: pytest.Mon
 _LAUNCHER_CHECK = """
 import sys
 from fdg_dist import cli
-from fdg_dist.config import Config, ConfigError, validate
+from fdg_dist.config import Config, ConfigError
+from fdg_dist.validation import validate
 
 def config(k):
     cfg = Config()

@@ -31,8 +31,8 @@ from conftest import (
 
 from fdg_dist import models
 from fdg_dist.config import Config
-from fdg_dist.optim import build_optimizer, build_scheduler
-from fdg_dist.trainer import build_module
+from fdg_dist.engine.optim import build_optimizer, build_scheduler
+from fdg_dist.run.trainer import build_module
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 

@@ -25,9 +25,9 @@ from emulated import fake_timeline, record_of, run_emulated
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from fdg_dist import schedule
-from fdg_dist.executor import HostClock
-from fdg_dist.metrics import EpochRecord, Timing, chain, progress_style
+from fdg_dist.engine import schedule
+from fdg_dist.engine.executor import HostClock
+from fdg_dist.observe.metrics import EpochRecord, Timing, chain, progress_style
 
 EPOCHS, BATCHES, LOG_EVERY = 2, 6, 4
 EPOCH_TAGS = ["module/lr", "module/staleness_ticks", "module/stash_max", "time/compute_s", "time/wait_input_s",

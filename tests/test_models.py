@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from fdg_dist import models, partition
+from fdg_dist import models
 from fdg_dist.config import ModelConfig
+from fdg_dist.split import partition
 
 # Published sizes (He et al. 2016; Zagoruyko & Komodakis 2016; the CIFAR ResNet-18), 10 classes.
 EXPECTED_PARAMS = {

@@ -9,8 +9,8 @@ import torch
 from conftest import run_pipeline, small_config
 from torch import nn
 
-from fdg_dist.finite import NonFiniteError
-from fdg_dist.stage import Stage
+from fdg_dist.engine.finite import NonFiniteError
+from fdg_dist.engine.stage import Stage
 
 
 def _last_stage(policy: str) -> tuple[Stage, nn.Linear]:

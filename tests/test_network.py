@@ -23,7 +23,8 @@ import pytest
 import torch.distributed as dist
 from conftest import REPO, TINY_RUN
 
-from fdg_dist import cli, rendezvous
+from fdg_dist import cli
+from fdg_dist.run import rendezvous
 
 pytestmark = pytest.mark.multiprocess
 

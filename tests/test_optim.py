@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from fdg_dist.cli import CONF_DIR, config_from_hydra
 from fdg_dist.config import OptimConfig, SchedConfig
-from fdg_dist.optim import build_optimizer, build_scheduler
+from fdg_dist.engine.optim import build_optimizer, build_scheduler
 
 
 def _composed(*overrides: str):

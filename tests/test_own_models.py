@@ -32,8 +32,9 @@ from emulated import merged_state, run_emulated
 from torch import nn
 
 from fdg_dist import models
-from fdg_dist.config import Config, ConfigError, ModelConfig, validate
-from fdg_dist.trainer import build_stage, split_table
+from fdg_dist.config import Config, ConfigError, ModelConfig
+from fdg_dist.run.trainer import build_stage, split_table
+from fdg_dist.validation import validate
 
 METHODS = ["fdg", "bp", "ddg", "fr", "dgl", "adl"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fdg_dist.pace import BlockTime, module_times, period, start_times
+from fdg_dist.split.pace import BlockTime, module_times, period, start_times
 
 EVEN = [BlockTime(0.4, 0.6, 0.0), BlockTime(0.4, 0.6, 0.0)]
 

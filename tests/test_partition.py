@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fdg_dist import models
-from fdg_dist.partition import (
+from fdg_dist.split.partition import (
     balance_ratio,
     block_costs,
     boundary_shapes,

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from fdg_dist import data, models
 from fdg_dist.config import Config
-from fdg_dist.trainer import build_module
+from fdg_dist.run.trainer import build_module
 
 METRIC_FIELDS = {"epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_time_s", "memory",
                  "samples_per_s"}

@@ -25,11 +25,13 @@ from conftest import (
 )
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-from fdg_dist import checkpoint, convert, models, rundir, unsplit
-from fdg_dist.checkpoint import MANIFEST, CheckpointError, choose
+from fdg_dist import convert, models
 from fdg_dist.config import Config
-from fdg_dist.optim import build_optimizer, step_factor
-from fdg_dist.trainer import build_stage
+from fdg_dist.engine.optim import build_optimizer, step_factor
+from fdg_dist.run import checkpoint, rundir, unsplit
+from fdg_dist.run.checkpoint import MANIFEST, CheckpointError, choose
+from fdg_dist.run.trainer import build_stage
+from fdg_dist.util import files
 
 
 def _config(**kw: object) -> Config:
@@ -93,7 +95,7 @@ def test_exported_file_is_the_unsplit_model_and_optimizer_for_plain_torch(bp_run
     assert [opt.state[p]["momentum_buffer"].abs().sum() > 0 for p in model.parameters()] == [True] * len(names)
     assert (state["next_epoch"], state["global_step"], state["scheduler"]["last_epoch"]) == (2, 12, 2)
     digest, name = (exported.parent / "state.pt.sha256").read_text().split()
-    assert name == "state.pt" and digest == checkpoint._sha256(exported)
+    assert name == "state.pt" and digest == files.sha256(exported)
 
     gathered = checkpoint.read_unsplit(first / "checkpoints" / "epoch0001")
     imported = checkpoint.read_unsplit(second / "checkpoints" / "epoch0001")

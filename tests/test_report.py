@@ -14,8 +14,8 @@ import pytest
 from matplotlib.image import imread
 from test_metrics import trained_run
 
-from fdg_dist import report, report_staleness
-from fdg_dist.report import load_run, main
+from fdg_dist.observe import report, report_staleness
+from fdg_dist.observe.report import load_run, main
 
 PNGS = ["test_error_vs_epoch.png", "test_error_vs_beta.png", "time_breakdown.png", "samples_per_s_vs_k.png",
         "staleness.png"]

@@ -25,8 +25,9 @@ import pytest
 import torch
 from conftest import TINY_RUN
 
-from fdg_dist import cli, rundir
+from fdg_dist import cli
 from fdg_dist.config import Config
+from fdg_dist.run import rundir
 
 pytestmark = pytest.mark.multiprocess
 

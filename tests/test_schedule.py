@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fdg_dist.schedule import Kind, grid, plan, program, train_actions
+from fdg_dist.engine.schedule import Kind, grid, plan, program, train_actions
 
 METHODS = ["fdg", "adl", "dgl", "ddg", "fr", "bp"]
 

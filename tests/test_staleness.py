@@ -10,12 +10,13 @@ import pytest
 from conftest import small_config
 from emulated import record_of, run_emulated
 
-from fdg_dist import correctors, data
-from fdg_dist.metrics import RunLog, Stop
-from fdg_dist.optim import build_optimizer
-from fdg_dist.reference import Simulation
-from fdg_dist.staleness import TAGS
-from fdg_dist.trainer import build_module
+from fdg_dist import data
+from fdg_dist.engine import correctors
+from fdg_dist.engine.optim import build_optimizer
+from fdg_dist.engine.reference import Simulation
+from fdg_dist.engine.staleness import TAGS
+from fdg_dist.observe.metrics import RunLog, Stop
+from fdg_dist.run.trainer import build_module
 
 
 def _cfg(K: int, **kw: object):

@@ -14,11 +14,13 @@ import pytest
 import torch
 from conftest import small_config
 
-from fdg_dist import models, partition, schedule
-from fdg_dist.optim import build_optimizer, build_scheduler
-from fdg_dist.schedule import Kind
-from fdg_dist.stage import Stage
-from fdg_dist.trainer import build_module, stash_depth
+from fdg_dist import models
+from fdg_dist.engine import schedule
+from fdg_dist.engine.optim import build_optimizer, build_scheduler
+from fdg_dist.engine.schedule import Kind
+from fdg_dist.engine.stage import Stage
+from fdg_dist.run.trainer import build_module, stash_depth
+from fdg_dist.split import partition
 
 BATCH = 16
 

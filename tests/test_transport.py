@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fdg_dist.transport import SEND_WINDOW, Envelope, Link, TorchWire, Transport, TransportError
+from fdg_dist.engine.transport import SEND_WINDOW, Envelope, Link, TorchWire, Transport, TransportError
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 

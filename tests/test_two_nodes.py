@@ -31,8 +31,8 @@ from hydra import compose, initialize_config_dir
 from netns import ADDRESSES, IFNAME, MASTER, PORT, Nodes, finish, make, needs_nft, user_env, workers
 from torch.distributed.elastic.rendezvous import RendezvousParameters, RendezvousTimeoutError
 
-from fdg_dist import rendezvous
 from fdg_dist.cli import CONF_DIR, config_from_hydra
+from fdg_dist.run import rendezvous
 
 pytestmark = pytest.mark.multiprocess
 

@@ -11,7 +11,7 @@ import pytest
 
 STEPS = """
 import json, resource, sys, torch
-from fdg_dist.worker import keep_freed_memory
+from fdg_dist.run.worker import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
 for _ in range(5):

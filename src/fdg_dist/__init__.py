@@ -3,6 +3,9 @@
 ``fdg_dist.load_model(run_dir)`` returns a finished run's model and its input transform (see
 ``fdg_dist.inference``).  It is imported on first use, so ``import fdg_dist.config`` (the CLI, the
 Hydra callbacks, ``fdg-report``) stays free of torch.
+
+Must not import torch or any layer when it is imported: ``load_model`` is the one lazy import the layer rules
+allow (tests/test_layers.py).
 """
 
 from __future__ import annotations

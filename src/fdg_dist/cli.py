@@ -9,6 +9,9 @@ job getting its own processes.
 What the user sees of a run that cannot go on is one line: an invalid configuration or a refused run
 directory (exit 2, before anything is written), a worker's root cause (exit 1; every traceback stays
 in ``train.log``), or an interrupt (128 + signal number, saying how to resume).
+
+An entry point (layer 6): nothing in the package imports it.  Must not train or hold a run's state: it
+composes, validates, claims the directory and hands over to ``run.worker``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from fdg_dist import checkpoint, data, rendezvous, rundir, sweep, worker
-from fdg_dist.config import Config, ConfigError, check_devices, validate
-from fdg_dist.data import first_line
-from fdg_dist.preempt import Stopped
+from fdg_dist import data, sweep
+from fdg_dist.config import Config, ConfigError
+from fdg_dist.run import checkpoint, rendezvous, rundir, worker
+from fdg_dist.run.preempt import Stopped
+from fdg_dist.util import files
+from fdg_dist.util.text import first_line
+from fdg_dist.validation import check_devices, validate
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("fdg_dist")
@@ -244,7 +250,7 @@ def _write_records(run_dir: Path, raw: DictConfig) -> None:
     hc = HydraConfig.get()
     for name, node in (("config.yaml", raw), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
                        ("overrides.yaml", hc.overrides.task)):
-        checkpoint.atomic_write(OmegaConf.to_yaml(node).encode(), run_dir / ".hydra" / name)
+        files.atomic_write(OmegaConf.to_yaml(node).encode(), run_dir / ".hydra" / name)
 
 
 def _refuse(line: str, run_dir: Path) -> NoReturn:

@@ -5,6 +5,9 @@ state by parameter name, its LR schedule and counters) to one file and, beside i
 ``sha256sum``'s format: the commit marker, as a checkpoint's manifest is (``sha256sum -c`` checks it).
 ``import`` checks that hash, then files the state as a checkpoint directory of a run directory, which
 ``fdg-train`` resumes with any split, K, number of replicas or method.
+
+An entry point (layer 6): nothing in the package imports it.  Must not redo what ``run.checkpoint`` (verify,
+read, commit) and ``run.unsplit`` (gather, cut) do: it only calls them and writes the one file.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import hashlib
 import sys
 from pathlib import Path
 
-from fdg_dist import checkpoint, rundir
-from fdg_dist.checkpoint import CheckpointError
+from fdg_dist.run import checkpoint, rundir
+from fdg_dist.run.checkpoint import CheckpointError
+from fdg_dist.util import files
 
 SUFFIX = ".sha256"
 
@@ -34,8 +38,8 @@ def export(source: Path, out: Path, checkpoint_dir: str = "checkpoints", *,
     directory = checkpoint.locate(source, checkpoint_dir, None, label=str(source))
     state = checkpoint.read_unsplit(directory)
     sidecar(out).unlink(missing_ok=True)  # the old hash must not vouch for a half-written new file
-    digest = checkpoint.atomic_save(state, out)
-    checkpoint.atomic_write(f"{digest}  {out.name}\n".encode(), sidecar(out))
+    digest = files.atomic_save(state, out)
+    files.atomic_write(f"{digest}  {out.name}\n".encode(), sidecar(out))
     return directory, state
 
 

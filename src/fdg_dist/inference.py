@@ -6,11 +6,13 @@ CIFAR), and its outputs are indices into a class order that only the dataset kno
 ``final_model.pt`` (a plain ``state_dict``, loadable with ``weights_only=True``), so the export writes
 them beside it as ``final_model.json``: that pair is all inference needs.  For a language model the
 "transform" is its tokenizer: the characters in id order (``data.tokens=char``) or raw bytes.
+
+An entry point (``fdg_dist.load_model``, layer 6): nothing below imports it.  Must not train, write files or
+need a process group.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,23 +21,10 @@ import torch
 from torch import nn
 
 from fdg_dist import models
-from fdg_dist.config import Config, ModelConfig
-from fdg_dist.data import ImageSet, Normalize, TextSet
-
-WEIGHTS = "final_model.pt"
-METADATA = "final_model.json"
-FORMAT = 2  # 2: "model" is the whole model config (custom, torchvision, gpt, variants); 1: a zoo name
-
-
-def metadata(cfg: Config, train: ImageSet | TextSet) -> dict[str, Any]:
-    """What ``final_model.json`` holds: how to build the model and how to feed it."""
-    common = {"format": FORMAT, "model": cfg.model.to_dict(), "num_classes": train.num_classes,
-              "data": cfg.data.name}
-    if isinstance(train, TextSet):
-        return {**common, "tokens": cfg.data.tokens, "vocab": train.vocab, "context": cfg.data.context,
-                "input": f"int64 token ids (N, T), T <= {cfg.data.context}"}
-    return {**common, "classes": list(train.classes), "image_size": cfg.data.image_size, "mean": list(train.mean),
-            "std": list(train.std), "input": "RGB, (x/255 - mean)/std per channel, NCHW float32"}
+from fdg_dist.config import ModelConfig
+from fdg_dist.data import Normalize
+from fdg_dist.run.final_model import METADATA, WEIGHTS
+from fdg_dist.util.files import read_json
 
 
 @dataclass(frozen=True)
@@ -141,11 +130,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", *,
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """``final_model.json``, or a ValueError naming it and what is wrong (cut short, not this format)."""
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); copy it again from the run directory "
-                         "(a finished run writes it whole)") from None
+    meta = read_json(path, "copy it again from the run directory (a finished run writes it whole)")
     needed = ("model", "num_classes") + (("vocab", "context") if isinstance(meta, dict) and "tokens" in meta
                                          else ("mean", "std", "image_size", "classes"))
     missing = [key for key in needed if not isinstance(meta, dict) or key not in meta]

@@ -5,6 +5,9 @@ sweep ends with one line per job and the ``fdg-report`` command that compares th
 Hydra knows which keys a command line sweeps only before it expands the sweep, where the callback sees
 it (``on_multirun_start``); the jobs learn them from the environment, which also reaches jobs that a
 launcher runs in other processes (submitit, SLURM).
+
+An entry point (Hydra's callbacks, layer 6): nothing in the package imports it.  Must not import torch or any
+layer: Hydra's own process loads it before any job runs.
 """
 
 from __future__ import annotations

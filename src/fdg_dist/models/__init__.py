@@ -9,6 +9,9 @@ A pipeline module owning blocks [a, b) is an ``nn.Sequential`` keyed by block in
 ``BlockModel.model_state`` maps such keys to the model's own: for the zoo, ``gpt`` and a returned list
 they are the same, for torchvision they are torchvision's (``layer1.0.conv1.weight``), for a returned
 ``nn.Sequential`` its children's names.  ``build`` returns the model those keys load into.
+
+Must not know pipelines, stages, data or process groups (layer 1: it imports only ``config``): blocks are built
+the same on every rank from the seed.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     """The layout a run computes in (``trainer.channels_last``): NHWC convolutions are faster on CPUs and GPUs."""
     if not isinstance(channels_last, bool):
         raise ValueError(f"trainer.channels_last={channels_last!r}: resolve 'auto' for the device first "
-                         "(fdg_dist.device_defaults.resolve)")
+                         "(fdg_dist.run.devices.resolve)")
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

@@ -4,6 +4,8 @@ Block 0 takes int64 tokens (N, T) and every later boundary carries a (N, T, widt
 split point sends (batch, context, width) on the wire.  The head is not tied to the token embedding
 (GPT-2 ties them): tied weights could not live on two pipeline modules.  No dropout: the engine's
 equality tests need deterministic forwards, and the small models trained here do not overfit.
+
+Must not know pipelines, splits or process groups: it only builds blocks.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Each block is a self-contained ``nn.Module`` so a pipeline module can own any contiguous
 range of blocks and its ``state_dict`` keys map one-to-one onto the unsplit model's keys.
+
+Must not know pipelines, splits or process groups.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ WRN-28-10 (``WRN.py``): convolutions with biases, the stride on each block's *se
 shortcut (1×1 conv with bias) on the raw block input instead of the pre-activated one, the final
 BatchNorm with momentum 0.9 (torch's convention: 0.9 of the new batch statistics), an 8×8 average pool, and
 the default initialisation (their ``conv_init`` is never applied).  Dropout is their default 0: left out.
+
+Must not change the default models: these definitions are taken only with ``model.variant=official``, and know
+nothing of pipelines or process groups.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""CIFAR ResNet-18 (3x3 stem, no max-pool, 4 stages 64/128/256/512, 1x1-conv shortcuts, ~11.2M params)."""
+"""CIFAR ResNet-18 (3x3 stem, no max-pool, 4 stages 64/128/256/512, 1x1-conv shortcuts, ~11.2M params).
+
+Must not know pipelines, splits or process groups: it only builds blocks.
+"""
 
 from __future__ import annotations
 

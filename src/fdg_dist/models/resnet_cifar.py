@@ -2,6 +2,8 @@
 
 Option-A shortcuts (strided identity + zero channel padding) keep the parameter counts of the
 paper (0.27M ... 19.4M); option B (1x1 conv + BN) is used by the CIFAR ResNet-18.
+
+Must not know pipelines, splits or process groups: it only builds blocks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``tiny``: a <20k-parameter test model with BatchNorm, fast enough for multi-process unit tests."""
+"""``tiny``: a <20k-parameter test model with BatchNorm, fast enough for multi-process unit tests.
+
+Must not know pipelines, splits or process groups: it only builds blocks.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ steps its ``forward`` does between them, such as the flatten before the classifi
 recursively.  Each block remembers where its weights live in the torchvision model (``layer3.1.``), so
 the pipeline's weights map back to torchvision's ``state_dict`` keys and ``final_model.pt`` loads with
 ``strict=True`` into ``torchvision.models.get_model(arch, num_classes=...)``.  Never pretrained.
+
+Must not download weights or know pipelines, splits or process groups: it only cuts a torchvision model into
+blocks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Wide ResNet 28-10 (Zagoruyko & Komodakis 2016): pre-activation blocks, widths 160/320/640, ~36.5M params."""
+"""Wide ResNet 28-10 (Zagoruyko & Komodakis 2016): pre-activation blocks, widths 160/320/640, ~36.5M params.
+
+Must not know pipelines, splits or process groups: it only builds blocks.
+"""
 
 from __future__ import annotations
 
