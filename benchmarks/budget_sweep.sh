@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The budget reproduction (README "Budget reproduction"): every point of its tables, one run after the other,
+# The budget reproduction (docs/budget-reproduction.md): every point of its tables, one run after the other,
 # most telling first, each in OUT/<point>/.  A point whose result.json exists is skipped and a stopped run
 # resumes from its last epoch checkpoint, so running the script again continues a stopped sweep.
 #   benchmarks/budget_sweep.sh DATA_ROOT OUT [extra fdg-train overrides...]

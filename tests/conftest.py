@@ -341,7 +341,10 @@ def lm_config(text: Path, **overrides: object) -> Config:
 
 
 def readme_example() -> tuple[str, str]:
-    """README's own-model example: (the source of my_model.py, the fdg-train command), exactly as printed."""
-    text = (REPO / "README.md").read_text()
-    block = text.split("<!-- own-model example")[1].split("<!-- end of own-model example -->")[0]
+    """The documented own-model example (README.md or docs/*.md, wherever its markers are): (the source of
+    my_model.py, the fdg-train command), exactly as printed."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    found = [text for text in (p.read_text() for p in pages) if "<!-- own-model example" in text]
+    assert len(found) == 1, f"the own-model example's markers must be on exactly one page, found {len(found)}"
+    block = found[0].split("<!-- own-model example")[1].split("<!-- end of own-model example -->")[0]
     return block.split("```python\n")[1].split("```")[0], block.split("```bash\n")[1].split("```")[0].strip()
