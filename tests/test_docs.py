@@ -16,7 +16,7 @@ from conftest import REPO, readme_example
 from hydra import compose, initialize_config_dir
 
 from fdg_dist.cli import config_from_hydra  # also registers the resolvers conf/ uses
-from fdg_dist.config import validate  # the one line to change when validate moves
+from fdg_dist.validation import validate
 
 if TYPE_CHECKING:
     from fdg_dist.config import Config
