@@ -100,6 +100,7 @@ def run_emulated(cfg: Config, *, device: str = "cpu", plan: PlanFn = schedule.pl
         def go(endpoint) -> RankRun:
             run = runs[k]
             run.executor.transport = Transport(endpoint, k, dev, memory_format=run.stage.memory_format)
+            run.executor.transport.open(K)  # as the trainer does: every link's rendezvous at start
             if setup is not None:
                 setup(k, run)
             cut = None

@@ -33,6 +33,7 @@ def _pair(rank: int, port: int, sent: Envelope, expected: Envelope, queue: mp.Qu
         links = {Link("act", 0, 1): dist.new_group([0, 1]), Link("grad", 1, 0): dist.new_group([0, 1])}
         wire = TorchWire([0, 1], links, None, torch.device("cpu"), "gloo")
         transport = Transport(wire, rank, torch.device("cpu"))
+        transport.open(2)  # both links, in one order on both ranks, through batch_isend_irecv as every message
         if rank == 0:
             transport.post([(1, [sent], [torch.ones(sent.shape, dtype=sent.dtype)])], [])
             transport.drain()

@@ -239,7 +239,8 @@ class Executor:
         """The steady state: every schedule time's actions, then its messages; no device value is read."""
         outbox: dict[tuple[str, int], list[torch.Tensor]] = {}
         applied: list[int] = []  # batches whose gradients are accumulated but not yet stepped
-        steps = schedule.program(plan, self.K, after=None if resume is None else resume.tick)
+        steps = schedule.program(plan, self.K, after=None if resume is None else resume.tick,
+                                 ordered=self.transport.ordered)
         if resume is not None:
             self.transport.deliver(resume.messages)
             applied = list(resume.applied)
@@ -248,6 +249,9 @@ class Executor:
             result.samples += resume.samples
         votes = set(plan.votes)  # ticks where every rank works: there all ranks can agree to stop
         for i, step in enumerate(steps):
+            if step.ahead:
+                self.transport.post([], [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase))
+                                         for m in step.ahead])
             for a, needs in step.actions:
                 start = self.clock.mark()
                 if a.kind is Kind.FORWARD:

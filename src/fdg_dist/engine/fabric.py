@@ -11,6 +11,15 @@ links follow NCCL, strictly:
 - payloads must be contiguous and on the rank's device;
 - a tensor handed to a send must not change (``_version``) until the sender has seen the send complete.
 
+A link's first use is a rendezvous of its two ranks (NCCL creates a communicator, or connects a pair's
+channels, at a link's first operation, blocking the host until the peer arrives): ``Endpoint.open`` waits
+for the peer at start; a payload on a link never opened is listed in ``lazy_opens`` (a lazy creation).
+
+``serial=True`` is a device that runs one communication kernel at a time (``NCCL_LAUNCH_ORDER_IMPLICIT=1``,
+``CUDA_DEVICE_MAX_CONNECTIONS=1``, ranks sharing a GPU): each rank's payload operations complete strictly in
+the order it issued them, over all its links, and a matched pair completes only once it heads both ranks'
+queues.  Programs that issue in no global order deadlock here.
+
 ``completion="gloo"`` reports a send incomplete until it was waited for, as gloo's ``is_completed()`` does
 (SPEC §5); under either rule the fabric counts, per link, the payloads handed to sends that are still alive
 (``live_sends``, the most at any send in ``max_live_sends``): the memory a sender keeps for its link.
@@ -21,7 +30,10 @@ peers' waits fail as a closed socket would.
 
 ``replay`` checks the programs of all ranks (``schedule.program``: the order in which each rank takes
 and posts messages, the order the executor uses, with the transport's wait for sends more than its
-window old) against the same FIFO rules without tensors or threads, in milliseconds.
+window old) against the same FIFO rules without tensors or threads, in milliseconds; ``device_sync`` adds
+a device-wide synchronisation before every action (cuDNN's autotuner), which waits for everything the rank
+has posted.  ``launch_order`` checks that the union of every rank's issue order is acyclic: one global
+order exists, so no device that runs kernels one at a time can deadlock on them.
 
 Must not be used by a real run: it stands in for NCCL in tests and benchmarks only.
 """
@@ -38,7 +50,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from fdg_dist.engine.schedule import Message, Step
+from fdg_dist.engine.schedule import Message, Step, launch_key
 from fdg_dist.engine.transport import SEND_WINDOW, Link
 
 T = TypeVar("T")
@@ -65,6 +77,9 @@ class _Op:
     done: bool = False
     waited: bool = False  # the owner has waited for it (gloo reports a send complete only then)
     error: BaseException | None = None
+    channel: str = "payload"  # payload, header or open
+    queued: bool = False  # serial: in its rank's issue queue, complete only once it heads it
+    partner: _Op | None = None  # the op it matched
 
 
 class _Work:
@@ -91,11 +106,16 @@ class Fabric:
     """The shared medium of one emulated job: ``devices[r]`` is rank r's device (payloads must live there)."""
 
     def __init__(self, devices: Sequence[torch.device | str], *, timeout_s: float = 120.0,
-                 completion: str = "nccl") -> None:
+                 completion: str = "nccl", serial: bool = False) -> None:
         self.devices = [torch.device(d) for d in devices]
         self.timeout_s = timeout_s
         self.completion = completion  # nccl: is_completed() tells; gloo: only after wait()
+        self.serial = serial  # each rank's payloads complete in its issue order (one kernel at a time)
         self.matched = 0  # payload messages delivered
+        self.opened: list[tuple[int, Link]] = []  # (rank, link) in the order links were opened at start
+        self.lazy_opens: list[str] = []  # links whose first use came with a payload, mid-run
+        self._open: set[tuple[int, Link]] = set()
+        self._issued: dict[int, deque[_Op]] = {}  # serial: each rank's payloads not yet complete, in issue order
         self.max_live_sends: dict[Link, int] = {}
         self._sent: dict[Link, list[weakref.ref[torch.Tensor]]] = {}
         self._cond = threading.Condition()
@@ -181,9 +201,27 @@ class Fabric:
             send.error = recv.error = FabricError(f"{send.what} (rank {send.rank}) matched {recv.what} "
                                                   f"(rank {recv.rank}): {problem}")
             return
-        b.view(-1).copy_(a.reshape(-1))
+        send.partner, recv.partner = recv, send
+        if not send.queued:
+            self._complete(send, recv)
+            return
+        changed = True
+        while changed:  # complete every pair that heads both its ranks' queues
+            changed = False
+            for queue in self._issued.values():
+                head = queue[0] if queue else None
+                if head is not None and head.partner is not None:
+                    other = self._issued[head.partner.rank]
+                    if other and other[0] is head.partner:
+                        queue.popleft(), other.popleft()
+                        self._complete(*((head, head.partner) if head.is_send else (head.partner, head)))
+                        changed = True
+
+    def _complete(self, send: _Op, recv: _Op) -> None:
+        recv.tensor.view(-1).copy_(send.tensor.reshape(-1))
         send.done = recv.done = True
-        self.matched += 1
+        send.partner = recv.partner = None  # no reference cycle: a sent tensor dies with its sender's hold
+        self.matched += send.channel == "payload"
 
     def _observed(self, op: _Op) -> None:
         if op.is_send and op.tensor._version != op.version:
@@ -245,8 +283,23 @@ class Endpoint:
     def recv_header(self, tensor: torch.Tensor, link: Link, tag: int) -> _Work:
         return self._header(tensor, link, tag, is_send=False)
 
+    ordered = True  # the fabric emulates NCCL: the launch order matters (see ``serial``)
+
     def describe(self, module: int) -> str:
         return f"module {module} (rank {module})"
+
+    def open(self, link: Link) -> None:
+        """The link's rendezvous at start: returns once its peer opened it too."""
+        self._rendezvous(link)
+        with self.fabric._cond:
+            self.fabric.opened.append((self.rank, link))
+
+    def _rendezvous(self, link: Link) -> None:
+        is_src = link.src == self.rank
+        what = f"open {link.kind} {link.src}->{link.dst}"
+        self._check_end(link, is_src, what)
+        self.fabric._open.add((self.rank, link))
+        self._post(torch.empty(0), link, is_src, what, ("open", link)).wait()
 
     def _payload(self, tensor: torch.Tensor, link: Link, *, is_send: bool) -> _Work:
         what = f"{'send' if is_send else 'recv'} {link.kind} {link.src}->{link.dst}"
@@ -258,6 +311,10 @@ class Endpoint:
             raise FabricError(f"rank {self.rank} {what}: payload is not contiguous (strides {tensor.stride()})")
         if tensor.dtype not in _NCCL_DTYPES:
             raise FabricError(f"rank {self.rank} {what}: NCCL has no {tensor.dtype}")
+        if (self.rank, link) not in self.fabric._open:
+            with self.fabric._cond:  # listed, not waited for: tests that drive endpoints by hand stay as they are
+                self.fabric.lazy_opens.append(f"rank {self.rank} {what}")
+                self.fabric._open.add((self.rank, link))
         if is_send:
             self.fabric._sending(tensor, link)
         return self._post(tensor, link, is_send, what, ("payload", link))
@@ -274,7 +331,11 @@ class Endpoint:
             raise FabricError(f"rank {self.rank} cannot {what}: that link does not start/end here")
 
     def _post(self, tensor: torch.Tensor, link: Link, is_send: bool, what: str, channel: tuple) -> _Work:
-        op = _Op(self.rank, link.dst if is_send else link.src, is_send, tensor, what, tensor._version)
+        op = _Op(self.rank, link.dst if is_send else link.src, is_send, tensor, what, tensor._version, channel=channel[0],
+                 queued=self.fabric.serial and channel[0] == "payload")
+        if op.queued:
+            with self.fabric._cond:
+                self.fabric._issued.setdefault(self.rank, deque()).append(op)
         return self.fabric._post(op, channel)
 
 
@@ -284,17 +345,20 @@ class _RankState:
     steps: Sequence[Step]
     step: int = 0
     action: int = 0
+    ahead: bool = False  # the current step's ``ahead`` receives are posted
     posted: bool = False  # the current step's messages are posted (it waits for its old sends)
     matched: set[tuple[str, int]] = field(default_factory=set)  # received messages ready to take
     posted_recvs: set[tuple[str, int]] = field(default_factory=set)
 
 
-def replay(programs: Sequence[Sequence[Step]], *, window: int = SEND_WINDOW) -> int:
+def replay(programs: Sequence[Sequence[Step]], *, window: int = SEND_WINDOW, device_sync: bool = False) -> int:
     """Walk every rank's program (``programs[k]``: module k's ``schedule.program``) under NCCL's FIFO rules:
     each link matches its n-th send with its n-th receive, and those must be the same message; a rank
     cannot take a message before it arrived, and after posting a time's messages it waits until at most
     ``window`` of its sends per link are unmatched (``Transport``: a send completes once its receive is
-    posted).  Raises ``FabricError``/``DeadlockError``; returns the number of messages delivered."""
+    posted).  ``device_sync``: before each action a rank also waits until everything it posted is matched (a
+    device-wide synchronisation, as cuDNN's autotuner makes at a new shape).  Raises ``FabricError``/
+    ``DeadlockError``; returns the number of messages delivered."""
     ranks = [_RankState(p) for p in programs]
     fifos: dict[Link, tuple[deque[Message], deque[Message]]] = {}
     delivered = 0
@@ -311,6 +375,14 @@ def replay(programs: Sequence[Sequence[Step]], *, window: int = SEND_WINDOW) -> 
             ranks[r.dst].matched.add((r.kind, r.batch))
             delivered += 1
 
+    def receive(k: int, st: _RankState, m: Message) -> None:
+        st.posted_recvs.add((m.kind, m.batch))
+        deliver(m, False)
+
+    def pending(k: int) -> bool:
+        """Whether rank k posted a send or a receive that is not matched yet."""
+        return any((link.src == k and sends) or (link.dst == k and recvs) for link, (sends, recvs) in fifos.items())
+
     def sending(k: int) -> bool:
         """Whether rank k still waits for a send more than ``window`` messages old on its link."""
         return any(link.src == k and len(sends) > window for link, (sends, _) in fifos.items())
@@ -323,9 +395,15 @@ def replay(programs: Sequence[Sequence[Step]], *, window: int = SEND_WINDOW) -> 
             if st.posted:
                 if sending(k):
                     return moved
-                st.step, st.action, st.posted, moved = st.step + 1, 0, False, True
+                st.step, st.action, st.ahead, st.posted, moved = st.step + 1, 0, False, False, True
                 continue
+            if not st.ahead:
+                for m in step.ahead:
+                    receive(k, st, m)
+                st.ahead = moved = True
             while st.action < len(step.actions):
+                if device_sync and pending(k):
+                    return moved
                 need = step.actions[st.action][1]
                 if need is not None:
                     if need not in st.posted_recvs:
@@ -339,8 +417,7 @@ def replay(programs: Sequence[Sequence[Step]], *, window: int = SEND_WINDOW) -> 
             for m in step.sends:
                 deliver(m, True)
             for m in step.recvs:
-                st.posted_recvs.add((m.kind, m.batch))
-                deliver(m, False)
+                receive(k, st, m)
             st.posted = moved = True
         return moved
 
@@ -350,6 +427,8 @@ def replay(programs: Sequence[Sequence[Step]], *, window: int = SEND_WINDOW) -> 
             old = [(m.kind, m.batch) for link, (sends, _) in fifos.items() if link.src == k and len(sends) > window
                    for m in list(sends)[:len(sends) - window]]
             return f"module {k} at time {step.time} waits for its sends of {old} to be received"
+        if device_sync and pending(k):
+            return f"module {k} at time {step.time} waits in a device-wide sync for everything it posted"
         return f"module {k} at time {step.time} waits for {step.actions[st.action][1]}"
 
     while any(st.step < len(st.steps) for st in ranks):
@@ -364,3 +443,43 @@ def replay(programs: Sequence[Sequence[Step]], *, window: int = SEND_WINDOW) -> 
         if st.matched:
             raise FabricError(f"module {k} received but never used {sorted(st.matched)}")
     return delivered
+
+
+def launch_order(programs: Sequence[Sequence[Step]]) -> list[Message]:
+    """One order of all messages that every rank's issue order (``Step.posts``, over all its links) follows,
+    or ``FabricError`` naming a cycle.  A message is one node (its send and its receive are one operation of
+    the pair), each rank's consecutive operations an edge: with no cycle, a device that runs one kernel at a
+    time, or synchronises in between, completes them in this order; with one, every rank on it waits."""
+    after: dict[Message, set[Message]] = {}
+    for program in programs:
+        issued = [m for step in program for m in step.posts()]
+        for m in issued:
+            after.setdefault(m, set())
+        for a, b in zip(issued, issued[1:], strict=False):
+            after[a].add(b)
+    before = {m: 0 for m in after}
+    for targets in after.values():
+        for b in targets:
+            before[b] += 1
+    ready = sorted((m for m, n in before.items() if n == 0), key=launch_key)
+    order: list[Message] = []
+    while ready:
+        m = ready.pop()
+        order.append(m)
+        for b in after[m]:
+            before[b] -= 1
+            if before[b] == 0:
+                ready.append(b)
+    if len(order) < len(after):
+        stuck = {m for m, n in before.items() if n}
+        m = min(stuck, key=launch_key)
+        cycle = [m]
+        while True:  # walk back along edges inside the stuck set until a message repeats
+            m = next(a for a in sorted(stuck, key=launch_key) if m in after[a])
+            if m in cycle:
+                cycle = cycle[cycle.index(m):][::-1]
+                break
+            cycle.append(m)
+        raise FabricError("no global launch order: " + " before ".join(
+            f"{m.kind} {m.src}->{m.dst} batch {m.batch} (time {m.time})" for m in [*cycle, cycle[0]]))
+    return order

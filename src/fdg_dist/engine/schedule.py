@@ -3,9 +3,10 @@
 A schedule is a list of :class:`Action` per module.  Each action has a ``time`` — a tuple
 ``(tick, phase, sub, seq)`` ordered lexicographically — and every message between neighbours is
 produced by an action at one time and consumed by an action at a strictly later time.  The
-executor walks times in order on every rank and posts each time's sends and receives as one P2P
-group, so every pair of ranks issues its operations in the same order (deadlock-free under NCCL,
-whose sends may wait for their receives) without any rank knowing the others' progress.
+executor walks times in order on every rank and posts each time's sends and receives, so every pair of
+ranks issues its operations in the same order (deadlock-free under NCCL, whose sends may wait for their
+receives) without any rank knowing the others' progress; under NCCL every rank also issues them, over all
+its links, in one global order (``launch_key``), which a device running one kernel at a time needs.
 
 The FDG rule (SPEC §1), module k of K, batch b:
     forward  at tick b + k                      (one hop per tick, decoupled)
@@ -200,15 +201,26 @@ def consumes(action: Action, K: int) -> tuple[str, int] | None:
     return None
 
 
+def launch_key(m: Message) -> tuple[Time, int, int]:
+    """Where message m stands in the one global launch order every rank issues its operations in (``program``
+    with ``ordered``): by the time it is produced, then gradients before activations, then along the flow
+    (activations from the first module on, gradients from the last), so a rank that passes a message on at the
+    time it receives one posts the receive first."""
+    return (m.time, 0, -m.src) if m.kind == "grad" else (m.time, 1, m.src)
+
+
 @dataclass(frozen=True)
 class Step:
     """One schedule time of one rank: its actions (each with the message it takes), then the messages it
-    posts (sends it produced at this time, receives of what its neighbours produce at its next time)."""
+    posts (sends it produced at this time, receives of what its neighbours produce at its next time).
+    ``ahead``: receives posted before the actions (an ordered program's first step, for the receives of its
+    own time that come before its sends in the launch order)."""
 
     time: Time
     actions: list[tuple[Action, tuple[str, int] | None]]
     sends: list[Message]
     recvs: list[Message]
+    ahead: tuple[Message, ...] = ()
 
     def recvs_until(self, tick: int) -> list[Message]:
         """The receives this step posts when the run is cut after ``tick`` (``executor.Cut``): none of a
@@ -216,13 +228,26 @@ class Step:
         the run resumes; the resumed program posts it (``program(after=tick)``)."""
         return [m for m in self.recvs if m.time[0] <= tick]
 
+    def posts(self) -> list[Message]:
+        """Every message this step sends or receives, in the order the rank issues them."""
+        return [*self.ahead, *self.sends, *self.recvs]
 
-def program(p: Plan, K: int, *, after: int | None = None) -> list[Step]:
+
+def program(p: Plan, K: int, *, after: int | None = None, ordered: bool = False) -> list[Step]:
     """The order in which a rank acts, takes and posts: what the executor walks and the fabric replays.
 
     Both go through this one function, so a replay that proves an order deadlock-free under NCCL's
     rules proves the order the executor really uses.  ``after``: only the times after that tick, the
     program of an epoch resumed after a cut (its first step also posts its own receives).
+
+    ``ordered`` (NCCL): every rank issues its sends and receives, over all its links, in one global order
+    (``launch_key``).  NCCL requires it of several communicators on one device: a GPU may run their kernels
+    one at a time (``NCCL_LAUNCH_ORDER_IMPLICIT=1``, ``CUDA_DEVICE_MAX_CONNECTIONS=1``, SM pressure, ranks
+    sharing a GPU), and then a rank's operations complete in the order it issued them.  A receive is still
+    posted a step early unless the rank sends, at the time the message is produced, a message that comes
+    first in that order: then right after that send.  Only one receive per tick waits so (the last module's
+    activation, which exchanges with module K-2 at the same time in fdg and adl); gloo, whose links progress
+    independently, keeps every receive early (``ordered`` False).
     """
     actions: dict[Time, list[Action]] = {}
     for a in p.actions:
@@ -236,14 +261,29 @@ def program(p: Plan, K: int, *, after: int | None = None) -> list[Step]:
     times = [t for t in p.times() if after is None or t[0] > after]
     if not times:
         return []
-    # Each time's receives are posted one step early: gloo moves a message only once its receive is posted, so
-    # a receive posted right before the action that takes it made the rank wait for the whole transfer (4-18 ms
-    # for 8 MB on the loaded 2-core box, 0.04 ms posted early); a step early, it arrives during the previous
-    # action.  Every link still posts its receives in time order (NCCL's FIFO matching is unchanged).
-    posted = [recvs.get(t, []) for t in times[1:]] + [[]]
-    posted[0] = recvs.get(times[0], []) + posted[0]
-    return [Step(t, [(a, consumes(a, K)) for a in actions.get(t, ())], sends.get(t, []), early)
-            for t, early in zip(times, posted, strict=True)]
+    if not ordered:
+        # Each time's receives are posted one step early: gloo moves a message only once its receive is posted, so
+        # a receive posted right before the action that takes it made the rank wait for the whole transfer (4-18 ms
+        # for 8 MB on the loaded 2-core box, 0.04 ms posted early); a step early, it arrives during the previous
+        # action.  Every link still posts its receives in time order (NCCL's FIFO matching is unchanged).
+        posted = [recvs.get(t, []) for t in times[1:]] + [[]]
+        posted[0] = recvs.get(times[0], []) + posted[0]
+        return [Step(t, [(a, consumes(a, K)) for a in actions.get(t, ())], sends.get(t, []), early)
+                for t, early in zip(times, posted, strict=True)]
+    posted: list[list[Message]] = [[] for _ in times]  # after step i's sends
+    ahead: list[Message] = []  # before the first step's actions
+    for i, t in enumerate(times):
+        first = min((launch_key(m) for m in sends.get(t, ())), default=None)
+        for m in recvs.get(t, ()):
+            if first is not None and first < launch_key(m):
+                posted[i].append(m)  # after the send that comes first
+            elif i:
+                posted[i - 1].append(m)  # a step early
+            else:
+                ahead.append(m)
+    return [Step(t, [(a, consumes(a, K)) for a in actions.get(t, ())], sorted(sends.get(t, []), key=launch_key),
+                 sorted(posted[i], key=launch_key), tuple(sorted(ahead, key=launch_key)) if i == 0 else ())
+            for i, t in enumerate(times)]
 
 
 def first_forward_after(p: Plan, tick: int) -> int:

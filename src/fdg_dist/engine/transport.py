@@ -19,7 +19,7 @@ Must not know the schedule or the stage: it moves and checks what the executor h
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -104,6 +104,7 @@ class Wire(Protocol):
     """
 
     device: torch.device
+    ordered: bool  # operations on different links must follow one global order (NCCL: ``schedule.program``)
 
     def send(self, tensor: torch.Tensor, link: Link) -> Work: ...
 
@@ -114,6 +115,16 @@ class Wire(Protocol):
     def recv_header(self, tensor: torch.Tensor, link: Link, tag: int) -> Work: ...
 
     def describe(self, module: int) -> str: ...
+
+    def open(self, link: Link) -> None:
+        """Make ``link`` ready, at start (both of its ranks take part): its first use must not be mid-run."""
+        ...
+
+
+def links_in_order(K: int) -> list[Link]:
+    """Every link of a K-module pipeline in the one order all ranks open them in (hop by hop, act then grad):
+    each rank opens a subsequence of it, so no two ranks wait for each other in opposite orders."""
+    return [link for k in range(K - 1) for link in (Link("act", k, k + 1), Link("grad", k + 1, k))]
 
 
 class TorchWire:
@@ -126,12 +137,30 @@ class TorchWire:
         self.header_group = header_group  # gloo; None: the default group (itself gloo)
         # gloo moves CPU tensors only; NCCL moves tensors of the compute device.
         self.device = device if backend == "nccl" else torch.device("cpu")
+        # a GPU may run the kernels of several communicators one at a time; gloo's links progress independently
+        self.ordered = backend == "nccl"
 
     def send(self, tensor: torch.Tensor, link: Link) -> Work:
-        return dist.isend(tensor, self.ranks[link.dst], group=self.links[link])
+        return self._p2p(dist.isend, tensor, link.dst, link)
 
     def recv(self, tensor: torch.Tensor, link: Link) -> Work:
-        return dist.irecv(tensor, self.ranks[link.src], group=self.links[link])
+        return self._p2p(dist.irecv, tensor, link.src, link)
+
+    def _p2p(self, op: Callable[..., Work | None], tensor: torch.Tensor, module: int, link: Link) -> Work:
+        """One operation as a batch of one: under NCCL ``batch_isend_irecv`` runs on the link group's own
+        communicator, split eagerly at ``new_group`` (``distributed.init`` binds the device), where a plain
+        ``isend``/``irecv`` would create a second, two-rank communicator lazily at the link's first message
+        (pytorch #129140, #160342), blocking the host in NCCL's init until the peer arrives."""
+        (work,) = dist.batch_isend_irecv([dist.P2POp(op, tensor, self.ranks[module], self.links[link])])
+        return work
+
+    def open(self, link: Link) -> None:
+        """A one-element message over the link and back to the host: NCCL connects a pair's channels at its
+        first operation, so that happens here, at start, in ``links_in_order`` on every rank."""
+        probe = torch.zeros(1, device=self.device)
+        (self.send if link.src == self.ranks.index(dist.get_rank()) else self.recv)(probe, link).wait()
+        if probe.device.type == "cuda":
+            torch.cuda.current_stream(probe.device).synchronize()
 
     def send_header(self, tensor: torch.Tensor, link: Link, tag: int) -> Work:
         return dist.isend(tensor, self.ranks[link.dst], group=self.header_group, tag=tag)
@@ -218,6 +247,18 @@ class Transport:
         self.window = window
         self._inbox: dict[tuple[str, int], _Incoming] = {}
         self._sent: dict[Link, deque[_Outgoing]] = {}  # per link, oldest first: not yet waited for
+
+    def open(self, K: int) -> None:
+        """Open this rank's links of a K-module pipeline, in the order every rank opens them (``links_in_order``)."""
+        for link in links_in_order(K):
+            if self.module in (link.src, link.dst):
+                with self._lost(link.dst if link.src == self.module else link.src, f"its link {link.kind} to open"):
+                    self.wire.open(link)
+
+    @property
+    def ordered(self) -> bool:
+        """Whether this rank must issue its operations in the global launch order (``schedule.program``)."""
+        return self.wire.ordered
 
     def post(self, sends: list[tuple[int, list[Envelope], list[torch.Tensor]]],
              recvs: list[tuple[int, list[Envelope]]]) -> None:

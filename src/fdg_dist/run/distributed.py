@@ -4,6 +4,10 @@ Layout of a run with K modules and R replicas (world size K·R): global rank ``r
 k of replica r.  Module k of every replica forms one "replica group" that averages gradients.  Every
 direction of every pipeline hop, for each kind of traffic, is a two-rank group of its own (a *link*):
 under NCCL its own communicator and stream, so activations never queue behind gradients (``transport``).
+That communicator is split eagerly from the default one at ``new_group`` (the device is bound at
+``init_process_group``), in the same order on every rank, and is the only one the link uses: the transport
+moves payloads with ``batch_isend_irecv``, which runs on it, and opens every link at start
+(``Transport.open``), so no communicator or connection is created mid-run.
 
 On an error the groups are *aborted*, not destroyed: destroying an NCCL group waits for its pending
 kernels, which never finish when the peer they wait for is dead.
@@ -69,7 +73,7 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
     header_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     if backend == "nccl":
-        # every rank takes part in the first NCCL call: batch_isend_irecv requires it (its docs)
+        # every rank takes part in the first NCCL call: batch_isend_irecv (``TorchWire``) requires it (its docs)
         dist.all_reduce(torch.zeros(1, device=device))
     replica_group = None
     if R > 1:

@@ -173,6 +173,7 @@ class Trainer:
         sync = (lambda ps: allreduce_mean(ps, ctx.replica_group)) if ctx.R > 1 else None
         wire = TorchWire(ctx.pipeline_ranks, ctx.links, ctx.header_group, ctx.device, ctx.backend)
         transport = Transport(wire, self.k, ctx.device, memory_format=models.memory_format(cfg.trainer.channels_last))
+        transport.open(ctx.K)  # every link's first message now, in one order on every rank: none lazily mid-run
         measured = cfg.pipeline.cost == "time" and cfg.pipeline.split == "auto" and self.K > 1
         choice = self._choose_split(transport, sync) if measured else None
         self.stage, boundary, built = build_stage(cfg, self.K, self.k, ctx.device,
