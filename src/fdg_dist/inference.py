@@ -120,9 +120,14 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", *,
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.to(device).eval()
     if "tokens" in meta:
-        vocab = meta["vocab"]
-        return model, Tokenizer(tuple(vocab) if vocab is not None else None, meta["context"])
+        return model, tokenizer_from(meta)
     return model, Transform(tuple(meta["mean"]), tuple(meta["std"]), meta["image_size"], tuple(meta["classes"]))
+
+
+def tokenizer_from(meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a text run recorded (``final_model.json`` or ``tokenizer.json``)."""
+    vocab = meta["vocab"]
+    return Tokenizer(tuple(vocab) if vocab is not None else None, meta["context"])
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
