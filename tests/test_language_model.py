@@ -272,7 +272,8 @@ def test_shakespeare_preset_is_what_readme_says() -> None:
         cfg = config_from_hydra(compose("train", overrides=["experiment=shakespeare_char_gpt",
                                                             f"data.root={SHAKESPEARE}"]))
     validate(cfg)
-    assert (cfg.model.name, cfg.model.args) == ("gpt", {"layers": 4, "width": 128, "heads": 4, "context": 64})
+    assert (cfg.model.name, cfg.model.args) == ("gpt", {"layers": 4, "width": 128, "heads": 4, "dropout": 0.0,
+                                                     "context": 64})
     assert (cfg.data.tokens, cfg.data.num_classes, cfg.data.context, cfg.pipeline.k) == ("char", 65, 64, 2)
     assert (cfg.optim.name, cfg.optim.lr, cfg.sched.name, cfg.method.name) == ("adamw", 2e-3, "step_cosine", "fdg")
     train, _ = data.load(cfg.data, 0)

@@ -257,6 +257,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
              f"{cfg.logging.progress_every_s!r} must be ≥ 0 seconds")
     _require(cfg.logging.log_every_steps >= 1, "logging.log_every_steps",
              f"{cfg.logging.log_every_steps!r} must be ≥ 1")
+    _require(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0, "logging.peak_tflops",
+             f"{cfg.logging.peak_tflops!r} must be a positive number of TFLOP/s per process, or null")
     _require(d.std is None or (len(d.std) == 3 and all(v > 0 for v in d.std)), "data.std",
              f"{d.std!r} must be null or 3 positive per-channel values, e.g. [0.2023, 0.1994, 0.2010]")
     if d.name == "imagefolder":

@@ -170,6 +170,7 @@ class LoggingConfig:
     log_every_steps: int = 20
     staleness_every_steps: int = 100  # staleness/ probes (one extra forward+backward per module); 0: off
     trace: bool = False
+    peak_tflops: float | None = None  # text: each process's peak TFLOP/s, for MFU (default: a known GPU's; CPU: none)
 
 
 @dataclass
