@@ -281,6 +281,26 @@ def test_shakespeare_preset_is_what_readme_says() -> None:
     assert sum(p.numel() for p in models.build(cfg.model, 65).parameters()) == 818_176
 
 
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="tinyshakespeare is not in ../shared/data")
+def test_nanogpt_cpu_preset_is_their_recipe() -> None:
+    """experiment=shakespeare_char_cpu: nanoGPT's CPU recipe (its README), and 2,000 batches of 12 as the run."""
+    from hydra import compose, initialize_config_dir
+
+    from fdg_dist.cli import config_from_hydra
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = config_from_hydra(compose("train", overrides=["experiment=shakespeare_char_cpu",
+                                                            f"data.root={SHAKESPEARE}", "method=bp", "pipeline.k=1"]))
+    validate(cfg)
+    assert cfg.model.args == {"layers": 4, "width": 128, "heads": 4, "dropout": 0.0, "context": 64}
+    assert (cfg.data.tokens, cfg.data.context, cfg.data.val_fraction, cfg.trainer.batch_size) == ("char", 64, 0.1, 12)
+    o, s = cfg.optim, cfg.sched
+    assert (o.name, o.lr, o.betas, o.weight_decay, o.clip_norm) == ("adamw", 1e-3, (0.9, 0.99), 0.1, 1.0)
+    assert (s.name, s.warmup_steps, s.min_lr_ratio) == ("step_cosine", 100, 0.1)  # cosine to 1e-4
+    train, _ = data.load(cfg.data, 0)
+    assert cfg.trainer.max_steps == 2000 < cfg.trainer.epochs * (len(train) // 12 + 1)  # max_steps ends the run
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 def test_data_parallel_on_text_equals_full_batch_training(text: Path, run_dir: Path) -> None:

@@ -17,7 +17,7 @@ STASH_MODES = ("weights", "recompute", "mixed")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant", "step_cosine")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic", "text")
-TEXT_TOKENS = ("byte", "char")
+TEXT_TOKENS = ("byte", "char", "bpe")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip_step", "off")
 SPLIT_COSTS = ("auto", "flops", "time")
@@ -76,9 +76,14 @@ class DataConfig:
     augment: bool = True
     cache: bool = True  # decode small ImageFolder images once, keep them in memory
     std: list[float] | None = None  # per-channel normalisation std instead of the dataset's (parity runs)
-    tokens: str = "byte"  # text: byte (vocabulary 256) | char (the file's distinct characters)
+    tokens: str = "byte"  # text: byte (vocabulary 256) | char (the file's distinct characters) | bpe
+    vocab_size: int = 512  # text, tokens=bpe: the vocabulary byte-level BPE learns; data.num_classes follows it
     context: int = 128  # text: tokens per training sequence
     val_fraction: float = 0.1  # text: the file's last 10 % validates (file order)
+
+    def __post_init__(self) -> None:
+        if self.tokens == "bpe":  # the model's vocabulary is the one BPE learns
+            self.num_classes = self.vocab_size
 
 
 @dataclass

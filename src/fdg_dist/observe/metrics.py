@@ -337,8 +337,14 @@ class RunLog:
                      text["tokens_per_s"], mfu)
 
     def _language(self, train: EpochResult, test: EpochResult) -> dict[str, float]:
-        """Bits per character and perplexity for text data, nothing otherwise."""
-        return language_metrics(train, test) if self.cfg.data.name == "text" else {}
+        """Bits per character and perplexity for text data (with BPE also bits per byte), nothing otherwise."""
+        if self.cfg.data.name != "text":
+            return {}
+        out = language_metrics(train, test)
+        if self.cfg.data.tokens == "bpe":  # module 0 wrote the validation text's bytes per token at the start
+            record = json.loads((self.run_dir / "tokenizer.json").read_text())
+            out["test_bits_per_byte"] = out["test_bpc"] / record["val_bytes_per_token"]
+        return out
 
     def _tensorboard(self, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
                      record: EpochRecord, steps: int) -> None:
@@ -392,6 +398,7 @@ class RunLog:
             "final_test_loss": self.last["test_loss"] if self.last else None,
             **({key: self.last[name] for key, name in (("final_test_bpc", "test_bpc"),
                                                         ("final_test_perplexity", "test_perplexity"),
+                                                        ("final_test_bits_per_byte", "test_bits_per_byte"),
                                                         ("tokens_per_s", "tokens_per_s"), ("mfu", "mfu"))
                 if name in self.last} if self.last else {}),
             **({"tokens": cfg.data.tokens} if cfg.data.name == "text" else {}),
@@ -438,6 +445,8 @@ def language_line(result: dict) -> str:
     unit = token_unit(result.get("tokens", "char"))
     nats = result["final_test_bpc"] * math.log(2)
     speed = f", {result['tokens_per_s']:.0f} tokens/s" if result.get("tokens_per_s") is not None else ""
+    if result.get("final_test_bits_per_byte") is not None:
+        speed = f", {result['final_test_bits_per_byte']:.3f} bits/byte" + speed
     mfu = f" (MFU {100 * result['mfu']:.2f} %)" if result.get("mfu") is not None else ""
     return (f"  test bits/{unit:<5}final {result['final_test_bpc']:.3f} ({nats:.3f} nats/{unit}), perplexity "
             f"{result['final_test_perplexity']:.2f}{speed}{mfu}")

@@ -29,7 +29,10 @@ def metadata(cfg: Config, train: ImageSet | TextSet) -> dict[str, Any]:
             "std": list(train.std), "input": "RGB, (x/255 - mean)/std per channel, NCHW float32"}
 
 
-def tokenizer(cfg: Config, train: TextSet) -> dict[str, Any]:
-    """How a text run turns text into ids and back (``tokenizer.json``, and part of ``final_model.json``)."""
+def tokenizer(cfg: Config, train: TextSet, test: TextSet | None = None) -> dict[str, Any]:
+    """How a text run turns text into ids and back (``tokenizer.json``, and part of ``final_model.json``);
+    with ``test``, the validation text's bytes per token (bits per byte are reported from it)."""
     return {"tokens": cfg.data.tokens, "vocab": train.vocab, "context": cfg.data.context,
-            "input": f"int64 token ids (N, T), T <= {cfg.data.context}"}
+            "input": f"int64 token ids (N, T), T <= {cfg.data.context}",
+            **({"bpe": train.bpe} if train.bpe is not None else {}),
+            **({"val_bytes_per_token": test.bytes_per_token} if test is not None else {})}
