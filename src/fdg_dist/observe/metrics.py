@@ -448,7 +448,7 @@ def language_line(result: dict) -> str:
     if result.get("final_test_bits_per_byte") is not None:
         speed = f", {result['final_test_bits_per_byte']:.3f} bits/byte" + speed
     mfu = f" (MFU {100 * result['mfu']:.2f} %)" if result.get("mfu") is not None else ""
-    return (f"  test bits/{unit:<5}final {result['final_test_bpc']:.3f} ({nats:.3f} nats/{unit}), perplexity "
+    return (f"  test bits/{unit} final {result['final_test_bpc']:.3f} ({nats:.3f} nats/{unit}), perplexity "
             f"{result['final_test_perplexity']:.2f}{speed}{mfu}")
 
 
