@@ -37,9 +37,10 @@ def test_bpe_is_learned_on_the_training_text_and_reads_it_back(tmp_path: Path) -
     tokenizer = inference.tokenizer_from({"vocab": None, "context": 16, "bpe": train.bpe})
     assert tokenizer.decode(train.tokens) == text[:cut] and tokenizer.decode(val.tokens) == text[cut:]
     assert Config.from_dict({"data": {"name": "text", "tokens": "bpe", "vocab_size": 400}}).data.num_classes == 400
-    cfg.data.vocab_size = 256
-    with pytest.raises(ConfigError, match=r"data\.vocab_size: 256 must be > 256"):
-        validate(cfg)
+    for size in (256, None):  # a vocabulary of bytes only, or none given
+        cfg.data.vocab_size = size
+        with pytest.raises(ConfigError, match=rf"data\.vocab_size: {size} must be > 256"):
+            validate(cfg)
 
 
 def test_a_bpe_run_reports_bits_per_byte_samples_and_resumes_bitwise(world1, tmp_path: Path,  # noqa: F811

@@ -343,7 +343,7 @@ def _validate_text(d: DataConfig) -> None:
     _require(d.tokens in TEXT_TOKENS, "data.tokens", f"{d.tokens!r} is not one of {', '.join(TEXT_TOKENS)}")
     _require(isinstance(d.context, int) and d.context >= 1, "data.context", f"{d.context!r} must be an integer ≥ 1")
     _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"{d.val_fraction!r} must be in (0, 1)")
-    _require(d.tokens != "bpe" or d.vocab_size > 256, "data.vocab_size",
+    _require(d.tokens != "bpe" or (d.vocab_size or 0) > 256, "data.vocab_size",
              f"{d.vocab_size!r} must be > 256 for data.tokens=bpe (the 256 bytes, then the merges BPE learns)")
     try:
         data.load(d, seed=0)  # text is split and read without randomness

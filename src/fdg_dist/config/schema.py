@@ -77,12 +77,12 @@ class DataConfig:
     cache: bool = True  # decode small ImageFolder images once, keep them in memory
     std: list[float] | None = None  # per-channel normalisation std instead of the dataset's (parity runs)
     tokens: str = "byte"  # text: byte (vocabulary 256) | char (the file's distinct characters) | bpe
-    vocab_size: int = 512  # text, tokens=bpe: the vocabulary byte-level BPE learns; data.num_classes follows it
+    vocab_size: int | None = None  # text, tokens=bpe: the vocabulary BPE learns (e.g. 512); data.num_classes follows
     context: int = 128  # text: tokens per training sequence
     val_fraction: float = 0.1  # text: the file's last 10 % validates (file order)
 
     def __post_init__(self) -> None:
-        if self.tokens == "bpe":  # the model's vocabulary is the one BPE learns
+        if self.tokens == "bpe" and self.vocab_size is not None:  # the model's vocabulary is the one BPE learns
             self.num_classes = self.vocab_size
 
 

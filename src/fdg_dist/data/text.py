@@ -125,7 +125,7 @@ def load_text(cfg: DataConfig) -> tuple[TextSet, TextSet]:
                                           ratios, strict=True):
         if subset is not None:
             part = part[:(subset + 1) * cfg.context]
-        text = TextSet(part.clone(), cfg.context, vocab, bpe, cfg.vocab_size if bpe else 0, ratio)
+        text = TextSet(part.clone(), cfg.context, vocab, bpe, cfg.vocab_size or 0, ratio)
         if len(text) < 1:
             raise ValueError(f"data.context={cfg.context}: the {split} text ({len(part)} tokens of {cfg.root}) holds "
                              f"no sequence of that length plus one; lower data.context or data.val_fraction")
