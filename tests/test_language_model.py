@@ -227,7 +227,7 @@ def test_measured_split_times_token_inputs() -> None:
 def test_pipeline_on_text_equals_reference_and_reports_bits_per_char(text: Path, run_dir: Path) -> None:
     """fdg K=2 through the real launcher: bitwise the reference; metrics.jsonl, result.json and TensorBoard
     carry bits per character and perplexity; the log's split table shows (batch, context, width)."""
-    cfg = _cfg(text, "fdg", 2, **{"logging.tensorboard": True, "logging.trace": True})
+    cfg = _cfg(text, "fdg", 2, **{"logging.tensorboard": True, "logging.trace": True, "checkpoint.enabled": True})
     result = run_pipeline(cfg, run_dir)
     reference = reference_state(cfg)
     assert_same_weights(final_state(run_dir), reference)
@@ -256,6 +256,8 @@ def test_pipeline_on_text_equals_reference_and_reports_bits_per_char(text: Path,
     simulated.load_state_dict(reference)
     with torch.no_grad():
         assert torch.equal(got, loss.cross_entropy(simulated.eval()(ids), targets))
+    # its last checkpoint joins the two modules' weights into the final model: the same sample
+    assert fdg_dist.sample(run_dir, "the ", 30, checkpoint="checkpoints") == fdg_dist.sample(run_dir, "the ", 30)
 
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
