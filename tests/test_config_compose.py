@@ -116,7 +116,7 @@ def test_speed_settings_default_to_auto_and_take_explicit_values(composed: Calla
 
 def test_the_papers_rows_have_presets() -> None:
     assert set(PAPER_ROWS) | {"quick_synthetic", "budget_cifar10_resnet20", "budget_long_cifar10_resnet20",
-                              "shakespeare_char_gpt"} == set(PRESETS)
+                              "shakespeare_char_gpt", "shakespeare_char_cpu"} == set(PRESETS)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_ROWS))

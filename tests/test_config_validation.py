@@ -158,6 +158,8 @@ ROWS = [
     Row("text-context=0", "data.context", {"data.name": "text", "data.context": 0}),
     Row("text-val_fraction=1", "data.val_fraction", {"data.name": "text", "data.val_fraction": 1.0}),
     Row("text-missing-file", "data.root", {"data.name": "text", "data.root": "/nonexistent/input.txt"}),
+    Row("text-bpe-vocab_size=256", "data.vocab_size", {"data.name": "text", "data.tokens": "bpe", "data.vocab_size": 256}),
+    Row("peak_tflops=0", "logging.peak_tflops", {"logging.peak_tflops": 0.0}),
     Row("eps=0", "optim.eps", {"optim.eps": 0.0}),
     Row("warmup_steps<0", "sched.warmup_steps", {"sched.warmup_steps": -1}),
     Row("min_lr_ratio>1", "sched.min_lr_ratio", {"sched.min_lr_ratio": 1.5}),

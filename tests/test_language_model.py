@@ -227,7 +227,7 @@ def test_measured_split_times_token_inputs() -> None:
 def test_pipeline_on_text_equals_reference_and_reports_bits_per_char(text: Path, run_dir: Path) -> None:
     """fdg K=2 through the real launcher: bitwise the reference; metrics.jsonl, result.json and TensorBoard
     carry bits per character and perplexity; the log's split table shows (batch, context, width)."""
-    cfg = _cfg(text, "fdg", 2, **{"logging.tensorboard": True, "logging.trace": True})
+    cfg = _cfg(text, "fdg", 2, **{"logging.tensorboard": True, "logging.trace": True, "checkpoint.enabled": True})
     result = run_pipeline(cfg, run_dir)
     reference = reference_state(cfg)
     assert_same_weights(final_state(run_dir), reference)
@@ -256,6 +256,8 @@ def test_pipeline_on_text_equals_reference_and_reports_bits_per_char(text: Path,
     simulated.load_state_dict(reference)
     with torch.no_grad():
         assert torch.equal(got, loss.cross_entropy(simulated.eval()(ids), targets))
+    # its last checkpoint joins the two modules' weights into the final model: the same sample
+    assert fdg_dist.sample(run_dir, "the ", 30, checkpoint="checkpoints") == fdg_dist.sample(run_dir, "the ", 30)
 
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -272,12 +274,33 @@ def test_shakespeare_preset_is_what_readme_says() -> None:
         cfg = config_from_hydra(compose("train", overrides=["experiment=shakespeare_char_gpt",
                                                             f"data.root={SHAKESPEARE}"]))
     validate(cfg)
-    assert (cfg.model.name, cfg.model.args) == ("gpt", {"layers": 4, "width": 128, "heads": 4, "context": 64})
+    assert (cfg.model.name, cfg.model.args) == ("gpt", {"layers": 4, "width": 128, "heads": 4, "dropout": 0.0,
+                                                     "context": 64})
     assert (cfg.data.tokens, cfg.data.num_classes, cfg.data.context, cfg.pipeline.k) == ("char", 65, 64, 2)
     assert (cfg.optim.name, cfg.optim.lr, cfg.sched.name, cfg.method.name) == ("adamw", 2e-3, "step_cosine", "fdg")
     train, _ = data.load(cfg.data, 0)
     assert len(train) // cfg.trainer.batch_size + 1 == 491  # batches per epoch, as the preset's comment says
     assert sum(p.numel() for p in models.build(cfg.model, 65).parameters()) == 818_176
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="tinyshakespeare is not in ../shared/data")
+def test_nanogpt_cpu_preset_is_their_recipe() -> None:
+    """experiment=shakespeare_char_cpu: nanoGPT's CPU recipe (its README), and 2,000 batches of 12 as the run."""
+    from hydra import compose, initialize_config_dir
+
+    from fdg_dist.cli import config_from_hydra
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = config_from_hydra(compose("train", overrides=["experiment=shakespeare_char_cpu",
+                                                            f"data.root={SHAKESPEARE}", "method=bp", "pipeline.k=1"]))
+    validate(cfg)
+    assert cfg.model.args == {"layers": 4, "width": 128, "heads": 4, "dropout": 0.0, "context": 64}
+    assert (cfg.data.tokens, cfg.data.context, cfg.data.val_fraction, cfg.trainer.batch_size) == ("char", 64, 0.1, 12)
+    o, s = cfg.optim, cfg.sched
+    assert (o.name, o.lr, o.betas, o.weight_decay, o.clip_norm) == ("adamw", 1e-3, (0.9, 0.99), 0.1, 1.0)
+    assert (s.name, s.warmup_steps, s.min_lr_ratio) == ("step_cosine", 100, 0.1)  # cosine to 1e-4
+    train, _ = data.load(cfg.data, 0)
+    assert cfg.trainer.max_steps == 2000 < cfg.trainer.epochs * (len(train) // 12 + 1)  # max_steps ends the run
 
 
 @pytest.mark.multiprocess

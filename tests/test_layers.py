@@ -29,8 +29,9 @@ from conftest import REPO
 PACKAGE = "fdg_dist"
 FOLDERS = {"util": 0, "config": 0, "data": 1, "models": 1, "engine": 2, "split": 3, "observe": 4, "run": 5}
 TOP = 6
-ENTRY_POINTS = {"__init__", "cli", "validation", "inference", "convert", "sweep", "train", "rendezvous"}
-LAZY = {(f"{PACKAGE}/__init__.py", f"{PACKAGE}.inference")}  # (file, module): the allowed function-local import
+ENTRY_POINTS = {"__init__", "cli", "validation", "inference", "sampling", "convert", "sweep", "train", "rendezvous"}
+LAZY = {(f"{PACKAGE}/__init__.py", f"{PACKAGE}.inference"),  # (file, module): the allowed function-local imports
+        (f"{PACKAGE}/__init__.py", f"{PACKAGE}.sampling")}
 
 
 @dataclass(frozen=True)
@@ -208,12 +209,12 @@ def test_every_folder_and_module_says_what_it_owns_and_must_not_touch() -> None:
 
 
 def test_console_scripts_hydra_targets_and_module_entries_resolve() -> None:
-    """``fdg-train``, ``fdg-report``, ``fdg-checkpoint`` (setup.cfg), the callbacks conf/ names and the modules
+    """``fdg-train``, ``fdg-report``, ``fdg-checkpoint``, ``fdg-sample`` (setup.cfg), the callbacks conf/ names and the modules
     users run with ``python -m`` exist where they are named."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     scripts = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
-    assert set(scripts) == {"fdg-train", "fdg-report", "fdg-checkpoint"}
+    assert set(scripts) == {"fdg-train", "fdg-report", "fdg-checkpoint", "fdg-sample"}
     targets = [value.replace(":", ".") for value in scripts.values()]
     for yaml in sorted((REPO / "conf").rglob("*.yaml")):
         targets += re.findall(rf"_target_:\s*({PACKAGE}\.[\w.]+)", yaml.read_text())

@@ -1,7 +1,8 @@
 """fdg_dist: FDG training, one process per pipeline module.
 
 ``fdg_dist.load_model(run_dir)`` returns a finished run's model and its input transform (see
-``fdg_dist.inference``).  It is imported on first use, so ``import fdg_dist.config`` (the CLI, the
+``fdg_dist.inference``); ``fdg_dist.sample(run_dir, prompt)`` draws text from a language-model run
+(``fdg_dist.sampling``).  Both are imported on first use, so ``import fdg_dist.config`` (the CLI, the
 Hydra callbacks, ``fdg-report``) stays free of torch.
 
 Must not import torch or any layer when it is imported: ``load_model`` is the one lazy import the layer rules
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "sample"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +21,8 @@ def __getattr__(name: str) -> Any:
         from fdg_dist.inference import load_model
 
         return load_model
+    if name == "sample":
+        from fdg_dist.sampling import sample
+
+        return sample
     raise AttributeError(f"module 'fdg_dist' has no attribute {name!r}")

@@ -5,7 +5,8 @@ belong to the data (measured on the training images for ImageFolder and syntheti
 CIFAR), and its outputs are indices into a class order that only the dataset knows.  Neither is in
 ``final_model.pt`` (a plain ``state_dict``, loadable with ``weights_only=True``), so the export writes
 them beside it as ``final_model.json``: that pair is all inference needs.  For a language model the
-"transform" is its tokenizer: the characters in id order (``data.tokens=char``) or raw bytes.
+"transform" is its tokenizer: the characters in id order (``data.tokens=char``), raw bytes, or the run's
+byte-level BPE (``data.tokens=bpe``, Hugging Face ``tokenizers`` JSON).
 
 An entry point (``fdg_dist.load_model``, layer 6): nothing below imports it.  Must not train, write files or
 need a process group.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 from torch import nn
 
 from fdg_dist import models
@@ -70,13 +72,17 @@ def _as_tensor(image: Any) -> torch.Tensor:
 @dataclass(frozen=True)
 class Tokenizer:
     """Text → a language model's input ids and back, as the run tokenized its file: ``vocab`` holds the
-    characters in id order (``data.tokens=char``), or is None for raw UTF-8 bytes."""
+    characters in id order (``data.tokens=char``), or is None for raw UTF-8 bytes and for BPE (``bpe``: the
+    trained tokenizer's JSON)."""
 
     vocab: tuple[str, ...] | None
     context: int  # the longest sequence the model's position embedding covers
+    bpe: str | None = None
 
     def __call__(self, text: str) -> torch.Tensor:
         """int64 ids of shape (1, len); an unknown character is named (the model has no id for it)."""
+        if self.bpe is not None:
+            return torch.tensor(HFTokenizer.from_str(self.bpe).encode(text).ids, dtype=torch.int64)[None]
         if self.vocab is None:
             return torch.tensor(list(text.encode()), dtype=torch.int64)[None]
         index = {c: i for i, c in enumerate(self.vocab)}
@@ -88,6 +94,8 @@ class Tokenizer:
     def decode(self, ids: torch.Tensor) -> str:
         """Ids (any shape, read in order) back to text."""
         flat = ids.flatten().tolist()
+        if self.bpe is not None:
+            return HFTokenizer.from_str(self.bpe).decode(flat)
         if self.vocab is None:
             return bytes(flat).decode(errors="replace")
         return "".join(self.vocab[i] for i in flat)
@@ -123,9 +131,14 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", *,
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.to(device).eval()
     if "tokens" in meta:
-        vocab = meta["vocab"]
-        return model, Tokenizer(tuple(vocab) if vocab is not None else None, meta["context"])
+        return model, tokenizer_from(meta)
     return model, Transform(tuple(meta["mean"]), tuple(meta["std"]), meta["image_size"], tuple(meta["classes"]))
+
+
+def tokenizer_from(meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a text run recorded (``final_model.json`` or ``tokenizer.json``)."""
+    vocab = meta["vocab"]
+    return Tokenizer(tuple(vocab) if vocab is not None else None, meta["context"], meta.get("bpe"))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

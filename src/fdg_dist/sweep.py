@@ -58,7 +58,8 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def sweep_summary(sweep_dir: Path) -> str:
-    """One line per job (final and best test error, time, or what went wrong), then the report command."""
+    """One line per job (final and best test error, time, validation bits per character for a language model,
+    or what went wrong), then the report command."""
     sweep_dir = sweep_dir.resolve()
     jobs = _job_dirs(sweep_dir)
     width = max([len(d.name) for d in jobs] + [3])
@@ -72,7 +73,8 @@ def sweep_summary(sweep_dir: Path) -> str:
         r = json.loads(path.read_text())
         final, best = (f"{100 * r[k]:7.2f} %" if r.get(k) is not None else "      –  "
                        for k in ("final_test_error", "best_test_error"))
-        lines.append(f"  {d.name:<{width}}  {final}  {best}  {r['wall_time_s']:.1f} s ({r['stop_reason']})")
+        bpc = f"  {r['final_test_bpc']:.3f} bits/{r.get('tokens', 'char')}" if r.get("final_test_bpc") is not None else ""
+        lines.append(f"  {d.name:<{width}}  {final}  {best}  {r['wall_time_s']:.1f} s ({r['stop_reason']}){bpc}")
     lines.append(f"compare them: fdg-report {sweep_dir}")
     return "\n".join(lines)
 

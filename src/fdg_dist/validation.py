@@ -257,6 +257,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
              f"{cfg.logging.progress_every_s!r} must be ≥ 0 seconds")
     _require(cfg.logging.log_every_steps >= 1, "logging.log_every_steps",
              f"{cfg.logging.log_every_steps!r} must be ≥ 1")
+    _require(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0, "logging.peak_tflops",
+             f"{cfg.logging.peak_tflops!r} must be a positive number of TFLOP/s per process, or null")
     _require(d.std is None or (len(d.std) == 3 and all(v > 0 for v in d.std)), "data.std",
              f"{d.std!r} must be null or 3 positive per-channel values, e.g. [0.2023, 0.1994, 0.2010]")
     if d.name == "imagefolder":
@@ -341,6 +343,8 @@ def _validate_text(d: DataConfig) -> None:
     _require(d.tokens in TEXT_TOKENS, "data.tokens", f"{d.tokens!r} is not one of {', '.join(TEXT_TOKENS)}")
     _require(isinstance(d.context, int) and d.context >= 1, "data.context", f"{d.context!r} must be an integer ≥ 1")
     _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"{d.val_fraction!r} must be in (0, 1)")
+    _require(d.tokens != "bpe" or (d.vocab_size or 0) > 256, "data.vocab_size",
+             f"{d.vocab_size!r} must be > 256 for data.tokens=bpe (the 256 bytes, then the merges BPE learns)")
     try:
         data.load(d, seed=0)  # text is split and read without randomness
     except (OSError, ValueError) as e:

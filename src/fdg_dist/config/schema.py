@@ -17,7 +17,7 @@ STASH_MODES = ("weights", "recompute", "mixed")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant", "step_cosine")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic", "text")
-TEXT_TOKENS = ("byte", "char")
+TEXT_TOKENS = ("byte", "char", "bpe")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip_step", "off")
 SPLIT_COSTS = ("auto", "flops", "time")
@@ -76,9 +76,14 @@ class DataConfig:
     augment: bool = True
     cache: bool = True  # decode small ImageFolder images once, keep them in memory
     std: list[float] | None = None  # per-channel normalisation std instead of the dataset's (parity runs)
-    tokens: str = "byte"  # text: byte (vocabulary 256) | char (the file's distinct characters)
+    tokens: str = "byte"  # text: byte (vocabulary 256) | char (the file's distinct characters) | bpe
+    vocab_size: int | None = None  # text, tokens=bpe: the vocabulary BPE learns (e.g. 512); data.num_classes follows
     context: int = 128  # text: tokens per training sequence
     val_fraction: float = 0.1  # text: the file's last 10 % validates (file order)
+
+    def __post_init__(self) -> None:
+        if self.tokens == "bpe" and self.vocab_size is not None:  # the model's vocabulary is the one BPE learns
+            self.num_classes = self.vocab_size
 
 
 @dataclass
@@ -170,6 +175,7 @@ class LoggingConfig:
     log_every_steps: int = 20
     staleness_every_steps: int = 100  # staleness/ probes (one extra forward+backward per module); 0: off
     trace: bool = False
+    peak_tflops: float | None = None  # text: each process's peak TFLOP/s, for MFU (default: a known GPU's; CPU: none)
 
 
 @dataclass

@@ -55,7 +55,8 @@ def sample_spec(cfg: DataConfig) -> SampleSpec:
 
 def describe(data: ImageSet | TextSet) -> str:
     if isinstance(data, TextSet):
-        kind = "bytes" if data.vocab is None else f"characters ({data.num_classes} distinct)"
+        kind = (f"BPE tokens (vocabulary {data.num_classes}, {data.bytes_per_token:.2f} bytes each)" if data.bpe
+                else "bytes" if data.vocab is None else f"characters ({data.num_classes} distinct)")
         return f"{len(data.tokens)} {kind}, {len(data)} sequences of {data.context}"
     n, c, h, w = data.images.shape
     return f"{n} images {c}x{h}x{w}, {data.num_classes} classes"

@@ -33,6 +33,7 @@ from fdg_dist.engine.executor import EpochResult, Event
 from fdg_dist.engine.schedule import Kind
 from fdg_dist.engine.staleness import TAGS as STALENESS_TAGS
 from fdg_dist.engine.staleness import Probe
+from fdg_dist.observe import throughput
 from fdg_dist.observe.memory import Usage, describe
 from fdg_dist.util.files import atomic_write
 
@@ -226,6 +227,11 @@ def language_metrics(train: EpochResult, test: EpochResult) -> dict[str, float]:
             "test_perplexity": math.exp(min(test.loss, 700.0))}  # exp overflows a float beyond ~709
 
 
+def token_unit(tokens: str) -> str:
+    """What one token of ``data.tokens`` is, for the console: ``char``, ``byte``."""
+    return {"byte": "byte", "char": "char"}.get(tokens, "token")
+
+
 class RunLog:
     def __init__(self, cfg: Config, run_dir: Path, *, module: int, replica: int, reporter: bool,
                  device: torch.device | None = None) -> None:
@@ -244,6 +250,9 @@ class RunLog:
         self.first_step = 1  # x of this attempt's first optimizer step; a resume moves it
         self.bar = None
         self.progress_style = progress_style(cfg.logging.progress) if reporter else "none"
+        text = reporter and cfg.data.name == "text"
+        self.flops_token = throughput.flops_per_token(cfg) if text else 0.0
+        self.peak_flops = throughput.peak_flops(cfg, self.device) if text else None
 
     def tensorboard(self):  # -> SummaryWriter; TensorBoard is imported only when used
         """This rank's writer, opened with ``purge_step`` at this attempt's first step: TensorBoard then
@@ -313,6 +322,8 @@ class RunLog:
                "test_loss": test.loss, "test_error": test.error, "epoch_time_s": seconds,
                "samples_per_s": samples / seconds if seconds > 0 else 0.0}
         text = self._language(train, test)
+        if text:
+            text.update(throughput.rates(samples * self.cfg.data.context, seconds, self.flops_token, self.peak_flops))
         row.update(text)
         if memory is not None:
             row["memory"] = {name: usage.to_dict() for name, usage in memory.items()}
@@ -322,13 +333,21 @@ class RunLog:
                  epoch + 1, self.cfg.trainer.epochs, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
                  row["samples_per_s"])
         if text:
-            log.info("epoch %3d/%d  bits/char train %.3f test %.3f  test perplexity %.2f", epoch + 1,
-                     self.cfg.trainer.epochs, text["train_bpc"],
-                     text["test_bpc"], text["test_perplexity"])
+            unit = token_unit(self.cfg.data.tokens)
+            mfu = f"  MFU {100 * text['mfu']:.2f} %" if "mfu" in text else ""
+            log.info("epoch %3d/%d  bits/%s train %.3f test %.3f  test perplexity %.2f  %.0f tokens/s%s", epoch + 1,
+                     self.cfg.trainer.epochs, unit, text["train_bpc"], text["test_bpc"], text["test_perplexity"],
+                     text["tokens_per_s"], mfu)
 
     def _language(self, train: EpochResult, test: EpochResult) -> dict[str, float]:
-        """Bits per character and perplexity for text data, nothing otherwise."""
-        return language_metrics(train, test) if self.cfg.data.name == "text" else {}
+        """Bits per character and perplexity for text data (with BPE also bits per byte), nothing otherwise."""
+        if self.cfg.data.name != "text":
+            return {}
+        out = language_metrics(train, test)
+        if self.cfg.data.tokens == "bpe":  # module 0 wrote the validation text's bytes per token at the start
+            record = json.loads((self.run_dir / "tokenizer.json").read_text())
+            out["test_bits_per_byte"] = out["test_bpc"] / record["val_bytes_per_token"]
+        return out
 
     def _tensorboard(self, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
                      record: EpochRecord, steps: int) -> None:
@@ -339,6 +358,10 @@ class RunLog:
                 w.add_scalar(tag, value, steps)
             for name, value in self._language(train, test).items():  # train_bpc -> train/bpc
                 w.add_scalar(name.replace("_", "/", 1), value, steps)
+            if self.cfg.data.name == "text":
+                for name, value in throughput.rates(timing.samples * self.cfg.data.context, timing.train_s,
+                                                    self.flops_token, self.peak_flops).items():
+                    w.add_scalar(f"perf/{name}", value, steps)
         first = steps - record.steps + 1  # module step number of the epoch's first step
         for tag, points in record.step_values().items():
             for i, value in points.items():
@@ -376,7 +399,12 @@ class RunLog:
             "final_test_error": self.last["test_error"] if self.last else None,
             "best_test_error": best_error if math.isfinite(best_error) else None,
             "final_test_loss": self.last["test_loss"] if self.last else None,
-            **({"final_test_bpc": self.last["test_bpc"]} if self.last and "test_bpc" in self.last else {}),
+            **({key: self.last[name] for key, name in (("final_test_bpc", "test_bpc"),
+                                                        ("final_test_perplexity", "test_perplexity"),
+                                                        ("final_test_bits_per_byte", "test_bits_per_byte"),
+                                                        ("tokens_per_s", "tokens_per_s"), ("mfu", "mfu"))
+                if name in self.last} if self.last else {}),
+            **({"tokens": cfg.data.tokens} if cfg.data.name == "text" else {}),
             "wall_time_s": wall_s,
             "k": cfg.pipeline.k, "replicas": cfg.pipeline.replicas, "beta": cfg.method.beta,
             "method": cfg.method.name, "corrector": cfg.corrector.name, "options": staleness_options(cfg),
@@ -415,12 +443,25 @@ def duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else str(datetime.timedelta(seconds=round(seconds)))
 
 
+def language_line(result: dict) -> str:
+    """The summary's line for a language model: validation bits per character (byte, token), perplexity, speed."""
+    unit = token_unit(result.get("tokens", "char"))
+    nats = result["final_test_bpc"] * math.log(2)
+    speed = f", {result['tokens_per_s']:.0f} tokens/s" if result.get("tokens_per_s") is not None else ""
+    if result.get("final_test_bits_per_byte") is not None:
+        speed = f", {result['final_test_bits_per_byte']:.3f} bits/byte" + speed
+    mfu = f" (MFU {100 * result['mfu']:.2f} %)" if result.get("mfu") is not None else ""
+    return (f"  test bits/{unit} final {result['final_test_bpc']:.3f} ({nats:.3f} nats/{unit}), perplexity "
+            f"{result['final_test_perplexity']:.2f}{speed}{mfu}")
+
+
 def summary(result: dict, run_dir: Path) -> str:
     """The end-of-run block: how it ended, the errors, the time, and where everything is."""
     run_dir = run_dir.resolve()
     return "\n".join([
         f"run finished after {result['epochs']} epoch(s), {result['steps']} steps: {result['stop_reason']}",
         f"  test error     final {_percent(result['final_test_error'])}, best {_percent(result['best_test_error'])}",
+        *([language_line(result)] if result.get("final_test_bpc") is not None else []),
         f"  training time  {duration(result['wall_time_s'])}",
         f"  run directory  {run_dir}",
         f"  result         {run_dir / 'result.json'}",

@@ -33,6 +33,7 @@ from fdg_dist.observe import report_staleness  # noqa: E402
 from fdg_dist.util.files import parse_json  # noqa: E402
 
 BETA_METHODS = ("fdg", "adl")  # methods where β means something; for the others it is left out
+UNITS = {"final_test_error": ("%", 100.0), "best_test_error": ("%", 100.0), "final_test_bpc": ("bits/token", 1.0)}
 TIME_PARTS = (("compute_s", "compute"), ("wait_input_s", "waiting for input"),
               ("wait_grad_s", "waiting for gradient"), ("other_s", "communication / other"))
 
@@ -86,6 +87,22 @@ def _parse(text: str, where: str) -> dict:
     return parse_json(text, where, "repair or remove it, or leave that run out of the report")
 
 
+def scaled(result: dict, metric: str) -> float | None:
+    """``metric`` of a run as the tables show it (errors in %, bits per character as they are); None if absent."""
+    value = result.get(metric)
+    return None if value is None else UNITS[metric][1] * value
+
+
+def unit(metric: str) -> str:
+    return UNITS[metric][0]
+
+
+def default_metric(runs: list[Run]) -> str:
+    """Language models are compared by validation bits per character, everything else by test error."""
+    return "final_test_bpc" if runs and all(r.result.get("final_test_bpc") is not None for r in runs) \
+        else "final_test_error"
+
+
 def setting_label(method: str, beta: float | None, k: int, corrector: str = "none") -> str:
     label = f"{method} β={beta:g} K={k}" if beta is not None else f"{method} K={k}"
     return label + (f" +{corrector}" if corrector != "none" else "")
@@ -107,14 +124,14 @@ def table_by_k(runs: list[Run], metric: str = "final_test_error") -> str:
         ks = sorted({r.result["k"] for r in group})
         cells = _groups(group, lambda r: (_row_label(r), r.result["k"]))
         rows = sorted({label for label, _ in cells}, key=lambda x: (x != "BP (K=1)", x))
-        bp = [100 * r.result[metric] for r in cells.get(("BP (K=1)", 1), []) if r.result.get(metric) is not None]
+        bp = [scaled(r.result, metric) for r in cells.get(("BP (K=1)", 1), []) if r.result.get(metric) is not None]
         base = statistics.fmean(bp) if bp else None
-        out += [f"### {data}, {model}: {metric.replace('_', ' ')} (%): mean over seeds [seeds] (gap to BP)", "",
+        out += [f"### {data}, {model}: {metric.replace('_', ' ')} ({unit(metric)}): mean over seeds [seeds] (gap to BP)", "",
                 "| setting | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
         for label in rows:
             row = []
             for k in ks:
-                values = [100 * r.result[metric] for r in sorted(cells.get((label, k), []), key=lambda r: r.result["seed"])
+                values = [scaled(r.result, metric) for r in sorted(cells.get((label, k), []), key=lambda r: r.result["seed"])
                           if r.result.get(metric) is not None]
                 if not values:
                     row.append("–")
@@ -135,8 +152,8 @@ def _groups(runs: Iterable[Run], key: Callable[[Run], tuple]) -> dict[tuple, lis
 
 
 def _median_error(runs: list[Run], metric: str) -> float | None:
-    values = [r.result[metric] for r in runs if r.result.get(metric) is not None]
-    return 100 * statistics.median(values) if values else None
+    values = [scaled(r.result, metric) for r in runs if r.result.get(metric) is not None]
+    return statistics.median(values) if values else None
 
 
 def table(runs: list[Run], metric: str = "final_test_error") -> str:
@@ -146,7 +163,7 @@ def table(runs: list[Run], metric: str = "final_test_error") -> str:
         columns = sorted({r.setting for r in of_data}, key=lambda s: (s[0], s[2], s[1] or 0, s[3]))
         cells = _groups(of_data, lambda r: (r.result["model"], r.setting))
         models = sorted({r.result["model"] for r in of_data})
-        out += [f"### {data}: {metric.replace('_', ' ')} (%), median over seeds", "",
+        out += [f"### {data}: {metric.replace('_', ' ')} ({unit(metric)}), median over seeds", "",
                 "| model | " + " | ".join(setting_label(*c) for c in columns) + " |",
                 "|---|" + "---:|" * len(columns)]
         for model in models:
@@ -210,7 +227,7 @@ def plot_error_vs_beta(runs: list[Run], path: Path, metric: str = "final_test_er
     for (data, model, method, k, corrector), group in lines.items():
         by_beta = _groups(group, lambda r: (r.beta,))
         betas = sorted(b for (b,) in by_beta)
-        seeds = [[100 * r.result[metric] for r in by_beta[(b,)]] for b in betas]
+        seeds = [[scaled(r.result, metric) for r in by_beta[(b,)]] for b in betas]
         medians = [statistics.median(s) for s in seeds]
         spread = [[m - min(s) for m, s in zip(medians, seeds)], [max(s) - m for m, s in zip(medians, seeds)]]
         counts = sorted({len(s) for s in seeds})
@@ -225,7 +242,7 @@ def plot_error_vs_beta(runs: list[Run], path: Path, metric: str = "final_test_er
         low, high = min(values), max(values)
         pad = max(MIN_ERROR_SPAN - (high - low), 0) / 2
         ax.set_ylim(low - pad - 0.1 * MIN_ERROR_SPAN, high + pad + 0.1 * MIN_ERROR_SPAN)
-    ax.set(xlabel="β (gradient shrinking per hop)", ylabel=f"{metric.replace('_', ' ')} (%)",
+    ax.set(xlabel="β (gradient shrinking per hop)", ylabel=f"{metric.replace('_', ' ')} ({unit(metric)})",
            title="Test error against β, one line per K\n(median over n seeds; dots: each seed; bars: min–max)")
     if lines:
         ax.legend(fontsize="small")
@@ -279,10 +296,12 @@ def plot_samples_vs_k(runs: list[Run], path: Path) -> Path:
     return _save(fig, path)
 
 
-def report(paths: Iterable[Path], out: Path, metric: str = "final_test_error") -> str:
+def report(paths: Iterable[Path], out: Path, metric: str | None = None) -> str:
+    """The tables and plots of the runs under ``paths``; ``metric`` None: ``default_metric``."""
     runs = find_runs(paths)
     if not runs:
         raise SystemExit(f"fdg-report: no run (a directory with result.json) under {' '.join(map(str, paths))}")
+    metric = metric or default_metric(runs)
     out.mkdir(parents=True, exist_ok=True)
     text = table(runs, metric)
     (out / "report.md").write_text(text)
@@ -310,7 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where report.md and the PNGs go (default: report/ inside the runs folder)")
-    parser.add_argument("--metric", choices=("final_test_error", "best_test_error"), default="final_test_error")
+    parser.add_argument("--metric", choices=tuple(UNITS), default=None,
+                        help="what the tables compare (default: final_test_bpc if every run is a language model, "
+                             "else final_test_error)")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else default_out(args.runs)
     try:

@@ -410,6 +410,19 @@ def read_unsplit(directory: Path) -> dict[str, Any]:
     return state
 
 
+def read_weights(directory: Path) -> dict[str, Any]:
+    """The model weights (pipeline keys) of a complete checkpoint, drained or cut mid-epoch, and its manifest's
+    configuration fingerprint: what sampling and evaluation need, nothing of the optimizer.  A cut gives each
+    module's live weights (the gradients still in flight are not applied)."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if manifest.get("layout") == unsplit.FILE:
+        return {"model": read_unsplit_file(directory / unsplit.FILE)["model"], "config": manifest["config"]}
+    weights: dict[str, Any] = {}
+    for k in range(manifest["k"]):
+        weights.update(_read(directory / file_name(k, 0))["stage"]["module"])
+    return {"model": weights, "config": manifest["config"]}
+
+
 def read_unsplit_file(path: Path, data: bytes | None = None) -> dict[str, Any]:
     """An unsplit state from ``path`` (or from ``data``, its bytes already read and checked)."""
     try:

@@ -224,6 +224,9 @@ class Trainer:
                                 seed=cfg.trainer.seed, device=ctx.device)
             if ctx.rank == 0:
                 log.info("data: train %s; test %s", data.describe(train_set), data.describe(test_set))
+                if isinstance(train_set, data.TextSet):
+                    files.atomic_write(json.dumps(final_model.tokenizer(cfg, train_set, test_set)).encode(),
+                                       self.run_dir / final_model.TOKENIZER)
         dist.broadcast(sizes, src=0, group=ctx.header_group)
         self.n_train, self.n_test = int(sizes[0]), int(sizes[1])
         return train, test
