@@ -108,13 +108,19 @@ def run(raw: dict, run_dir: str) -> dict | None:
     torch.set_num_threads(threads)
     keep_freed_memory()
     no_flight_recorder()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    sharing = devices.share_gpus(local_world, cfg.dist.ranks_per_gpu) if devices.choose_backend(
+        cfg.dist.backend) == "nccl" else []  # before NCCL starts in this process
     ctx = distributed.init(stages, replicas, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s,
-                           precision=cfg.trainer.precision)
+                           precision=cfg.trainer.precision, ranks_per_gpu=cfg.dist.ranks_per_gpu)
     log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s), pid %d", rank, world, module, stages,
              replica, ctx.backend, ctx.device, threads, os.getpid())
     for line in devices.resolve(cfg, ctx.device):
         if rank == 0:
             log.info("default: %s", line)
+    for line in sharing:
+        if rank == 0:
+            log.info("GPUs shared: %s", line)
     finished = False
     try:
         rendezvous.check_shared_run_dir(Path(run_dir), rank, ctx.header_group)
