@@ -60,7 +60,7 @@ def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
                           local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True  # safe: the trainer autotunes every shape before the first tick
     timeout = timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}  # eager NCCL init (pytorch #136248)
     store = _store(timeout)
