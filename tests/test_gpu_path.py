@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -215,3 +216,26 @@ def test_one_rank_per_gpu_leaves_the_environment_alone(monkeypatch) -> None:
     _fake_gpus(monkeypatch, {"count": 4})
     monkeypatch.delenv("NCCL_MULTI_RANK_GPU_ENABLE", raising=False)
     assert devices.share_gpus(4, None) == [] and "NCCL_MULTI_RANK_GPU_ENABLE" not in os.environ
+
+
+def test_under_torchs_agent_nccl_errors_reach_our_transport_instead_of_ending_the_rank(monkeypatch, tmp_path) -> None:
+    """The agent sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (tear down); the worker sets CleanUpOnly before any
+    process group exists, so the watchdog aborts and our transport's error names the lost module."""
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    seen = []
+    _fake_process_group(monkeypatch, [])
+    _fake_worker(monkeypatch, tmp_path, lambda: {})
+    monkeypatch.setattr(distributed, "init", lambda *a, **kw: seen.append(os.environ[worker.ERROR_HANDLING]) or
+                        distributed.Context(0, 1, 0, 0, 0, 1, 1, torch.device("cpu"), "nccl", None, None, None, {}))
+    worker.run(small_config(**{"pipeline.k": 1}).to_dict(), str(tmp_path))
+    assert seen == ["2"]
+
+
+def test_an_abort_that_hangs_ends_the_process_after_the_grace(monkeypatch) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(worker.os, "_exit", exits.append)
+    worker.leave_within(lambda: time.sleep(0.5), 0.05)
+    assert exits == [1]
+    worker.leave_within(lambda: None, 0.05)  # an abort that returns: the timer is cancelled
+    time.sleep(0.1)
+    assert exits == [1]
