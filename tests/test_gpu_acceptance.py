@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 SCRIPT = str(REPO / "benchmarks" / "gpu_acceptance.py")
@@ -26,7 +27,21 @@ def test_what_does_not_fit_the_budget_is_skipped_and_named(tmp_path: Path) -> No
     assert "Skipped: kill SIGKILL of module 1 at K=2: needs ~45 s" in (tmp_path / "acceptance.md").read_text()
 
 
-@pytest.mark.slow
+def test_the_in_process_checks_run_on_the_cpu_in_seconds(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu-dry-run", "--only", "versions", "overhead", "fabric",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "acceptance.json").read_text())
+    checks = results["checks"]
+    assert [(c["check"], c.get("method")) for c in checks] == [("overhead", None), *[("fabric", m) for m in
+                                                               ["fdg", "bp", "ddg", "fr", "dgl", "adl"]]]
+    assert all(c["distance"] == 0.0 for c in checks[1:])  # the CPU against the CPU: the same pipeline
+    assert checks[0]["engine"]["wall_ms"] > 0 and checks[0]["ratio"] > 0 and results["skipped"] == []
+    assert results["versions"]["torch"] == torch.__version__
+    assert "| fabric | 2 | adl | 0.0e+00 |" in (tmp_path / "acceptance.md").read_text()
+
+
+@pytest.mark.long
 @pytest.mark.timeout(900)
 def test_the_acceptance_script_runs_every_check_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "acceptance"
