@@ -239,3 +239,25 @@ def test_an_abort_that_hangs_ends_the_process_after_the_grace(monkeypatch) -> No
     worker.leave_within(lambda: None, 0.05)  # an abort that returns: the timer is cancelled
     time.sleep(0.1)
     assert exits == [1]
+
+
+@pytest.mark.parametrize("timed", [True, False])
+def test_cuda_events_are_recorded_only_for_a_pass_whose_times_are_read(timed: bool) -> None:
+    """Three events per action (two per step) while someone reads the times (``on_timed`` or ``record``); none at all for a
+    pass nobody times (an evaluation without a trace)."""
+    cfg = small_config(**{"method.name": "fdg", "pipeline.k": 2, "trainer.epochs": 1})
+    made: list[_FakeEvent] = []
+
+    def event() -> _FakeEvent:
+        made.append(_FakeEvent([0.0]))
+        return made[-1]
+
+    def setup(k: int, run) -> None:
+        run.executor.clock = DeviceClock(event=event)
+        run.executor.record = timed
+
+    runs = run_emulated(cfg, setup=setup)
+    events = [e for r in runs for e in r.train[0].events + r.evals[0].events]
+    steps = sum(e.step is not None for e in events)  # a step waits for nothing: two marks, not three
+    passes = 2 * len(runs)  # each pass's clock starts with one mark
+    assert len(made) == (3 * len(events) - steps + passes if timed else 0) and (len(events) > 0) == timed
