@@ -216,6 +216,8 @@ def test_one_rank_per_gpu_leaves_the_environment_alone(monkeypatch) -> None:
     _fake_gpus(monkeypatch, {"count": 4})
     monkeypatch.delenv("NCCL_MULTI_RANK_GPU_ENABLE", raising=False)
     assert devices.share_gpus(4, None) == [] and "NCCL_MULTI_RANK_GPU_ENABLE" not in os.environ
+    _fake_gpus(monkeypatch, {"count": 0})
+    assert devices.share_gpus(4, None) == []  # no GPU at all: check_device names it, not a ZeroDivisionError
 
 
 def test_under_torchs_agent_nccl_errors_reach_our_transport_instead_of_ending_the_rank(monkeypatch, tmp_path) -> None:

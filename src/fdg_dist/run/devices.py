@@ -153,6 +153,8 @@ def share_gpus(local_world: int, ranks_per_gpu: int | None) -> list[str]:
     """Before NCCL starts in this worker: set the environment ranks sharing a GPU need (keeping what the user
     set); returns the lines for the run log (none when every rank has a GPU of its own)."""
     gpus = gpus_in_use(local_world, torch.cuda.device_count(), ranks_per_gpu)
+    if gpus == 0:
+        return []  # no GPU: check_device says so in its own line
     most = -(-local_world // gpus)
     settings = sharing_environment(most)
     if not settings:
