@@ -103,8 +103,7 @@ def test_the_vote_runs_every_vote_every_ticks_and_a_stop_lands_within_its_bound(
     monkeypatch.setattr(preempt.dist, "get_rank", lambda group=None: 0)
     monkeypatch.setattr(preempt.dist, "all_reduce", lambda flag, op, group=None, async_op=False:
                         posted.append(int(flag[0])) or _Done())
-    lag = 4  # K = 3
-    bound = preempt.VOTE_EVERY * (-(-lag // preempt.VOTE_EVERY) + 1)
+    lag, every, bound = 4, 8, 16  # K = 3; the documented cadence and delay (16 ticks for K ≤ 7)
     for signalled in (0, 1, 7, 8, 9):
         posted.clear()
         vote = preempt.Preemption(None, lag=lag, device=torch.device("cpu"))
@@ -115,5 +114,5 @@ def test_the_vote_runs_every_vote_every_ticks_and_a_stop_lands_within_its_bound(
             if vote.at(tick):
                 stopped = tick
                 break
-        assert stopped is not None and stopped % preempt.VOTE_EVERY == 0 and 0 < stopped - signalled <= bound
-        assert len(posted) == stopped // preempt.VOTE_EVERY + 1  # one vote per VOTE_EVERY ticks
+        assert stopped is not None and stopped % every == 0 and 0 < stopped - signalled <= bound
+        assert len(posted) == stopped // every + 1  # one vote per 8 ticks, not one per tick
