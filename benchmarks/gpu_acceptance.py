@@ -277,7 +277,7 @@ def fabric(ks: list[int], dry: bool, budget: Budget) -> list[dict[str, Any]]:
             cfg.method.accum_steps = 2 if method == "adl" else 1
             tic = time.perf_counter()
             try:
-                dev = merged_state(run_emulated(cfg, device="cpu" if dry else "cuda"))
+                dev = merged_state(run_emulated(cfg, device="cpu" if dry else "cuda:0"))  # the fabric compares devices exactly
                 cpu = merged_state(run_emulated(cfg, device="cpu"))
                 row = {"check": "fabric", "method": method, "k": k, "distance": _distance(dev, cpu)}
                 row["ok"] = row["distance"] < TOLERANCE
