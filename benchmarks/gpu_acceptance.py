@@ -32,6 +32,7 @@ the test suite checks this script.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -218,9 +219,8 @@ def overhead(dry: bool, budget: Budget) -> list[dict[str, Any]]:
     cfg.trainer.precision, cfg.trainer.channels_last = ("fp32", False) if dry else ("bf16", True)
     device = torch.device("cpu" if dry else "cuda")
     steps = 5 if dry else 100
-    stage, boundary, built = build_stage(cfg, 1, 0, device)
-    plain = built.module.to(device, memory_format=models.memory_format(cfg.trainer.channels_last))
-    plain.load_state_dict(stage.module.state_dict())
+    stage, boundary, _ = build_stage(cfg, 1, 0, device)
+    plain = copy.deepcopy(stage.module)  # the same weights and layout, parameters of its own
     opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
     fmt = models.memory_format(cfg.trainer.channels_last)
     x = torch.randn(cfg.trainer.batch_size, *boundary.in_shape, device=device).contiguous(memory_format=fmt)
