@@ -17,7 +17,7 @@ estimate) is skipped and named in the report:
    ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (the GPU runs the ranks' P2P kernels one after another: an issue order
    without one global launch order hangs here); a timeout bounds each, and a hang is a failure.
 4. ``kill``: SIGKILL of module 1 mid-epoch at K = 3; every rank must end within ``dist.timeout_s`` + 10 s,
-   the run's error naming module 1.
+   and fdg-train's one closing line (``fdg-train: …``) must name module 1.
 5. ``overhead``: K = 1, the engine's stage (forward, backward, step with its checks) against a plain
    PyTorch loop on ResNet-56 in bf16 + NHWC: wall ms per step of both, their ratio, host CPU ms per step.
 6. ``fabric``: the emulated fabric (tests/emulated.py, the suite's NCCL-rules harness) on CUDA for every
@@ -189,8 +189,9 @@ def kill(out: Path, k: int, backend: str, budget: Budget) -> list[dict[str, Any]
         try:
             _, err = proc.communicate(timeout=KILL_TIMEOUT_S + 10)
             row["ended_s"] = round(time.monotonic() - killed, 1)
-            row["named"] = "module 1" in err
-            row["error_line"] = next((line for line in err.splitlines() if "module 1" in line), err[-300:])
+            verdict = [line for line in err.splitlines() if line.startswith("fdg-train: ")]  # the CLI's one line
+            row["error_line"] = verdict[-1] if verdict else err[-300:]
+            row["named"] = bool(verdict) and "module 1" in verdict[-1]
             row["ok"] = row["named"] and proc.returncode != 0
         except subprocess.TimeoutExpired:
             proc.kill()
