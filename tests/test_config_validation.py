@@ -132,10 +132,12 @@ ROWS = [
     # processes
     Row("backend", "dist.backend", {"dist.backend": "mpi"}),
     Row("nccl-without-gpu", "dist.backend", {"dist.backend": "nccl"}, cuda=(False, 0)),
-    Row("nccl-fewer-gpus-than-ranks", "dist.backend", {"dist.backend": "auto"}, cuda=(True, 1)),
+    Row("nccl-fewer-gpus-than-ranks-at-one-per-gpu", "dist.ranks_per_gpu", {"dist.backend": "auto", "dist.ranks_per_gpu": 1},
+        cuda=(True, 1)),
     Row("timeout=0", "dist.timeout_s", {"dist.timeout_s": 0}),
     Row("timeout=1ms", "dist.timeout_s", {"dist.timeout_s": 0.001}),
     Row("max_restarts<0", "dist.max_restarts", {"dist.max_restarts": -1}),
+    Row("ranks_per_gpu=0", "dist.ranks_per_gpu", {"dist.ranks_per_gpu": 0}),
     # outputs
     Row("keep=0", "checkpoint.keep", {"checkpoint.keep": 0}),
     Row("every_epochs=0", "checkpoint.every_epochs", {"checkpoint.every_epochs": 0}),

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -157,17 +159,107 @@ def test_a_finished_run_destroys_its_process_groups(monkeypatch, tmp_path) -> No
     assert calls == ["destroy"]
 
 
-@pytest.mark.parametrize("setting,key,match", [
-    ({"available": False}, "dist.backend", "nccl needs CUDA GPUs and torch sees none here"),
-    ({"count": 2, "local_rank": 2}, "dist.backend", r"3 processes on this machine but 2 GPU\(s\) visible"),
-    ({"bf16": False, "precision": "bf16"}, "trainer.precision", "has no bfloat16 support; use trainer.precision=fp32"),
-])
-def test_what_the_machine_cannot_do_is_one_line_at_start(monkeypatch, setting, key, match) -> None:
+def _fake_gpus(monkeypatch, setting: dict) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: setting.get("available", True))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: setting.get("count", 4))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: setting.get("bf16", True))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: setting.get("nccl", (2, 30, 7)))
+
+
+@pytest.mark.parametrize("setting,key,match", [
+    ({"available": False}, "dist.backend", "nccl needs CUDA GPUs and torch sees none here"),
+    ({"count": 2, "local_rank": 2, "nccl": (2, 21, 5)}, "dist.ranks_per_gpu",
+     r"3 processes share 2 GPU\(s\) but torch's NCCL 2.21.5 runs one rank per GPU \(several need NCCL ≥ 2.30"),
+    ({"count": 2, "local_rank": 2, "per_gpu": 1}, "dist.ranks_per_gpu",
+     r"3 processes on this machine at dist.ranks_per_gpu=1 need 3 GPUs but 2 are visible .*at least 2 or set it"),
+    ({"bf16": False, "precision": "bf16"}, "trainer.precision", "has no bfloat16 support; use trainer.precision=fp32"),
+])
+def test_what_the_machine_cannot_do_is_one_line_at_start(monkeypatch, setting, key, match) -> None:
+    _fake_gpus(monkeypatch, setting)
     with pytest.raises(devices.DeviceError, match=match) as err:
-        devices.check_device("nccl", setting.get("local_rank", 0), setting.get("precision", "fp32"))
+        devices.check_device("nccl", setting.get("local_rank", 0), setting.get("precision", "fp32"),
+                             ranks_per_gpu=setting.get("per_gpu"))
     assert err.value.key == key
     assert devices.check_device("gloo", 7, "bf16") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("gpus,world,per_gpu,want", [
+    (1, 3, None, [0, 0, 0]),  # one GPU: every rank on it
+    (2, 4, None, [0, 1, 0, 1]),  # more ranks than GPUs: round robin, neighbours apart
+    (4, 2, None, [0, 1]),  # enough GPUs: one each, as before
+    (4, 4, 2, [0, 1, 0, 1]),  # two per GPU asked: two GPUs used, two idle
+    (8, 6, 4, [0, 1, 0, 1, 0, 1]),
+])
+def test_ranks_map_to_cuda_local_rank_mod_the_gpus_in_use(monkeypatch, gpus, world, per_gpu, want) -> None:
+    _fake_gpus(monkeypatch, {"count": gpus})
+    got = [devices.check_device("nccl", r, "fp32", local_world=world, ranks_per_gpu=per_gpu) for r in range(world)]
+    assert got == [torch.device("cuda", i) for i in want]
+
+
+def test_ranks_sharing_a_gpu_get_nccls_multi_rank_settings_and_keep_the_users(monkeypatch) -> None:
+    _fake_gpus(monkeypatch, {"count": 1})
+    for name in ("NCCL_MULTI_RANK_GPU_ENABLE", "NCCL_NVLS_ENABLE", "NCCL_MAX_CTAS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NCCL_MAX_CTAS", "3")  # the user's choice wins
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", "/nonexistent-mps")
+    lines = devices.share_gpus(4, None)
+    assert os.environ["NCCL_MULTI_RANK_GPU_ENABLE"] == "1" and os.environ["NCCL_NVLS_ENABLE"] == "0"
+    assert os.environ["NCCL_MAX_CTAS"] == "3"
+    assert lines == ["4 ranks on 1 GPU(s), up to 4 per GPU (NCCL 2.30.7): NCCL_MULTI_RANK_GPU_ENABLE=1 "
+                     "NCCL_NVLS_ENABLE=0 NCCL_MAX_CTAS=3; no MPS daemon (nvidia-cuda-mps-control -d starts one): "
+                     "the ranks time-slice each GPU"]
+    assert devices.sharing_environment(4)["NCCL_MAX_CTAS"] == "4"
+
+
+def test_one_rank_per_gpu_leaves_the_environment_alone(monkeypatch) -> None:
+    _fake_gpus(monkeypatch, {"count": 4})
+    monkeypatch.delenv("NCCL_MULTI_RANK_GPU_ENABLE", raising=False)
+    assert devices.share_gpus(4, None) == [] and "NCCL_MULTI_RANK_GPU_ENABLE" not in os.environ
+    _fake_gpus(monkeypatch, {"count": 0})
+    assert devices.share_gpus(4, None) == []  # no GPU at all: check_device names it, not a ZeroDivisionError
+
+
+def test_under_torchs_agent_nccl_errors_reach_our_transport_instead_of_ending_the_rank(monkeypatch, tmp_path) -> None:
+    """The agent sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (tear down); the worker sets CleanUpOnly before any
+    process group exists, so the watchdog aborts and our transport's error names the lost module."""
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    seen = []
+    _fake_process_group(monkeypatch, [])
+    _fake_worker(monkeypatch, tmp_path, lambda: {})
+    monkeypatch.setattr(distributed, "init", lambda *a, **kw: seen.append(os.environ[worker.ERROR_HANDLING]) or
+                        distributed.Context(0, 1, 0, 0, 0, 1, 1, torch.device("cpu"), "nccl", None, None, None, {}))
+    worker.run(small_config(**{"pipeline.k": 1}).to_dict(), str(tmp_path))
+    assert seen == ["2"]
+
+
+def test_an_abort_that_hangs_ends_the_process_after_the_grace(monkeypatch) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(worker.os, "_exit", exits.append)
+    worker.leave_within(lambda: time.sleep(0.5), 0.05)
+    assert exits == [1]
+    worker.leave_within(lambda: None, 0.05)  # an abort that returns: the timer is cancelled
+    time.sleep(0.1)
+    assert exits == [1]
+
+
+@pytest.mark.parametrize("timed", [True, False])
+def test_cuda_events_are_recorded_only_for_a_pass_whose_times_are_read(timed: bool) -> None:
+    """Three events per action (two per step) while someone reads the times (``on_timed`` or ``record``); none at all for a
+    pass nobody times (an evaluation without a trace)."""
+    cfg = small_config(**{"method.name": "fdg", "pipeline.k": 2, "trainer.epochs": 1})
+    made: list[_FakeEvent] = []
+
+    def event() -> _FakeEvent:
+        made.append(_FakeEvent([0.0]))
+        return made[-1]
+
+    def setup(k: int, run) -> None:
+        run.executor.clock = DeviceClock(event=event)
+        run.executor.record = timed
+
+    runs = run_emulated(cfg, setup=setup)
+    events = [e for r in runs for e in r.train[0].events + r.evals[0].events]
+    steps = sum(e.step is not None for e in events)  # a step waits for nothing: two marks, not three
+    passes = 2 * len(runs)  # each pass's clock starts with one mark
+    assert len(made) == (3 * len(events) - steps + passes if timed else 0) and (len(events) > 0) == timed

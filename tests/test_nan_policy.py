@@ -9,7 +9,7 @@ import torch
 from conftest import run_pipeline, small_config
 from torch import nn
 
-from fdg_dist.engine.finite import NonFiniteError
+from fdg_dist.engine.finite import LAG, FiniteWatch, NonFiniteError
 from fdg_dist.engine.stage import Stage
 
 
@@ -82,3 +82,61 @@ def test_a_diverging_run_finishes_skip_step_keeps_weights_finite_and_off_does_no
         seen[policy] = [_steps_and_finite_weights(tmp_path / policy, k) for k in range(2)]
     assert seen["off"] == [(12, False), (12, False)]
     assert all(finite and steps < 12 for steps, finite in seen["skip_step"]), seen["skip_step"]
+
+
+class _Copy:
+    """A fake device-to-host copy: arrives when the test says so; counts the host's waits."""
+
+    waits = 0
+
+    def __init__(self) -> None:
+        self.arrived = False
+
+    def query(self) -> bool:
+        return self.arrived
+
+    def synchronize(self) -> None:
+        _Copy.waits += 0 if self.arrived else 1
+        self.arrived = True
+
+
+class _SlowWatch(FiniteWatch):
+    """A watch whose copies behave like a GPU's: in flight until ``arrive`` lands them."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.copies: list[_Copy] = []
+
+    def _to_host(self, flags: torch.Tensor) -> tuple[torch.Tensor, _Copy]:
+        self.copies.append(_Copy())
+        return flags, self.copies[-1]
+
+
+def _publish(watch: FiniteWatch, value: float, step: int) -> None:
+    watch.watch(torch.tensor(value), f"non-finite gradient in module 0 at its step {step}")
+    watch.publish()
+
+
+def test_stop_polls_copies_in_flight_without_waiting_and_stops_within_lag_steps_naming_the_step() -> None:
+    _Copy.waits = 0
+    watch = _SlowWatch()
+    _publish(watch, float("nan"), 0)
+    for step in range(1, LAG):  # the copy of step 0 is still in flight: no read, no wait
+        _publish(watch, 1.0, step)
+    assert _Copy.waits == 0
+    with pytest.raises(NonFiniteError, match=r"at its step 0\b"):  # LAG steps on: the host waits, and stops
+        _publish(watch, 1.0, LAG)
+    assert _Copy.waits == 1
+
+
+def test_stop_reads_a_copy_as_soon_as_it_has_arrived() -> None:
+    _Copy.waits = 0
+    watch = _SlowWatch()
+    _publish(watch, 1.0, 0)
+    _publish(watch, float("inf"), 1)
+    watch.copies[1].arrived = True  # step 1's copy lands before step 0's: read in order, step 0 first
+    _publish(watch, 1.0, 2)
+    watch.copies[0].arrived = True
+    with pytest.raises(NonFiniteError, match=r"at its step 1\b"):
+        _publish(watch, 1.0, 3)
+    assert _Copy.waits == 0

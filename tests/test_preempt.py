@@ -22,6 +22,7 @@ from conftest import REPO, assert_same_weights, final_state, reference_state
 from hydra import compose, initialize_config_dir
 
 from fdg_dist.cli import CONF_DIR, config_from_hydra
+from fdg_dist.run import preempt
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -87,3 +88,31 @@ def test_sigterm_to_the_launcher_stops_every_worker_at_a_checkpoint(tmp_path: Pa
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # the agent passes it on to every worker, and waits 30 s for them
     _stopped_then_resumed(run_dir, proc, time.monotonic(), mid_epoch=False)  # a cut, or the end of an epoch
+
+
+class _Done:
+    def wait(self) -> bool:
+        return True
+
+
+def test_the_vote_runs_every_vote_every_ticks_and_a_stop_lands_within_its_bound(monkeypatch) -> None:
+    """One all-reduce per ``VOTE_EVERY`` ticks (not per tick); a signal at any tick stops the run at most
+    ``VOTE_EVERY · (⌈lag / VOTE_EVERY⌉ + 1)`` ticks later, at a vote tick every rank reads alike."""
+    posted: list[int] = []
+    monkeypatch.setattr(preempt.dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(preempt.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(preempt.dist, "all_reduce", lambda flag, op, group=None, async_op=False:
+                        posted.append(int(flag[0])) or _Done())
+    lag, every, bound = 4, 8, 16  # K = 3; the documented cadence and delay (16 ticks for K ≤ 7)
+    for signalled in (0, 1, 7, 8, 9):
+        posted.clear()
+        vote = preempt.Preemption(None, lag=lag, device=torch.device("cpu"))
+        stopped = None
+        for tick in range(64):
+            if tick == signalled:
+                vote._handle(signal.SIGTERM, None)
+            if vote.at(tick):
+                stopped = tick
+                break
+        assert stopped is not None and stopped % every == 0 and 0 < stopped - signalled <= bound
+        assert len(posted) == stopped // every + 1  # one vote per 8 ticks, not one per tick

@@ -116,8 +116,8 @@ def _typed_fields(cfg: Config) -> list[tuple[str, Any, Any]]:
 
 
 def check_devices(cfg: Config, local_processes: int) -> None:
-    """What this machine must offer a valid configuration: CUDA for NCCL, one GPU per local process (NCCL
-    rejects two ranks on one GPU), bf16 where asked.  Separate from ``validate``: a sweep's jobs may run
+    """What this machine must offer a valid configuration: CUDA for NCCL, a GPU for every local process (or NCCL
+    ≥ 2.30 where ranks share one: ``dist.ranks_per_gpu``), bf16 where asked.  Separate from ``validate``: a sweep's jobs may run
     elsewhere.  The rules are ``devices.check_device``'s, which every worker applies to itself again."""
     cores = os.cpu_count() or 1
     threads = cfg.trainer.threads
@@ -125,7 +125,8 @@ def check_devices(cfg: Config, local_processes: int) -> None:
              f"{threads!r} threads per process is more than the {cores} cores of this machine; use at most {cores}, "
              "or null (cores / local processes)")
     try:
-        check_device(choose_backend(cfg.dist.backend), local_processes - 1, cfg.trainer.precision)
+        check_device(choose_backend(cfg.dist.backend), local_processes - 1, cfg.trainer.precision,
+                     local_world=local_processes, ranks_per_gpu=cfg.dist.ranks_per_gpu)
     except DeviceError as e:
         raise ConfigError(f"{e.key}: {e}") from None
 
@@ -244,6 +245,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
     _require(cfg.dist.timeout_s >= MIN_TIMEOUT_S, "dist.timeout_s",
              f"{cfg.dist.timeout_s!r} must be ≥ {MIN_TIMEOUT_S:g} second (how long a rank waits for a peer)")
     _require(cfg.dist.max_restarts >= 0, "dist.max_restarts", f"{cfg.dist.max_restarts!r} must be ≥ 0")
+    _require(cfg.dist.ranks_per_gpu is None or cfg.dist.ranks_per_gpu >= 1, "dist.ranks_per_gpu",
+             f"{cfg.dist.ranks_per_gpu!r} must be ≥ 1, or null (share a GPU only when ranks exceed GPUs)")
 
     c = cfg.checkpoint
     _require(c.keep >= 1, "checkpoint.keep", f"{c.keep!r} must be ≥ 1")

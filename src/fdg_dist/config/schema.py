@@ -157,6 +157,7 @@ class DistConfig:
     backend: str = "auto"
     timeout_s: float = 300.0
     max_restarts: int = 0
+    ranks_per_gpu: int | None = None  # NCCL ranks sharing one GPU (NCCL ≥ 2.30); null: share only when ranks exceed GPUs
 
 
 @dataclass

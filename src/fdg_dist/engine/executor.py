@@ -161,6 +161,23 @@ class DeviceClock:
                 ready.elapsed_time(end) / 1e3)
 
 
+class Untimed:
+    """The clock of a pass whose times nobody reads (no ``on_timed``, no ``record``: an evaluation without a
+    trace): no marks at all, so no CUDA events on a GPU."""
+
+    def begin(self) -> None:
+        return None
+
+    def mark(self) -> None:
+        return None
+
+    def done(self, marks: tuple[None, None, None]) -> bool:
+        return True
+
+    def resolve(self, marks: tuple[None, None, None]) -> tuple[float, float, float]:
+        return 0.0, 0.0, 0.0
+
+
 @contextmanager
 def _sync_debug(device: torch.device) -> Iterator[None]:
     """``FDG_SYNC_DEBUG=warn|error`` on a GPU: torch flags every host synchronisation inside the steady state
@@ -204,12 +221,13 @@ class Executor:
         result = EpochResult(loss_sum=torch.zeros((), device=self.stage.device),
                              errors=torch.zeros((), dtype=torch.int64, device=self.stage.device))
         untimed: deque[Event] = deque()
+        clock = self.clock if on_timed is not None or self.record else Untimed()
 
         def hand_over(every: bool) -> None:
             """Resolve the oldest events whose times are known (``every``: all) and pass them on."""
-            while untimed and (every or self.clock.done(untimed[0].marks)):
+            while untimed and (every or clock.done(untimed[0].marks)):
                 e = untimed.popleft()
-                e.start, e.wait_s, e.compute_s = self.clock.resolve(e.marks)
+                e.start, e.wait_s, e.compute_s = clock.resolve(e.marks)
                 e.marks = None
                 if self.record:
                     result.events.append(e)
@@ -222,9 +240,9 @@ class Executor:
             untimed.append(event)
             hand_over(False)
 
-        self.clock.begin()
+        clock.begin()
         with _sync_debug(self.stage.device):
-            self._walk(plan, batch_sizes, batches, epoch, phase, train, ended, result, resume, stop)
+            self._walk(plan, batch_sizes, batches, epoch, phase, train, ended, result, resume, stop, clock)
         if stop is not None:
             stop.close()
         self.transport.drain()
@@ -235,7 +253,7 @@ class Executor:
 
     def _walk(self, plan: Plan, batch_sizes: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
               epoch: int, phase: int, train: bool, ended: Callable[[Event], None],
-              result: EpochResult, resume: Cut | None, stop: StopCheck | None) -> None:
+              result: EpochResult, resume: Cut | None, stop: StopCheck | None, clock: Clock) -> None:
         """The steady state: every schedule time's actions, then its messages; no device value is read."""
         outbox: dict[tuple[str, int], list[torch.Tensor]] = {}
         applied: list[int] = []  # batches whose gradients are accumulated but not yet stepped
@@ -253,10 +271,10 @@ class Executor:
                 self.transport.post([], [(m.src, self._envelopes(m, batch_sizes[m.batch], epoch, phase))
                                          for m in step.ahead])
             for a, needs in step.actions:
-                start = self.clock.mark()
+                start = clock.mark()
                 if a.kind is Kind.FORWARD:
                     x, y = next(batches) if needs is None else self.transport.take(*needs)
-                    ready = self.clock.mark()
+                    ready = clock.mark()
                     out, stats, grad_in = self.stage.forward(
                         a.batch, x, y, train=train, keep_for_backward=train and not self._has_loss,
                         delayed=a.batch >= plan.sync)
@@ -274,7 +292,7 @@ class Executor:
                         applied.append(a.batch)
                 elif a.kind is Kind.BACKWARD:
                     (grad,) = self.transport.take(*needs)
-                    ready = self.clock.mark()
+                    ready = clock.mark()
                     grad_in = self.stage.backward(a.batch, grad, probe=self._due(self.probe_every),
                                                   delayed=a.batch >= plan.sync)
                     if grad_in is not None:
@@ -288,7 +306,7 @@ class Executor:
                 if stepped:
                     applied = []
                 ended(Event(a, 0.0, 0.0, 0.0, len(self.stage.stash), stepped, info if a.kind is Kind.STEP else None,
-                            (start, ready, self.clock.mark())))
+                            (start, ready, clock.mark())))
             tick = step.time[0]
             tick_done = i + 1 == len(steps) or steps[i + 1].time[0] != tick
             # decided before posting: a cut posts no receive of a message produced after it

@@ -74,6 +74,12 @@ class BatchStats:
     samples: int
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The joint L2 norm of ``grads`` on the device: one fused kernel for every tensor's norm
+    (``torch._foreach_norm``, as ``clip_grad_norm_`` does) instead of one kernel per parameter."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.detach().float() for g in grads])))
+
+
 class Stage:
     """Module ``index`` of ``num_stages``: forward, backward and step on request.
 
@@ -269,8 +275,7 @@ class Stage:
         applied, self.pending_backwards = self.pending_backwards, 0
         if self.grad_sync is not None:
             self.grad_sync([p.grad for p in params])
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
-                                                     for p in params])) if params else torch.zeros((), device=self.device)
+        norm = grad_norm([p.grad for p in params]) if params else torch.zeros((), device=self.device)
         if self.nan_policy == "skip_step" and not torch.isfinite(norm):  # skipping needs the answer now: a host sync
             self.optimizer.zero_grad(set_to_none=True)
             self._advance_schedule(applied)

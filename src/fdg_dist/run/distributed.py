@@ -56,17 +56,18 @@ class Context:
 
 
 def init(K: int, R: int = 1, *, backend: str = "auto", timeout_s: float = 300.0,
-         precision: str = "fp32") -> Context:
+         precision: str = "fp32", ranks_per_gpu: int | None = None) -> Context:
     """Join the process group torchrun (or our elastic launch) described in the environment."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if world != K * R:
         raise RuntimeError(f"world size {world} != pipeline.k {K} × pipeline.replicas {R}")
     backend = choose_backend(backend)
-    device = check_device(backend, local_rank, precision)
+    device = check_device(backend, local_rank, precision, ranks_per_gpu=ranks_per_gpu,
+                          local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True  # safe: the trainer autotunes every shape before the first tick
     timeout = timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}  # eager NCCL init (pytorch #136248)
     store = _store(timeout)

@@ -1,8 +1,11 @@
 """Preemption: SIGTERM or SIGINT anywhere stops every rank after the same tick, mid-epoch.
 
-A signal only sets a flag.  Every tick in which all ranks work (``executor``), each rank adds its flag
-to an asynchronous all-reduce (MAX, on a gloo group, so it never touches a GPU) and reads the result of
-the vote it started ``lag`` ticks earlier — normally long finished, so nobody waits.  Every rank reads
+A signal only sets a flag.  Every ``VOTE_EVERY``-th tick in which all ranks work (``executor``), each rank
+adds its flag to an asynchronous all-reduce (MAX, on a gloo group, so it never touches a GPU) and reads the
+result of the vote it started at least ``lag`` ticks earlier — normally long finished, so nobody waits.
+Voting every tick cost a gloo collective per tick and rank (host work comparable to a fast GPU tick);
+the price of voting less often is a bounded delay: a stop lands at most
+``VOTE_EVERY · (⌈lag / VOTE_EVERY⌉ + 1)`` ticks after the signal (16 ticks for K ≤ 7).  Every rank reads
 the same vote at the same tick, so all of them stop after the same tick: a consistent cut through the
 pipeline, which the trainer saves (stashes and messages in flight included) and the same command resumes
 bit for bit.  ``lag`` exceeds how far ranks drift apart (module 0 runs up to K-1 ticks ahead of the
@@ -28,6 +31,7 @@ import torch.distributed as dist
 from fdg_dist.observe.memory import FIELDS, Usage
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+VOTE_EVERY = 8  # ticks between votes: a tick number divisible by it, the same ticks on every rank
 
 
 class Stopped(RuntimeError):
@@ -46,9 +50,11 @@ class Preemption:
     stopped the run, whichever rank received it.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, lag: int, device: torch.device) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, lag: int, device: torch.device, *,
+                 every: int = VOTE_EVERY) -> None:
         self.group = group
-        self.lag = lag
+        self.every = every
+        self.lag = -(-lag // every)  # in votes: at least ``lag`` ticks between posting a vote and reading it
         self.device = device  # whose memory this rank reports
         self.received: signal.Signals | None = None  # the first signal this rank received
         self.agreed: signal.Signals | None = None  # the signal every rank agreed to stop on
@@ -66,7 +72,10 @@ class Preemption:
         self.received = self.received or signal.Signals(signum)
 
     def at(self, tick: int) -> bool:
-        """Post this tick's vote; True if the vote of ``lag`` ticks ago says stop (the same on every rank)."""
+        """Post this tick's vote (on every ``every``-th tick only); True if the vote of at least ``lag`` ticks ago
+        says stop (the same on every rank)."""
+        if tick % self.every:
+            return False
         flag = self._flag()
         self._votes.append((dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group, async_op=True), flag))
         if len(self._votes) <= self.lag:

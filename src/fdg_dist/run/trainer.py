@@ -29,6 +29,7 @@ from torch import nn
 from fdg_dist import data, models
 from fdg_dist.config import Config
 from fdg_dist.engine import correctors, schedule
+from fdg_dist.engine.autotune import autotune, shapes_of_a_run
 from fdg_dist.engine.executor import Boundary, Cut, DeviceClock, EpochResult, Executor, HostClock
 from fdg_dist.engine.optim import DelayedUpdate, build_optimizer, build_scheduler
 from fdg_dist.engine.stage import Stage
@@ -186,6 +187,9 @@ class Trainer:
             log.info("split of %s into K=%d modules (%s):\n%s", cfg.model.label, self.K,
                      {"weights": "stashed weights", "mixed": "stored activations, live weights"}.get(m.stash, m.stash),
                      split_table(cfg, self.bounds, choice.block_seconds if choice else None))
+        if ctx.device.type == "cuda":  # cuDNN's autotuner syncs the device: let it meet every shape now
+            autotune(self.stage, boundary.in_shape, data.sample_spec(cfg.data).dtype if self.k == 0 else boundary.dtype,
+                     shapes_of_a_run(self._train_sizes(), data.batch_sizes(self.n_test, cfg.trainer.eval_batch_size)))
         clock = DeviceClock() if ctx.device.type == "cuda" else HostClock()
         self.executor = Executor(self.stage, transport, boundary, measure_every=cfg.logging.log_every_steps,
                                  clock=clock,  # staleness probes feed TensorBoard only: none without it

@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -99,6 +101,36 @@ def no_flight_recorder() -> bool:
     return True
 
 
+ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+CLEAN_UP_ONLY = "2"  # ProcessGroupNCCL's CleanUpOnly: abort the communicators on an error, never end the process
+
+
+def nccl_errors_reach_us() -> None:
+    """Make NCCL's watchdog abort a failed or timed-out communicator without ending the process.
+
+    torch's elastic agent (our launcher and torchrun) sets ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` in every
+    worker: on a dead neighbour the watchdog would tear the rank down with torch's message before our
+    transport names the lost module.  With CleanUpOnly the abort reaches the waiting call as an error, which
+    the transport turns into our one line (``lost module k …``), and a host wait stuck behind a dead peer's
+    kernel is released at ``dist.timeout_s``.  Must run before the process groups are made."""
+    os.environ[ERROR_HANDLING] = CLEAN_UP_ONLY
+
+
+ABORT_GRACE_S = 10.0  # how long aborting the process groups may take before the process leaves without it
+
+
+def leave_within(abort: Callable[[], None], grace_s: float) -> None:
+    """Run ``abort``; if it has not returned within ``grace_s`` (an abort can hang on a wedged device), end the
+    process with exit code 1: the error is already reported and logged, so nothing is lost."""
+    timer = threading.Timer(grace_s, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
+    try:
+        abort()
+    finally:
+        timer.cancel()
+
+
 def run(raw: dict, run_dir: str) -> dict | None:
     """Entry of every worker process; returns the run's result on the reporting rank."""
     cfg = Config.from_dict(raw)
@@ -110,13 +142,20 @@ def run(raw: dict, run_dir: str) -> dict | None:
     torch.set_num_threads(threads)
     keep_freed_memory()
     no_flight_recorder()
+    nccl_errors_reach_us()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    sharing = devices.share_gpus(local_world, cfg.dist.ranks_per_gpu) if devices.choose_backend(
+        cfg.dist.backend) == "nccl" else []  # before NCCL starts in this process
     ctx = distributed.init(stages, replicas, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s,
-                           precision=cfg.trainer.precision)
+                           precision=cfg.trainer.precision, ranks_per_gpu=cfg.dist.ranks_per_gpu)
     log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s), pid %d", rank, world, module, stages,
              replica, ctx.backend, ctx.device, threads, os.getpid())
     for line in devices.resolve(cfg, ctx.device):
         if rank == 0:
             log.info("default: %s", line)
+    for line in sharing:
+        if rank == 0:
+            log.info("GPUs shared: %s", line)
     finished = False
     try:
         rendezvous.check_shared_run_dir(Path(run_dir), rank, ctx.header_group)
@@ -135,4 +174,4 @@ def run(raw: dict, run_dir: str) -> dict | None:
         raise
     finally:
         # after an error, operations may still wait for a dead peer: abort, never destroy (which would wait)
-        distributed.close() if finished else distributed.abort()
+        distributed.close() if finished else leave_within(distributed.abort, ABORT_GRACE_S)
