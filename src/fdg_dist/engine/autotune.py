@@ -8,6 +8,8 @@ training batch of an epoch is partial, evaluation runs at its own batch size wit
 batch.  ``autotune`` runs each of those shapes through the stage once, forward (and backward for training
 shapes) on zeros, before the first tick, and leaves the stage exactly as it found it: weights, BatchNorm
 statistics, gradients and random generators.  The run then meets no new shape.
+
+Must not change any state a run keeps, nor run on the CPU (where there is no autotuner to feed).
 """
 
 from __future__ import annotations
