@@ -40,12 +40,14 @@ class Rates:
         return flops * self.flop_s + nbytes * self.byte_s
 
 
-# Fitted by least squares to partition.measured_block_times (forward and backward of every block of ResNet-20 at
-# batch 128, one thread, fp32, NHWC) on an AMD EPYC core: benchmarks/split_cost.py --fit prints the fit.  On CUDA
-# nothing is measured yet: the ratio of an H100's dense fp32 FLOP rate to its memory bandwidth (~60 TFLOP/s,
-# ~3 TB/s) stands in.  Only the ratio of the two rates changes which split wins.
+# Only the ratio of the two rates changes which split wins.  CPU: 33.4 GFLOP/s is the least-squares fit to the
+# measured forward and backward of ResNet-20's blocks (batch 128, one thread, fp32, NHWC, an AMD EPYC core;
+# ``benchmarks/split_cost.py --fit``); the fit's byte rate moved between 3.6 and 5 GB/s with the machine's load
+# (6-8 FLOP per byte), and 10 FLOP per byte ranked ResNet-20 and ResNet-56 at K = 2..4 best against their measured
+# favourites (within 4 % of the favourite's predicted time: benchmarks/split_cost.py).  CUDA: nothing measured yet;
+# an H100's dense fp32 rate over its memory bandwidth (~60 TFLOP/s, ~3 TB/s) stands in.
 RATES: dict[str, Rates] = {
-    "cpu": Rates(flop_s=1.0 / 33.4e9, byte_s=1.0 / 5.0e9),
+    "cpu": Rates(flop_s=1.0 / 33.4e9, byte_s=10.0 / 33.4e9),
     "cuda": Rates(flop_s=1.0 / 60e12, byte_s=1.0 / 3e12),
 }
 STEP_BYTES_PER_WEIGHT_BYTE = 5  # SGD with momentum: read weight, gradient, momentum; write weight, momentum
