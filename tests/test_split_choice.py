@@ -26,6 +26,9 @@ def test_auto_settings_become_the_fastest_for_the_device_and_explicit_ones_stay(
     assert [line.split(" (")[0] for line in lines] == ["trainer.channels_last=auto -> true on cpu",
                                                        "pipeline.cost=auto -> counted on cpu"]
     cfg = Config()
+    assert devices.resolve(cfg, torch.device("cpu"), convolutions=False)[0].startswith("pipeline.cost=auto")  # no NHWC line
+    assert cfg.trainer.channels_last is True  # still resolved: the run needs a value
+    cfg = Config()
     cfg.trainer.channels_last, cfg.pipeline.cost = False, "flops"
     assert devices.resolve(cfg, torch.device("cuda", 0)) == []
     assert (cfg.trainer.channels_last, cfg.pipeline.cost) == (False, "flops")

@@ -133,9 +133,9 @@ def _groups(runs: Iterable[Run], key: Callable[[Run], tuple]) -> dict[tuple, lis
 
 def splits(runs: list[Run]) -> str:
     """`` split [3]``: where the cell's runs start modules 1..K-1 (a split changes FDG's arithmetic, so runs compared
-    should share it); several, ``|``-separated, when they differ; nothing for runs that did not record it."""
+    should share it); several, joined by ``or``, when they differ; nothing for runs that did not record it."""
     found = sorted({tuple(r.result["split"][1:-1]) for r in runs if r.result.get("split") and len(r.result["split"]) > 2})
-    return f" split {'|'.join(str(list(b)) for b in found)}" if found else ""
+    return f" split {' or '.join(str(list(b)) for b in found)}" if found else ""
 
 
 def _median_error(runs: list[Run], metric: str) -> float | None:

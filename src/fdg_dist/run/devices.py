@@ -35,10 +35,11 @@ FASTEST: dict[str, dict[str, tuple[object, str]]] = {
 }
 
 
-def resolve(cfg: Config, device: torch.device) -> list[str]:
+def resolve(cfg: Config, device: torch.device, *, convolutions: bool = True) -> list[str]:
     """Replace every ``auto`` of the settings above in ``cfg`` (in place) by the fastest for ``device``.
 
-    Returns one line per replaced setting, for the run log.  A device type we have no figures for takes
+    Returns one line per replaced setting, for the run log, except the memory format of a model without
+    ``convolutions`` (an MLP, GPT: NHWC changes nothing there).  A device type we have no figures for takes
     the CPU's choices.
     """
     table = FASTEST.get(device.type, FASTEST["cpu"])
@@ -48,7 +49,8 @@ def resolve(cfg: Config, device: torch.device) -> list[str]:
         owner = getattr(cfg, section)
         if getattr(owner, name) == "auto":
             setattr(owner, name, value)
-            lines.append(f"{key}=auto -> {str(value).lower()} on {device.type} ({why})")
+            if convolutions or key != "trainer.channels_last":
+                lines.append(f"{key}=auto -> {str(value).lower()} on {device.type} ({why})")
     return lines
 
 
