@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 
 from fdg_dist.cli import CONF_DIR, config_from_hydra
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(480)]  # two runs and a resume each
 
 K = 3
 # 30 batches an epoch: a signal in epoch 2 is voted on and cut mid-epoch (the vote lags K+1 ticks)

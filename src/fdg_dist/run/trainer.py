@@ -346,7 +346,7 @@ class Trainer:
             epoch, cut.tick if cut else None)
         if not saved:
             checkpoint.save(self, epoch, cut.tick if cut else None)
-        raise Stopped(f"stopped by {by} {where}; checkpoint {directory} written: {Stopped.SAME_COMMAND}", signum)
+        raise Stopped(f"stopped by {by} {where}; checkpoint {directory} written; {Stopped.SAME_COMMAND}", signum)
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ backward are counted on the meta device as FLOPs *and* bytes moved (every tensor
 writes), its optimizer step as the bytes of its weights, gradients and momentum, its message as the bytes of its
 output; ``RATES`` prices them in seconds per device type (fitted once to measured block times, shipped).  The
 priced blocks go through the same predictor the measured trial ranks its candidates with (``pace``, via
-``choice.rank_candidates``) and the best predicted split wins: numbers in, the same split out.
+``choice.rank_candidates``) and the best predicted split wins: numbers in, the same split out.  Must not time
+anything, start processes or touch files: a clock here would make the split depend on the machine's load again.
 """
 
 from __future__ import annotations
