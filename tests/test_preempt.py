@@ -24,10 +24,12 @@ from conftest import REPO, assert_same_weights, final_state, reference_state
 from hydra import compose, initialize_config_dir
 
 from fdg_dist.cli import CONF_DIR, config_from_hydra
+from fdg_dist.engine import schedule
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(480)]  # two runs and a resume each
 
 K = 3
+BATCHES = 30  # an epoch: 480 samples in batches of 16
 # 30 batches an epoch: a signal in epoch 2 is voted on and cut mid-epoch (the vote lags K+1 ticks)
 OVERRIDES = ["model=tiny", "data=synthetic", "data.train_size=480", "data.test_size=32", "trainer.batch_size=16",
              "trainer.eval_batch_size=32", "trainer.epochs=3", "trainer.threads=1", "optim.lr=0.05",
@@ -67,6 +69,12 @@ def _stopped_then_resumed(run_dir: Path, proc: subprocess.Popen, signalled: floa
     resumed = re.search(r"resumed from .*(epoch\d{4}(-tick\d{6})?) \(next epoch \d/3(, after its tick \d+)?\)",
                         (run_dir / "train.log").read_text())
     assert resumed and bool(resumed.group(2)) == bool(cuts), resumed
+    if resumed.group(3):  # the resumed epoch's rate counts only the batches trained since (issue 29)
+        tick = int(resumed.group(3).rsplit(" ", 1)[1])
+        first = schedule.first_forward_after(schedule.plan("fdg", K - 1, K, BATCHES, train=True), tick)
+        row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
+        assert 0 < first < BATCHES and row["epoch"] == 1
+        assert row["samples_per_s"] * row["epoch_time_s"] == pytest.approx((BATCHES - first) * 16, rel=1e-9)
     # the split (pipeline.cost=auto: counted, the same in every run) is the one the uninterrupted run trains
     bounds = json.loads((run_dir / "split.json").read_text())["bounds"]
     assert json.loads((run_dir / "result.json").read_text())["split"] == bounds

@@ -95,10 +95,15 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
         return Choice(record["bounds"], [pace.BlockTime(*t).total for t in record["block_times"]],
                       f"kept from {where} (chosen when that run started)")
     shared = _shared_path(cfg, ctx)
-    taken: list = [None]
+    taken: list = [None, None]  # the choice an earlier job of this sweep filed, or why it cannot be read
     if ctx.rank == 0 and shared is not None and shared.is_file():
-        taken[0] = _read(shared)
+        try:
+            taken[0] = _read(shared)
+        except ValueError as e:
+            taken[1] = str(e)
     dist.broadcast_object_list(taken, src=0, group=ctx.header_group)
+    if taken[1] is not None:  # every rank fails with it, none waits for rank 0
+        raise ValueError(taken[1])
     if taken[0] is not None:
         if ctx.rank == 0:
             files.atomic_write(json.dumps(taken[0]).encode(), run_dir / FILE)
