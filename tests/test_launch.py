@@ -89,13 +89,13 @@ def test_a_beta_sweep_with_a_measured_split_measures_it_once_and_every_job_train
     different ones (their errors could not be pinned on β).  The first job measures and files its choice in the
     sweep directory; the second takes it; both results, and the summary, show the one split."""
     sweep = tmp_path / "sweep"
-    proc = run_cli(tmp_path, "method.beta=0.5,1.0", "pipeline.k=3", "pipeline.cost=time", "method.name=bp",
-                   f"hydra.sweep.dir={sweep}", multirun=True)
+    proc = run_cli(tmp_path, "method.beta=0.5,1.0", "pipeline.k=3", "pipeline.cost=time", f"hydra.sweep.dir={sweep}",
+                   multirun=True)
     results = _job_results(sweep)
     assert len(results) == 2 and results[0]["split"] == results[1]["split"], results
     shared = list((sweep / "split_choices").glob("*.json"))
     assert len(shared) == 1 and json.loads(shared[0].read_text())["bounds"] == results[0]["split"]
-    assert "by measured time: the fastest in this pipeline" in (sweep / "0_beta=0.5" / "train.log").read_text()
+    assert f"split {results[0]['split']} by measured time: the" in (sweep / "0_beta=0.5" / "train.log").read_text()
     assert f"taken from {shared[0]}" in (sweep / "1_beta=1.0" / "train.log").read_text()
     summary = proc.stderr[proc.stderr.index("sweep finished: 2 job(s)"):].splitlines()
     assert all(str(results[0]["split"][1:-1]) in line for line in summary[2:4]), summary
