@@ -104,7 +104,7 @@ def epoch_end_cost_s(n_batches: int, epochs: int = 5) -> float:
                     trace.flush()
                 times.append(time.perf_counter() - tic)
             log.finish(wall_s=1.0, best_error=0.0, steps=epochs * n_batches,
-                       stop=Stop(epochs, epochs * n_batches, f"trainer.epochs={epochs} reached"))
+                       stop=Stop(epochs, epochs * n_batches, f"trainer.epochs={epochs} reached"), bounds=[0, 1])
             costs.append(statistics.mean(times))
     return costs[1] - costs[0]
 

@@ -39,6 +39,7 @@ class Row:
     cuda: tuple[bool, int] | None = None
     folder: tuple[str, ...] | None = None
     raw: dict | None = None
+    cli: tuple[str, ...] | None = None  # command-line overrides, checked before Hydra composes them
 
 
 IMAGEFOLDER = {"data.name": "imagefolder"}
@@ -192,6 +193,9 @@ ROWS = [
     Row("spike-adamw", "optim.spike_compensation", {"optim.spike_compensation": True, "optim.name": "adamw"}),
     Row("spike-nesterov", "optim.spike_compensation", {"optim.spike_compensation": True, "optim.nesterov": True}),
     Row("delay_momentum=1", "optim.delay_momentum_max", {"optim.delay_momentum_max": 1.0}),
+    # command-line keys that name nothing (issue 29: Hydra advised "+pipeline.kk=2")
+    Row("typo-kk", "pipeline.kk", cli=("pipeline.kk=2",)),
+    Row("target-without-custom", "model._target_", cli=("model=resnet20", "model._target_=pkg.module.fn")),
 ]
 
 
@@ -215,6 +219,8 @@ def _error(row: Row, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> ConfigError:
         if row.cuda is not None:
             patch.setattr(torch.cuda, "is_available", lambda: row.cuda[0])
             patch.setattr(torch.cuda, "device_count", lambda: row.cuda[1])
+        if row.cli is not None:
+            validation.check_overrides(list(row.cli))
         if row.raw is not None:
             Config.from_dict(row.raw)
         cfg = small_config()
@@ -297,6 +303,9 @@ CLI_BASE = ["model=tiny", "data=synthetic", "logging.tensorboard=false"]
     ("optim.lr=inf", "optim.lr"),
     ("optim.lr=1e300", "optim.lr"),
     ("trainer.threads=100000", "trainer.threads"),
+    ("pipeline.kk=2", "pipeline.kk: unknown key; did you mean pipeline.k?"),  # issue 29: the exact line
+    ("trainer.batchsize=8", "trainer.batchsize: unknown key; did you mean trainer.batch_size?"),
+    ("model._target_=pkg.module.fn", "model._target_: names the builder of your own model and needs model=custom"),
 ])
 def test_cli_exits_2_with_one_line_before_starting_workers(override: str, key: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -342,3 +351,10 @@ def test_official_variant_only_where_the_authors_have_it() -> None:
     cfg.model.variant = "paper"
     with pytest.raises(ConfigError, match="model.variant: 'paper' is not one of ours, official"):
         validate(cfg)
+
+
+def test_valid_overrides_pass_the_key_check() -> None:
+    """Groups, sweeps, builder arguments, Hydra's own keys, ``+``/``~`` and model=custom with its target."""
+    validation.check_overrides(["model=custom", "model._target_=pkg.fn", "model.width=4", "method.beta=0.5,1",
+                                "pipeline.k=range(2,5)", "hydra.run.dir=x", "hydra/launcher=slurm", "+trainer.x=1",
+                                "~logging.trace", "resume=never", "experiment=quick_synthetic"])

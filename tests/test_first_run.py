@@ -54,7 +54,7 @@ def test_summary_says_how_the_run_ended_and_where_it_is(first_run: tuple[Path, s
     for text in (f"run directory  {run}", f"result         {run / 'result.json'}", f"load_model('{run}')",
                  f"fdg-report {run}"):
         assert text in proc.stderr, text
-    assert f"{STOP}: the run stops there" in (run / "train.log").read_text()
+    assert f"{STOP}: the run stopped there" in (run / "train.log").read_text()
 
 
 def test_max_steps_is_recorded(first_run: tuple[Path, subprocess.CompletedProcess]) -> None:

@@ -62,7 +62,8 @@ def test_sweep_over_beta_and_k_runs_four_jobs_and_feeds_the_report(tmp_path: Pat
     swept values (TensorBoard's run names), a header per job and a summary naming the fdg-report command,
     four results, one fdg-report table with a column per job."""
     sweep = tmp_path / "sweep"
-    proc = run_cli(tmp_path, "method.beta=0.5,1.0", "pipeline.k=2,3", f"hydra.sweep.dir={sweep}", multirun=True)
+    proc = run_cli(tmp_path, "method.beta=0.5,1.0", "pipeline.k=2,3", "pipeline.cost=auto", f"hydra.sweep.dir={sweep}",
+                   multirun=True)
     names = ["0_beta=0.5,k=2", "1_beta=0.5,k=3", "2_beta=1.0,k=2", "3_beta=1.0,k=3"]
     assert sorted(d.name for d in sweep.iterdir() if d.is_dir()) == names
     for name in names:
@@ -73,11 +74,31 @@ def test_sweep_over_beta_and_k_runs_four_jobs_and_feeds_the_report(tmp_path: Pat
     results = _job_results(sweep)
     assert sorted((r["beta"], r["k"]) for r in results) == [(0.5, 2), (0.5, 3), (1.0, 2), (1.0, 3)]
     assert all(r["final_test_error"] is not None for r in results)
+    for k in (2, 3):  # the default split is counted: the two β of one K train one split (issue 29)
+        assert len({tuple(r["split"]) for r in results if r["k"] == k}) == 1, results
     report.main([str(sweep), "--out", str(tmp_path / "report")])
     table = capsys.readouterr().out
     for r in results:
         assert f"β={r['beta']:g} K={r['k']}" in table, table
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+@pytest.mark.timeout(240)
+def test_a_beta_sweep_with_a_measured_split_measures_it_once_and_every_job_trains_it(tmp_path: Path) -> None:
+    """Issue 29: with ``pipeline.cost=time`` every job of a β sweep measured its own split, and the jobs trained
+    different ones (their errors could not be pinned on β).  The first job measures and files its choice in the
+    sweep directory; the second takes it; both results, and the summary, show the one split."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(tmp_path, "method.beta=0.5,1.0", "pipeline.k=3", "pipeline.cost=time", f"hydra.sweep.dir={sweep}",
+                   multirun=True)
+    results = _job_results(sweep)
+    assert len(results) == 2 and results[0]["split"] == results[1]["split"], results
+    shared = list((sweep / "split_choices").glob("*.json"))
+    assert len(shared) == 1 and json.loads(shared[0].read_text())["bounds"] == results[0]["split"]
+    assert f"split {results[0]['split']} by measured time: the" in (sweep / "0_beta=0.5" / "train.log").read_text()
+    assert f"taken from {shared[0]}" in (sweep / "1_beta=1.0" / "train.log").read_text()
+    summary = proc.stderr[proc.stderr.index("sweep finished: 2 job(s)"):].splitlines()
+    assert all(str(results[0]["split"][1:-1]) in line for line in summary[2:4]), summary
 
 
 @pytest.mark.timeout(180)

@@ -1,6 +1,7 @@
 """Preemption loses nothing: SIGTERM to one worker or to the launcher cuts the epoch at the same tick on
 every rank, writes a checkpoint there (stashes and messages in flight included), ends within 30 s with
-one line, and the same command resumes to the uninterrupted run's weights, bit for bit.
+one line naming the command that resumes it (hydra.run.dir included), and that command resumes to the
+uninterrupted run's weights, bit for bit.
 
 (The cut itself, for every method, is shown in-process in tests/test_fabric.py.)
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,11 +24,13 @@ from conftest import REPO, assert_same_weights, final_state, reference_state
 from hydra import compose, initialize_config_dir
 
 from fdg_dist.cli import CONF_DIR, config_from_hydra
+from fdg_dist.engine import schedule
 from fdg_dist.run import preempt
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(480)]  # two runs and a resume each
 
 K = 3
+BATCHES = 30  # an epoch: 480 samples in batches of 16
 # 30 batches an epoch: a signal in epoch 2 is voted on and cut mid-epoch (the vote lags K+1 ticks)
 OVERRIDES = ["model=tiny", "data=synthetic", "data.train_size=480", "data.test_size=32", "trainer.batch_size=16",
              "trainer.eval_batch_size=32", "trainer.epochs=3", "trainer.threads=1", "optim.lr=0.05",
@@ -35,9 +39,11 @@ OVERRIDES = ["model=tiny", "data=synthetic", "data.train_size=480", "data.test_s
              "trainer.channels_last=false"]  # the reference computes in NCHW; the split stays the default (auto)
 
 
-def _fdg_train(run_dir: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fdg_dist.train", *OVERRIDES, f"hydra.run.dir={run_dir}"],
-                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=subprocess.PIPE,
+def _fdg_train(run_dir: Path | None, *args: str, cwd: Path = REPO, **env: str) -> subprocess.Popen:
+    """``fdg-train`` with ``args`` (OVERRIDES by default) in ``run_dir`` (None: Hydra's default, under ``cwd``)."""
+    where = [] if run_dir is None else [f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen([sys.executable, "-m", "fdg_dist.train", *(args or OVERRIDES), *where],
+                            cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -52,20 +58,27 @@ def _stopped_then_resumed(run_dir: Path, proc: subprocess.Popen, signalled: floa
     assert time.monotonic() - signalled < 30, "the run took more than 30 s to stop"
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("fdg-train:")]
-    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "resume" in lines[0], err[-3000:]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], err[-3000:]
+    command = shlex.split(lines[0].split("; resume with: ", 1)[1])  # what the line says, run as it says
+    assert command[0] == "fdg-train" and command[-1] == f"hydra.run.dir={run_dir.resolve()}", lines[0]
     cuts = sorted((run_dir / "checkpoints").glob("epoch*-tick*"))
     if mid_epoch:
         assert cuts and (cuts[-1] / "manifest.json").exists(), sorted((run_dir / "checkpoints").iterdir())
-    again = _fdg_train(run_dir)
+    again = _fdg_train(None, *command[1:], cwd=Path.cwd())  # from elsewhere: the command names the directory
     _, err = again.communicate(timeout=200)
     assert again.returncode == 0, err[-3000:]
     resumed = re.search(r"resumed from .*(epoch\d{4}(-tick\d{6})?) \(next epoch \d/3(, after its tick \d+)?\)",
                         (run_dir / "train.log").read_text())
     assert resumed and bool(resumed.group(2)) == bool(cuts), resumed
-    # the split chosen at the first start (pipeline.cost=auto: measured and tried) is the one the resume built
-    bounds = json.loads((run_dir / "split_choice.json").read_text())["bounds"]
-    assert json.loads((run_dir / "split.json").read_text())["bounds"] == bounds
-    assert "kept from" in (run_dir / "train.log").read_text()
+    if resumed.group(3):  # the resumed epoch's rate counts only the batches trained since (issue 29)
+        tick = int(resumed.group(3).rsplit(" ", 1)[1])
+        first = schedule.first_forward_after(schedule.plan("fdg", K - 1, K, BATCHES, train=True), tick)
+        row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
+        assert 0 < first < BATCHES and row["epoch"] == 1
+        assert row["samples_per_s"] * row["epoch_time_s"] == pytest.approx((BATCHES - first) * 16, rel=1e-9)
+    # the split (pipeline.cost=auto: counted, the same in every run) is the one the uninterrupted run trains
+    bounds = json.loads((run_dir / "split.json").read_text())["bounds"]
+    assert json.loads((run_dir / "result.json").read_text())["split"] == bounds
     assert_same_weights(final_state(run_dir), _uninterrupted(bounds))
 
 
@@ -79,13 +92,14 @@ def test_sigterm_to_one_worker_cuts_the_epoch_and_the_same_command_resumes_bitwi
     _stopped_then_resumed(run_dir, proc, time.monotonic(), mid_epoch=True)
 
 
-def test_sigterm_to_the_launcher_stops_every_worker_at_a_checkpoint(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    proc = _fdg_train(run_dir)
-    log = run_dir / "train.log"
-    while not (log.exists() and "epoch0000 written" in log.read_text()):  # into the second epoch, usually mid-way
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+def test_sigterm_to_the_launcher_of_a_default_directory_run_prints_the_command_that_resumes_it(tmp_path: Path) -> None:
+    """Issue 29: a run in Hydra's default timestamped directory said "the same command resumes", which started
+    afresh in a new directory; the line now names the command with hydra.run.dir, and running it resumes."""
+    proc = _fdg_train(None, cwd=tmp_path)
+    while not (logs := list(tmp_path.glob("outputs/*/*/train.log"))) or "epoch0000 written" not in logs[0].read_text():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]  # into the second epoch, usually mid-way
         time.sleep(0.05)
+    run_dir = logs[0].parent
     proc.send_signal(signal.SIGTERM)  # the agent passes it on to every worker, and waits 30 s for them
     _stopped_then_resumed(run_dir, proc, time.monotonic(), mid_epoch=False)  # a cut, or the end of an epoch
 

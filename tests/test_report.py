@@ -74,7 +74,8 @@ def test_report_table_equals_results_and_plots_show_the_runs(sweep: Path, tmp_pa
     text = (out / "report.md").read_text()
     assert text in printed
     runs = [load_run(sweep / str(job)) for job in (0, 1)]  # β = 1, 0.5: the order of the legend
-    want = {f"fdg β={r.result['beta']:g} K=2": f"{100 * r.result['final_test_error']:.2f}" for r in runs}
+    want = {f"fdg β={r.result['beta']:g} K=2": f"{100 * r.result['final_test_error']:.2f} split {r.result['split'][1:-1]}"
+            for r in runs}  # the split each run trained beside its error (issue 29)
     assert _table(text) == want and len(want) == 2
 
     epochs, betas, times, rates, stale = (fig.axes for fig in figures)
@@ -118,7 +119,8 @@ def test_no_runs_is_an_error(tmp_path: Path) -> None:
 
 
 def _fake_run(root: Path, name: str, *, k: int, beta: float, corrector: str, seed: int, error: float,
-              cosines: dict[int, float] | None = None, options: list[str] | None = None) -> None:
+              cosines: dict[int, float] | None = None, options: list[str] | None = None,
+              split: list[int] | None = None) -> None:
     """A finished run's files as fdg-train writes them; ``cosines`` adds staleness tags for those modules."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -126,7 +128,7 @@ def _fake_run(root: Path, name: str, *, k: int, beta: float, corrector: str, see
     run.mkdir(parents=True)
     result = {"final_test_error": error, "best_test_error": error, "k": k, "beta": beta, "method": "fdg",
               "corrector": corrector, "model": "resnet20", "data": "imagefolder", "seed": seed,
-              **({"options": options} if options is not None else {})}
+              **({"options": options} if options is not None else {}), **({"split": split} if split else {})}
     (run / "result.json").write_text(json.dumps(result))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_error": error, "samples_per_s": 10.0}) + "\n")
     for module, cosine in (cosines or {}).items():
@@ -139,10 +141,12 @@ def _fake_run(root: Path, name: str, *, k: int, beta: float, corrector: str, see
 
 def test_by_k_table_and_staleness_per_module(tmp_path: Path, figures: list[plt.Figure]) -> None:
     sweep = tmp_path / "sweep"
-    _fake_run(sweep, "bp0", k=1, beta=1.0, corrector="none", seed=0, error=0.30)
+    _fake_run(sweep, "bp0", k=1, beta=1.0, corrector="none", seed=0, error=0.30, split=[0, 9])
     _fake_run(sweep, "bp1", k=1, beta=1.0, corrector="none", seed=1, error=0.32)
-    _fake_run(sweep, "fdg0", k=2, beta=1.0, corrector="none", seed=0, error=0.34, cosines={0: 0.9, 1: 1.0})
-    _fake_run(sweep, "fdg1", k=2, beta=1.0, corrector="none", seed=1, error=0.36, cosines={0: 0.8, 1: 1.0})
+    _fake_run(sweep, "fdg0", k=2, beta=1.0, corrector="none", seed=0, error=0.34, cosines={0: 0.9, 1: 1.0},
+              split=[0, 4, 9])
+    _fake_run(sweep, "fdg1", k=2, beta=1.0, corrector="none", seed=1, error=0.36, cosines={0: 0.8, 1: 1.0},
+              split=[0, 3, 9])  # two splits in one cell: both shown, the comparison is not clean
     _fake_run(sweep, "pred0", k=2, beta=1.0, corrector="predict", seed=0, error=0.31, cosines={0: 0.99, 1: 1.0})
     _fake_run(sweep, "lbd0", k=2, beta=1.0, corrector="lr_by_delay", seed=0, error=0.33, options=["anneal=0.25", "spike"])
     _fake_run(sweep, "warm0", k=2, beta=1.0, corrector="none", seed=0, error=0.32, options=["warmup=16"])
@@ -151,7 +155,7 @@ def test_by_k_table_and_staleness_per_module(tmp_path: Path, figures: list[plt.F
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
             for line in (out / "by_k.md").read_text().splitlines() if line.startswith("| ") and "setting" not in line}
     assert rows["BP (K=1)"] == ["31.00 [30.00, 32.00]", "–"]
-    assert rows["fdg β=1"] == ["–", "35.00 [34.00, 36.00] (+4.00)"]
+    assert rows["fdg β=1"] == ["–", "35.00 [34.00, 36.00] (+4.00) split [3] or [4]"]
     assert rows["fdg β=1 +predict"] == ["–", "31.00 [31.00] (+0.00)"]
     assert rows["fdg β=1 +lr_by_delay +anneal=0.25 +spike"] == ["–", "33.00 [33.00] (+2.00)"]
     assert rows["fdg β=1 +warmup=16"] == ["–", "32.00 [32.00] (+1.00)"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -113,7 +114,9 @@ def test_a_running_run_owns_its_directory_and_sigterm_ends_it_in_one_line(tmp_pa
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("fdg-train: stopped by SIGTERM, every worker ended;"), err[-3000:]
-    assert f"{run_dir} keeps checkpoint epoch" in last and last.endswith("the same command resumes from it")
+    assert f"{run_dir} keeps checkpoint epoch" in last
+    assert last.endswith(f"; resume with: fdg-train {' '.join(shlex.quote(o) for o in RUN)} trainer.epochs=200 "
+                         f"resume=auto hydra.run.dir={run_dir.resolve()}")  # issue 29: the command, its directory
     assert "Traceback" not in err and "death signal" not in err, err[-3000:]
     assert not [p.name for p in tmp.iterdir() if p.name.startswith(("torchelastic_", "fdg-agent-"))]
 

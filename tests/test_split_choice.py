@@ -22,9 +22,12 @@ def test_auto_settings_become_the_fastest_for_the_device_and_explicit_ones_stay(
     cfg = Config()
     assert (cfg.trainer.channels_last, cfg.pipeline.cost) == ("auto", "auto")
     lines = devices.resolve(cfg, torch.device("cpu"))
-    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == (True, "time")
+    assert (cfg.trainer.channels_last, cfg.pipeline.cost) == (True, "counted")
     assert [line.split(" (")[0] for line in lines] == ["trainer.channels_last=auto -> true on cpu",
-                                                       "pipeline.cost=auto -> time on cpu"]
+                                                       "pipeline.cost=auto -> counted on cpu"]
+    cfg = Config()
+    assert devices.resolve(cfg, torch.device("cpu"), convolutions=False)[0].startswith("pipeline.cost=auto")  # no NHWC line
+    assert cfg.trainer.channels_last is True  # still resolved: the run needs a value
     cfg = Config()
     cfg.trainer.channels_last, cfg.pipeline.cost = False, "flops"
     assert devices.resolve(cfg, torch.device("cuda", 0)) == []
@@ -126,19 +129,19 @@ def test_the_trial_runs_every_candidate_twice_then_only_those_still_contending(m
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
-def test_a_default_run_tries_the_best_candidates_in_its_pipeline_and_a_restart_keeps_the_choice(tmp_path: Path) -> None:
-    """Defaults (auto): NHWC and a measured split on the CPU, said in the log; rank 0 measures, every rank tries
+def test_a_measured_split_tries_the_best_candidates_in_its_pipeline_and_a_restart_keeps_the_choice(tmp_path: Path) -> None:
+    """pipeline.cost=time (NHWC by default on the CPU, said in the log): rank 0 measures, every rank tries
     the same candidates and agrees; the choice is kept in split_choice.json, and a restart in that run
     directory (resume=auto) builds its modules on the kept split, whatever a new measurement would say.
 
     Method bp: a locked pipeline runs every module in turn, so every candidate is predicted about as fast and
     the best three are always tried (for fdg, candidates predicted more than 10 % slower are not)."""
     cfg = small_config(**{"pipeline.k": 3, "trainer.epochs": 1, "trainer.channels_last": "auto",
-                          "pipeline.cost": "auto", "method.name": "bp"})
+                          "pipeline.cost": "time", "method.name": "bp"})
     fresh = tmp_path / "fresh"
     run_pipeline(cfg, fresh)
     log = (fresh / "train.log").read_text()
-    assert "default: trainer.channels_last=auto -> true on cpu" in log and "default: pipeline.cost=auto -> time" in log
+    assert "default: trainer.channels_last=auto -> true on cpu" in log
     record = json.loads((fresh / split_trial.FILE).read_text())
     assert len(record["block_times"]) == 7 and record["shape"] == [16, 3, 32, 32]
     tried = record["tried"]

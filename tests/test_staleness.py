@@ -100,7 +100,8 @@ def test_staleness_tags_reach_tensorboard(tmp_path: Path, K: int) -> None:
         log = RunLog(cfg, tmp_path, module=k, replica=0, reporter=k == K - 1)
         log.epoch(0, lr=0.4, train=run.train[0], test=run.evals[0], seconds=1.0, samples=160,
                   record=record_of(run.train[0].events), steps=run.stage.steps)
-        log.finish(wall_s=1.0, best_error=0.5, steps=run.stage.steps, stop=Stop(1, run.stage.steps, "test"))
+        log.finish(wall_s=1.0, best_error=0.5, steps=run.stage.steps, stop=Stop(1, run.stage.steps, "test"),
+                   bounds=[0, 1, 2])
     for k in range(K):
         acc = EventAccumulator(str(tmp_path / "tb" / f"module{k}")).Reload()
         assert {f"staleness/{t}" for t in TAGS} <= set(acc.Tags()["scalars"])

@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fdg_dist import sweep
+from fdg_dist.run import split_trial
 
 
 def test_swept_keys_are_the_keys_with_several_values() -> None:
@@ -37,12 +38,12 @@ def test_sweep_summary_has_a_line_per_job_and_the_report_command(tmp_path: Path)
         if error is not None:
             (tmp_path / name / "result.json").write_text(json.dumps(
                 {"final_test_error": error, "best_test_error": error, "wall_time_s": 12.34,
-                 "stop_reason": "trainer.epochs=2 reached"}))
+                 "stop_reason": "trainer.epochs=2 reached", "split": [0, 3, 7]}))
     (tmp_path / "report").mkdir()
     lines = sweep.sweep_summary(tmp_path).splitlines()
     assert lines[0] == f"sweep finished: 3 job(s) in {tmp_path.resolve()}"
     assert [line.split()[0] for line in lines[2:-1]] == ["0_beta=0.5", "1_beta=1.0", "10_beta=0.2"]
-    assert "25.00 %" in lines[2] and "12.3 s (trainer.epochs=2 reached)" in lines[2]
+    assert "25.00 %" in lines[2] and "[3]" in lines[2] and "12.3 s (trainer.epochs=2 reached)" in lines[2]
     assert "no result.json: see" in lines[3]
     assert lines[-1] == f"compare them: fdg-report {tmp_path.resolve()}"
 
@@ -54,5 +55,7 @@ def test_callback_finds_the_keys_swept_on_the_command_line_and_in_the_config(
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)},
                                          "sweeper": {"params": {"trainer.seed": "0,1"}},
                                          "overrides": {"task": ["method.beta=0.5,1", "model=tiny"]}}})
+    monkeypatch.setenv(split_trial.SWEEP_DIR, "")
     sweep.SweepCallback().on_multirun_start(config)
     assert os.environ[sweep.SWEPT_KEYS_ENV] == "trainer.seed,method.beta"
+    assert os.environ[split_trial.SWEEP_DIR] == str(tmp_path.resolve())  # where jobs share a measured split

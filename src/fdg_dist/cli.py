@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import secrets
+import shlex
 import signal
 import sys
 import traceback
@@ -33,18 +34,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from fdg_dist import data, sweep
-from fdg_dist.config import Config, ConfigError
+from fdg_dist.config import Config, ConfigError, describe
 from fdg_dist.run import checkpoint, rendezvous, rundir, worker
 from fdg_dist.run.preempt import Stopped
 from fdg_dist.util import files
 from fdg_dist.util.text import first_line
-from fdg_dist.validation import check_devices, validate
+from fdg_dist.validation import check_devices, check_overrides, validate
 
 CONF_DIR = os.environ.get("FDG_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("fdg_dist")
@@ -64,7 +66,28 @@ def _run_id() -> str:
     return datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
+HELP = """fdg-train: train a network cut into K modules, one process each, with FDG or another method.
+
+Usage: fdg-train [GROUP=OPTION ...] [KEY=VALUE ...]    for example
+  fdg-train experiment=quick_synthetic                              (small synthetic data)
+  fdg-train model=resnet20 pipeline.k=3 method.beta=0.5 trainer.epochs=10
+  fdg-train -m experiment=quick_synthetic method.beta=0.5,1        (a sweep: one job per value)
+
+== Config groups (GROUP=OPTION) ==
+$APP_CONFIG_GROUPS
+== Keys (KEY=VALUE) ==
+"""
+
+
+def help_template() -> str:
+    """``hydra.help.template``: the groups with their choices (Hydra fills in ``$APP_CONFIG_GROUPS``), every key
+    with its description (from the schema: ``config.describe``), then the values this command would run with."""
+    return (HELP + describe.help_text() + "\n\n== The values this command runs with ==\n$CONFIG\n"
+            "== Flags ==\n$FLAGS_HELP")
+
+
 OmegaConf.register_new_resolver("fdg_run_id", _run_id, replace=True)
+OmegaConf.register_new_resolver("fdg_help", help_template, replace=True)
 OmegaConf.register_new_resolver("fdg_job_dir", sweep.job_dir, replace=True)
 
 
@@ -180,16 +203,21 @@ def _stop(line: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _stopped_by(sig: signal.Signals, cfg: Config, run_dir: Path) -> str:
-    """The one line of an interrupted run: where it stands and the command that continues it."""
+def resume_command(overrides: list[str], run_dir: Path) -> str:
+    """The command that resumes the run in ``run_dir``: its own overrides (``resume=auto`` instead of another
+    resume), pinned to that directory — the same command alone would start afresh in a new timestamped one."""
+    kept = [o for o in overrides if not re.match(r"[+~]*resume=", o)]
+    return shlex.join(["fdg-train", *kept, "resume=auto", f"hydra.run.dir={run_dir.resolve()}"])
+
+
+def _stopped_by(sig: signal.Signals, cfg: Config, run_dir: Path, again: str) -> str:
+    """The one line of an interrupted run: where it stands and the command (``again``) that continues it."""
     root = checkpoint.checkpoint_root(cfg, run_dir)
     newest = next((d for d in checkpoint.epoch_dirs(root) if (d / checkpoint.MANIFEST).exists()), None) \
         if root.is_dir() else None
-    again = "the same command" + ("" if cfg.resume == "auto" else " with resume=auto")
     if newest is None:
         return f"stopped by {sig.name}, every worker ended; no checkpoint yet in {run_dir}: {again} starts it again"
-    return (f"stopped by {sig.name}, every worker ended; {run_dir} keeps checkpoint {newest.name}: "
-            f"{again} resumes from it")
+    return f"stopped by {sig.name}, every worker ended; {run_dir} keeps checkpoint {newest.name}; resume with: {again}"
 
 
 def _innermost(error: BaseException) -> BaseException:
@@ -200,8 +228,9 @@ def _innermost(error: BaseException) -> BaseException:
     return error
 
 
-def _launch(cfg: Config, run_dir: Path) -> dict | None:
-    """``launch_local`` with its failures and interrupts turned into one line each."""
+def _launch(cfg: Config, run_dir: Path, again: str) -> dict | None:
+    """``launch_local`` with its failures and interrupts turned into one line each; a line that promises a resume
+    ends with the command that does it (``again``)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.rendezvous import RendezvousError
 
@@ -211,16 +240,17 @@ def _launch(cfg: Config, run_dir: Path) -> dict | None:
         rank, message = root_cause(e.failures, e.reports)
         if message.startswith(f"{Stopped.__name__}: "):  # a signal to a worker: every rank stopped at a checkpoint
             by = re.search(r"stopped by (SIG[A-Z]+)", message)
-            _stop(message.split(": ", 1)[1], 128 + (signal.Signals[by.group(1)] if by else signal.SIGTERM))
+            line = message.split(": ", 1)[1].replace(Stopped.SAME_COMMAND, f"resume with: {again}")
+            _stop(line, 128 + (signal.Signals[by.group(1)] if by else signal.SIGTERM))
         _stop(f"{_rank_label(cfg, rank)} failed: {message} [every rank's traceback: {run_dir / 'train.log'}]", 1)
     except RendezvousError as e:  # e.g. a value in its store that the run did not write (rendezvous.SignedStore)
         cause = _innermost(e)
         _stop(f"the launcher's rendezvous failed, every worker was stopped: {type(cause).__name__}: "
               f"{first_line(str(cause))}", 1)
     except SignalException as e:
-        _stop(_stopped_by(signal.Signals(e.sigval), cfg, run_dir), 128 + int(e.sigval))
+        _stop(_stopped_by(signal.Signals(e.sigval), cfg, run_dir, again), 128 + int(e.sigval))
     except KeyboardInterrupt:
-        _stop(_stopped_by(signal.SIGINT, cfg, run_dir), 128 + signal.SIGINT)
+        _stop(_stopped_by(signal.SIGINT, cfg, run_dir, again), 128 + signal.SIGINT)
 
 
 def _work(cfg: Config, run_dir: Path) -> dict | None:
@@ -331,7 +361,7 @@ def _main(raw: DictConfig) -> float | None:
                 _refuse(str(e), run_dir)
             except OSError as e:  # a full disk, a directory made read-only since CheckRunDir looked
                 _refuse(f"cannot write into the run directory {run_dir}: {e}", run_dir)
-            result = _work(cfg, run_dir) if torchrun else _launch(cfg, run_dir)
+            result = _work(cfg, run_dir) if torchrun else _launch(cfg, run_dir, resume_command(list(hc.overrides.task), run_dir))
     return None if result is None else result.get("final_test_error")
 
 
@@ -381,4 +411,8 @@ def main() -> None:
     # the spawned workers inherit the path.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    try:  # a key that names nothing: one line with the closest valid one, before Hydra's own answer
+        check_overrides(get_args_parser().parse_known_args()[0].overrides)
+    except ConfigError as e:
+        _stop(f"invalid configuration: {e}", 2)
     _main()

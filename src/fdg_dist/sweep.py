@@ -24,6 +24,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fdg_dist.run import split_trial
+
 SWEPT_KEYS_ENV = "FDG_SWEPT_KEYS"
 
 
@@ -58,13 +60,13 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def sweep_summary(sweep_dir: Path) -> str:
-    """One line per job (final and best test error, time, validation bits per character for a language model,
-    or what went wrong), then the report command."""
+    """One line per job (final and best test error, the split it trained — where modules 1..K-1 start —, time,
+    validation bits per character for a language model, or what went wrong), then the report command."""
     sweep_dir = sweep_dir.resolve()
     jobs = _job_dirs(sweep_dir)
     width = max([len(d.name) for d in jobs] + [3])
     lines = [f"sweep finished: {len(jobs)} job(s) in {sweep_dir}",
-             f"  {'job':<{width}}  final err  best err  training time"]
+             f"  {'job':<{width}}  final err  best err  split{' ' * 12}training time"]
     for d in jobs:
         path = d / "result.json"
         if not path.is_file():
@@ -73,8 +75,9 @@ def sweep_summary(sweep_dir: Path) -> str:
         r = json.loads(path.read_text())
         final, best = (f"{100 * r[k]:7.2f} %" if r.get(k) is not None else "      –  "
                        for k in ("final_test_error", "best_test_error"))
+        split = str(r["split"][1:-1]) if r.get("split") else "–"
         bpc = f"  {r['final_test_bpc']:.3f} bits/{r.get('tokens', 'char')}" if r.get("final_test_bpc") is not None else ""
-        lines.append(f"  {d.name:<{width}}  {final}  {best}  {r['wall_time_s']:.1f} s ({r['stop_reason']}){bpc}")
+        lines.append(f"  {d.name:<{width}}  {final}  {best}  {split:<16} {r['wall_time_s']:.1f} s ({r['stop_reason']}){bpc}")
     lines.append(f"compare them: fdg-report {sweep_dir}")
     return "\n".join(lines)
 
@@ -90,6 +93,7 @@ class SweepCallback(Callback):
         params = config.hydra.sweeper.get("params") or {}  # sweeps written in a config file
         overrides = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(overrides))
+        os.environ[split_trial.SWEEP_DIR] = str(self.sweep_dir.resolve())  # a measured split, measured once
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep_dir is not None:

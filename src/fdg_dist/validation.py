@@ -17,6 +17,10 @@ import typing
 from pathlib import Path, PurePath
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import HydraException
+
 from fdg_dist import data, models
 from fdg_dist.config import (
     BACKENDS,
@@ -39,6 +43,7 @@ from fdg_dist.config import (
     Config,
     ConfigError,
     DataConfig,
+    describe,
 )
 from fdg_dist.run.devices import DeviceError, check_device, choose_backend
 from fdg_dist.split import partition
@@ -115,6 +120,30 @@ def _typed_fields(cfg: Config) -> list[tuple[str, Any, Any]]:
     return out
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """Command-line ``key=value`` overrides that set no key, in one line naming the closest valid key, before Hydra
+    composes (it would answer ``pipeline.kk=2`` with "append with +pipeline.kk=2", and ``model._target_`` without
+    ``model=custom`` with a traceback hint).  ``+key`` and ``~key`` are Hydra's own (``Config.from_dict`` checks
+    what they add); ``model.<arg>`` is an argument of the model's builder; a line Hydra cannot parse is left to it."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return
+    known = {k.name for k in describe.all_keys()} | {f.name for f in dataclasses.fields(Config)}
+    custom = any(o.key_or_group == "model" and o.get_value_element_as_str() == "custom" for o in parsed)
+    for o in parsed:
+        key = o.key_or_group
+        if o.type is not OverrideType.CHANGE or o.package or key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        _require(key != "model._target_" or custom, key, "names the builder of your own model and needs model=custom "
+                 "(fdg-train model=custom model._target_=pkg.module.fn)")
+        if key in known or key.startswith(f"{describe.FREE_SECTION}."):
+            continue
+        near = describe.closest(key)
+        _require(False, key, f"unknown key; did you mean {near[0]}?" if near else
+                 "unknown key; fdg-train --help lists every key and group")
+
+
 def check_devices(cfg: Config, local_processes: int) -> None:
     """What this machine must offer a valid configuration: CUDA for NCCL, a GPU for every local process (or NCCL
     ≥ 2.30 where ranks share one: ``dist.ranks_per_gpu``), bf16 where asked.  Separate from ``validate``: a sweep's jobs may run
@@ -188,8 +217,8 @@ def validate(cfg: Config, *, num_blocks: int | None = None, world_size: int | No
              f"K={p.k} modules but an automatic split of model {cfg.model.name!r} can make only {groups} (a module "
              f"starts after a block with weights); use pipeline.k ≤ {groups} or give pipeline.split")
     _require(p.cost in SPLIT_COSTS, "pipeline.cost",
-             f"{p.cost!r} is not one of auto (the fastest for the device), flops (counted, the same on every machine), "
-             "time (measured at start)")
+             f"{p.cost!r} is not one of auto (counted), counted (FLOPs and bytes moved, the same split in every run), "
+             "flops (counted FLOPs balanced), time (measured at start)")
     if p.split != "auto":
         split = list(p.split) if isinstance(p.split, (list, tuple)) else None
         _require(split is not None and all(_has_type(i, int) for i in split), "pipeline.split",

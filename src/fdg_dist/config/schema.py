@@ -20,7 +20,7 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic", "text")
 TEXT_TOKENS = ("byte", "char", "bpe")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip_step", "off")
-SPLIT_COSTS = ("auto", "flops", "time")
+SPLIT_COSTS = ("auto", "counted", "flops", "time")
 BACKENDS = ("auto", "nccl", "gloo")
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 MIN_TIMEOUT_S = 1.0
@@ -35,7 +35,7 @@ class ModelConfig:
     """``name`` picks the builder (a zoo CNN, ``gpt``, ``torchvision`` or ``custom``); every other key under
     ``model`` is an argument of that builder (``model.arch``, ``model.width``, ...), kept in ``args``."""
 
-    name: str = "resnet20"
+    name: str = "resnet20"  # the builder (set as model=NAME): a zoo CNN, gpt, torchvision or custom
     _target_: str | None = None  # model=custom: "pkg.module.fn" returning blocks (called by hydra.utils.instantiate)
     args: dict[str, Any] = field(default_factory=dict)
     variant: str = "ours"  # ours | official (the FDG authors' definition: models/official.py)
@@ -64,16 +64,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"
-    root: str | None = None
-    download: bool = False
-    num_classes: int = 10
-    image_size: int = 32
-    train_size: int = 1024  # synthetic only
-    test_size: int = 256  # synthetic only
+    name: str = "synthetic"  # cifar10 | cifar100 | imagefolder | synthetic | text
+    root: str | None = None  # where the data is (cifar: torchvision's folder; imagefolder: train/, val/; text: a file)
+    download: bool = False  # cifar: fetch it into data.root if absent
+    num_classes: int = 10  # classes of the data (cifar and imagefolder set it themselves)
+    image_size: int = 32  # synthetic and imagefolder: square side in pixels
+    train_size: int = 1024  # synthetic: training samples
+    test_size: int = 256  # synthetic: test samples
     train_subset: int | None = None  # first N training samples (quick runs, CI)
-    test_subset: int | None = None
-    augment: bool = True
+    test_subset: int | None = None  # first N test samples (quick runs, CI)
+    augment: bool = True  # random crop and horizontal flip of training images (CIFAR recipe)
     cache: bool = True  # decode small ImageFolder images once, keep them in memory
     std: list[float] | None = None  # per-channel normalisation std instead of the dataset's (parity runs)
     tokens: str = "byte"  # text: byte (vocabulary 256) | char (the file's distinct characters) | bpe
@@ -88,11 +88,11 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "fdg"
-    beta: float = 1.0
-    stash: str = "weights"
-    accum_steps: int = 1  # adl
-    aux_channels: int = 128  # dgl auxiliary head width
+    name: str = "fdg"  # fdg | bp (locked model parallel) | ddg | fr | dgl | adl | dp (data parallel)
+    beta: float = 1.0  # fdg, adl: the shrinking factor of the delayed gradient, in (0, 1]
+    stash: str = "weights"  # weights (stash each forward's weights) | recompute (forward again at the backward) | mixed
+    accum_steps: int = 1  # adl: batches whose gradients a module accumulates before its step
+    aux_channels: int = 128  # dgl: width of each module's auxiliary classifier
     sync_warmup_steps: int = 0  # fdg, adl: the run's first N batches by locked back-propagation, then the method
 
 
@@ -100,7 +100,7 @@ class MethodConfig:
 class CorrectorConfig:
     """Staleness corrector beside each module's optimizer step (``correctors.py``); ``none`` is the paper's FDG."""
 
-    name: str = "none"
+    name: str = "none"  # none | predict | lookahead | lr_by_delay | dc | predict_adam
     dc_lambda: float = 2.0  # dc: DC-ASGD-a's λ0
     dc_momentum: float = 0.95  # dc: decay of the gradient's mean square (DC-ASGD-a's m)
     anneal_steps: int = 500  # lr_by_delay: module steps until the LR is back at the schedule's
@@ -109,13 +109,13 @@ class CorrectorConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8  # adam, adamw
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1  # learning rate (each module's optimizer)
+    momentum: float = 0.9  # sgd momentum
+    weight_decay: float = 5e-4  # L2 penalty (sgd, adam) or decoupled decay (adamw)
+    nesterov: bool = False  # sgd: Nesterov momentum
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw: the moment decays
+    eps: float = 1e-8  # adam, adamw: the denominator's epsilon
     clip_norm: float | None = None  # each module clips its own gradient to this norm (no communication)
     spike_compensation: bool = False  # sgd: a delayed gradient's total effect equals undelayed momentum SGD's
     delay_momentum_max: float | None = None  # sgd: module momentum moves with its delay to this (module 0)
@@ -123,30 +123,30 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = "multistep"
-    milestones: list[int] = field(default_factory=lambda: [150, 225, 275])
-    gamma: float = 0.1
-    warmup_epochs: int = 0
+    name: str = "multistep"  # multistep | cosine | constant | step_cosine (per batch)
+    milestones: list[int] = field(default_factory=lambda: [150, 225, 275])  # multistep: epochs where LR *= gamma
+    gamma: float = 0.1  # multistep: the LR factor at each milestone
+    warmup_epochs: int = 0  # linear LR warm-up over this many epochs
     warmup_steps: int = 0  # step_cosine: linear warm-up over this many batches
     min_lr_ratio: float = 0.0  # step_cosine: the LR the cosine ends at, as a fraction of optim.lr
 
 
 @dataclass
 class PipelineConfig:
-    k: int = 2
+    k: int = 2  # modules the network is cut into: one process each
     split: Any = "auto"  # "auto" or a list of K-1 block indices where modules 1..K-1 start
-    cost: str = "auto"  # what split "auto" balances: flops (counted), time (measured), auto (fastest for the device)
-    replicas: int = 1
+    cost: str = "auto"  # how split=auto is chosen: auto = counted (FLOPs + bytes: same every run) | flops | time
+    replicas: int = 1  # data-parallel copies of the whole pipeline (K x replicas processes)
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 300
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    max_steps: int | None = None
-    seed: int = 0
-    precision: str = "fp32"
+    epochs: int = 300  # passes over the training set
+    batch_size: int = 128  # global training batch (split over replicas)
+    eval_batch_size: int = 256  # test batch
+    max_steps: int | None = None  # stop after this many training batches (null: run every epoch)
+    seed: int = 0  # weights, data order and augmentation: the same seed gives the same run
+    precision: str = "fp32"  # fp32 | bf16 (autocast inside each module)
     channels_last: bool | str = "auto"  # NHWC activations and conv weights; auto: the fastest for the device
     threads: int | None = None  # intra-op threads per process (CPU)
     nan_policy: str = "stop"  # stop | skip_step | off (no finiteness checks: no host sync per step on a GPU)
@@ -154,28 +154,28 @@ class TrainerConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"
-    timeout_s: float = 300.0
-    max_restarts: int = 0
+    backend: str = "auto"  # auto (nccl with CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: float = 300.0  # seconds a rank waits for a peer before the run fails
+    max_restarts: int = 0  # restarts of all workers after a failure (fdg-train's own launcher)
     ranks_per_gpu: int | None = None  # NCCL ranks sharing one GPU (NCCL ≥ 2.30); null: share only when ranks exceed GPUs
 
 
 @dataclass
 class CheckpointConfig:
-    enabled: bool = True
-    every_epochs: int = 1
-    keep: int = 2
-    dir: str = "checkpoints"
+    enabled: bool = True  # write checkpoints (and resume from them)
+    every_epochs: int = 1  # a checkpoint every N epochs
+    keep: int = 2  # the newest N checkpoints stay; older ones are deleted
+    dir: str = "checkpoints"  # checkpoint folder, relative to the run directory
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard event files in tb/ of the run directory
     progress: str = "auto"  # auto (a bar on a terminal, else plain lines), always (bar), lines, never
     progress_every_s: float = 30.0  # seconds between plain progress lines
-    log_every_steps: int = 20
+    log_every_steps: int = 20  # steps between timing and loss scalars in TensorBoard
     staleness_every_steps: int = 100  # staleness/ probes (one extra forward+backward per module); 0: off
-    trace: bool = False
+    trace: bool = False  # a Chrome trace of every action per rank (trace/)
     peak_tflops: float | None = None  # text: each process's peak TFLOP/s, for MFU (default: a known GPU's; CPU: none)
 
 
@@ -192,8 +192,8 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    resume: str = "auto"
-    experiment: str | None = None
+    resume: str = "auto"  # auto (the run directory's newest checkpoint) | never | a checkpoint directory to start from
+    experiment: str | None = None  # a preset of conf/experiment/ (set as experiment=NAME)
 
     @property
     def world_size(self) -> int:

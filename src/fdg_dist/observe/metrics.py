@@ -381,10 +381,11 @@ class RunLog:
             w.add_scalar(tag, value, steps)
         w.flush()
 
-    def finish(self, *, wall_s: float, best_error: float, steps: int, stop: Stop) -> dict | None:
+    def finish(self, *, wall_s: float, best_error: float, steps: int, stop: Stop, bounds: list[int]) -> dict | None:
         """Write ``result.json``, the HParams summary (at the module's final step ``steps``) and the
-        end-of-run summary (reporting rank), and close this rank's writer."""
-        result = self._result(wall_s, best_error, stop) if self.reporter else None
+        end-of-run summary (reporting rank), and close this rank's writer.  ``bounds``: the split the run trained
+        (a split changes FDG's arithmetic: a sweep's table shows it beside the errors)."""
+        result = self._result(wall_s, best_error, stop, bounds) if self.reporter else None
         if self.tb_dir is not None and result is not None:
             self._hparams(result, steps)
         if self.writer is not None:
@@ -393,7 +394,7 @@ class RunLog:
             log.info("%s", summary(result, self.run_dir))
         return result
 
-    def _result(self, wall_s: float, best_error: float, stop: Stop) -> dict:
+    def _result(self, wall_s: float, best_error: float, stop: Stop, bounds: list[int]) -> dict:
         cfg = self.cfg
         result = {
             "final_test_error": self.last["test_error"] if self.last else None,
@@ -411,7 +412,7 @@ class RunLog:
             "model": cfg.model.label, "data": cfg.data.name,
             "seed": cfg.trainer.seed, "epochs": stop.epochs, "steps": stop.steps, "stop_reason": stop.reason,
             "epochs_planned": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps,
-            "batch_size": cfg.trainer.batch_size,
+            "batch_size": cfg.trainer.batch_size, "split": list(bounds),
         }
         atomic_write((json.dumps(result, indent=2) + "\n").encode(), self.run_dir / "result.json")
         return result
@@ -424,7 +425,7 @@ class RunLog:
         params = {"method": cfg.method.name, "corrector": cfg.corrector.name, "beta": cfg.method.beta, "k": cfg.pipeline.k,
                   "replicas": cfg.pipeline.replicas, "model": cfg.model.label, "data": cfg.data.name,
                   "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "batch_size": cfg.trainer.batch_size,
-                  "seed": cfg.trainer.seed}
+                  "seed": cfg.trainer.seed, "split": str(result["split"])}
         metrics = {f"hparams/{name}": result[name] for name in ("final_test_error", "best_test_error")
                    if result[name] is not None}
         w = self.tensorboard()

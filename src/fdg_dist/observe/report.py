@@ -2,7 +2,7 @@
 
 Any directory under the arguments that holds a ``result.json`` is a run (a single run dir, a Hydra
 multirun sweep dir, or a tree of them).  Prints a markdown table per dataset (rows: model; columns:
-method/β/K; cells: test error in %, median over seeds) and writes it to ``<out>/report.md`` (default:
+method/β/K; cells: test error in %, median over seeds, and the split the runs trained) and writes it to ``<out>/report.md`` (default:
 ``report/`` inside RUNS_DIR) with four PNGs: test error per epoch per run, test error against β per K
 with the seed spread, the per-module time breakdown (where the pipeline waits: its bubbles) and
 samples/s against K.  ``by_k.md`` has one row per method/β/corrector (with the other delay treatments a
@@ -138,7 +138,7 @@ def table_by_k(runs: list[Run], metric: str = "final_test_error") -> str:
                     continue
                 mean = statistics.fmean(values)
                 gap = f" ({mean - base:+.2f})" if base is not None and label != "BP (K=1)" else ""
-                row.append(f"{mean:.2f} [{', '.join(f'{v:.2f}' for v in values)}]{gap}")
+                row.append(f"{mean:.2f} [{', '.join(f'{v:.2f}' for v in values)}]{gap}{splits(cells[(label, k)])}")
             out.append(f"| {label} | " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out)
@@ -149,6 +149,13 @@ def _groups(runs: Iterable[Run], key: Callable[[Run], tuple]) -> dict[tuple, lis
     for run in runs:
         groups[key(run)].append(run)
     return dict(sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])))
+
+
+def splits(runs: list[Run]) -> str:
+    """`` split [3]``: where the cell's runs start modules 1..K-1 (a split changes FDG's arithmetic, so runs compared
+    should share it); several, joined by ``or``, when they differ; nothing for runs that did not record it."""
+    found = sorted({tuple(r.result["split"][1:-1]) for r in runs if r.result.get("split") and len(r.result["split"]) > 2})
+    return f" split {' or '.join(str(list(b)) for b in found)}" if found else ""
 
 
 def _median_error(runs: list[Run], metric: str) -> float | None:
@@ -172,7 +179,7 @@ def table(runs: list[Run], metric: str = "final_test_error") -> str:
                 group = cells.get((model, column), [])
                 value = _median_error(group, metric)
                 text = "–" if value is None else f"{value:.2f}"
-                row.append(text + (f" (n={len(group)})" if len(group) > 1 else ""))
+                row.append(text + (f" (n={len(group)})" if len(group) > 1 else "") + splits(group))
             out.append(f"| {model} | " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out)

@@ -6,10 +6,11 @@ itself.  It needs no process group, so validation can ask it.
 
 ``resolve`` turns the settings whose default is ``auto`` into what runs fastest on the device.  Users run the
 defaults, so the defaults are the fastest settings we measured: on the CPU (gloo, one
-thread per rank, see README "Performance") NHWC convolutions and a split chosen by measured time. On
-CUDA nothing has been measured yet, so the choice follows torch's guidance: NHWC is the native layout
-of cuDNN's tensor-core convolutions (torch's channels-last tutorial), and a measured split sees what
-counted FLOPs miss on every device (memory-bound BatchNorm and ReLU on large activations).  An
+thread per rank, see README "Performance") NHWC convolutions. On CUDA nothing has been measured yet, so the
+choice follows torch's guidance: NHWC is the native layout of cuDNN's tensor-core convolutions (torch's
+channels-last tutorial).  The split is the exception to "fastest": a split changes FDG's arithmetic, so
+``auto`` is the counted cost (``split.counted``: FLOPs and bytes moved, the same split in every run, ranked
+within a few % of the measured favourite), and a measured split (``pipeline.cost=time``) is an explicit opt-in.  An
 explicit ``trainer.channels_last`` or ``pipeline.cost`` always wins; the run log says what ``auto`` became.
 
 Must not create a process group: validation imports it before any exists.
@@ -28,19 +29,20 @@ from fdg_dist.config import Config
 FASTEST: dict[str, dict[str, tuple[object, str]]] = {
     "cpu": {
         "trainer.channels_last": (True, "NHWC measured faster on the CPU: +24 % BP, +26 % FDG on ResNet-56"),
-        "pipeline.cost": ("time", "a measured split measured faster on the CPU: 1.72x instead of 1.58x for FDG"),
+        "pipeline.cost": ("counted", "counted FLOPs and bytes: the same split in every run; time is the opt-in"),
     },
     "cuda": {
         "trainer.channels_last": (True, "torch's guidance for cuDNN convolutions; not yet measured here"),
-        "pipeline.cost": ("time", "measured per-block time on the GPU; not yet compared with FLOPs here"),
+        "pipeline.cost": ("counted", "counted FLOPs and bytes: the same split in every run; time is the opt-in"),
     },
 }
 
 
-def resolve(cfg: Config, device: torch.device) -> list[str]:
+def resolve(cfg: Config, device: torch.device, *, convolutions: bool = True) -> list[str]:
     """Replace every ``auto`` of the settings above in ``cfg`` (in place) by the fastest for ``device``.
 
-    Returns one line per replaced setting, for the run log.  A device type we have no figures for takes
+    Returns one line per replaced setting, for the run log, except the memory format of a model without
+    ``convolutions`` (an MLP, GPT: NHWC changes nothing there).  A device type we have no figures for takes
     the CPU's choices.
     """
     table = FASTEST.get(device.type, FASTEST["cpu"])
@@ -50,7 +52,8 @@ def resolve(cfg: Config, device: torch.device) -> list[str]:
         owner = getattr(cfg, section)
         if getattr(owner, name) == "auto":
             setattr(owner, name, value)
-            lines.append(f"{key}=auto -> {str(value).lower()} on {device.type} ({why})")
+            if convolutions or key != "trainer.channels_last":
+                lines.append(f"{key}=auto -> {str(value).lower()} on {device.type} ({why})")
     return lines
 
 

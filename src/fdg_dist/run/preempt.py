@@ -38,6 +38,8 @@ class Stopped(RuntimeError):
     """The run stopped on a signal after writing a checkpoint; the same command resumes it.  Processes end
     with 128 + the signal's number, as if killed by it."""
 
+    SAME_COMMAND = "the same command resumes it"  # the launcher replaces it by the command (hydra.run.dir included)
+
     def __init__(self, message: str, signum: signal.Signals) -> None:
         super().__init__(message)
         self.signum = signum

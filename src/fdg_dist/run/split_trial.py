@@ -22,7 +22,11 @@ it and two message times take longer than its own tick.  So every fresh run:
    the best predicted, because the prediction ranks near-equal splits the same way in every fresh run
    (ResNet-56 on a 2-core CPU: ten of ten) while a fresh pipeline's pace varies by several %;
 4. rank 0 keeps the measurements, the trial and the choice in ``split_choice.json``: a restart in the run
-   directory reuses the choice (its checkpoints hold that split's modules), the run log says what won.
+   directory reuses the choice (its checkpoints hold that split's modules), the run log says what won.  In a
+   Hydra sweep (``SWEEP_DIR``, set by ``fdg_dist.sweep``) the first job to choose also files it in the sweep
+   directory under what decides it (``sweep_key``: model, K, replicas, batch shape, method, precision, memory
+   format), and every later job with the same key takes it from there: a β sweep measures once and every job
+   trains the same split.
 
 The rule that ranks and decides is ``split.choice`` (pure); this module measures, runs the trial in the
 pipeline's process groups and keeps the record.  Must not change the training that follows: trial batches are
@@ -31,9 +35,11 @@ synthetic and carry negative epochs, and the stages it builds are dropped.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +62,8 @@ from fdg_dist.util.files import damaged
 log = logging.getLogger("fdg_dist")
 
 FILE = "split_choice.json"
+SWEEP_DIR = "FDG_SWEEP_DIR"  # environment: the sweep directory of a Hydra -m job, where jobs share their choices
+SHARED = "split_choices"  # the folder of a sweep directory that holds them, one file per sweep_key
 TRIAL_BATCHES = 16  # per candidate and round; the first quarter is warm-up, every later batch one sample
 ROUNDS = 2  # every tried candidate runs this often (interleaved: a slow spell of the machine hits all alike) ...
 MAX_ROUNDS = 6  # ... and the ones still indistinguishable from the fastest up to this often
@@ -86,6 +94,21 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
         where, record = kept[0]
         return Choice(record["bounds"], [pace.BlockTime(*t).total for t in record["block_times"]],
                       f"kept from {where} (chosen when that run started)")
+    shared = _shared_path(cfg, ctx)
+    taken: list = [None, None]  # the choice an earlier job of this sweep filed, or why it cannot be read
+    if ctx.rank == 0 and shared is not None and shared.is_file():
+        try:
+            taken[0] = _read(shared)
+        except ValueError as e:
+            taken[1] = str(e)
+    dist.broadcast_object_list(taken, src=0, group=ctx.header_group)
+    if taken[1] is not None:  # every rank fails with it, none waits for rank 0
+        raise ValueError(taken[1])
+    if taken[0] is not None:
+        if ctx.rank == 0:
+            files.atomic_write(json.dumps(taken[0]).encode(), run_dir / FILE)
+        return Choice(taken[0]["bounds"], [pace.BlockTime(*t).total for t in taken[0]["block_times"]],
+                      f"taken from {shared} (measured by an earlier job of this sweep); kept in {FILE}")
     times = _measured(cfg, ctx)
     starts = partition.weighted_starts(models.build_blocks(cfg.model, cfg.data.num_classes, device="meta"))
     ranked = choice.rank_candidates(times, ctx.K, cfg.method.name,
@@ -101,6 +124,12 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
                             for (b, p), t, (m, se) in zip(tried, trial, estimates, strict=True)],
                   "bounds": bounds}
         files.atomic_write(json.dumps(record).encode(), run_dir / FILE)
+        if shared is not None:
+            bounds = _publish(record, shared)
+    if shared is not None:  # a job beside this one may have filed its choice first: every job trains that one
+        agreed = [bounds]
+        dist.broadcast_object_list(agreed, src=0, group=ctx.header_group)
+        bounds = agreed[0]
     if runs < 2:
         how = f"the best predicted split (a trial in the pipeline would take more than {TRIAL_BUDGET_S:.0f} s)"
     elif not tried:
@@ -128,6 +157,39 @@ def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
             if len(record["bounds"]) == cfg.pipeline.k + 1:  # a checkpoint re-cut for another K chooses afresh
                 return str(place / FILE), record
     return None
+
+
+def sweep_key(cfg: Config, ctx: Context) -> dict:
+    """What a measured choice depends on: jobs of a sweep that agree on all of it train the same split."""
+    m, t = cfg.method, cfg.trainer
+    return {"model": cfg.model.to_dict(), "classes": cfg.data.num_classes, "K": ctx.K, "replicas": ctx.R,
+            "shape": _batch_shape(cfg, ctx), "dtype": str(data.sample_spec(cfg.data).dtype), "method": m.name,
+            "stash": m.stash, "accum_steps": m.accum_steps, "precision": t.precision,
+            "channels_last": t.channels_last, "device": ctx.device.type}
+
+
+def _shared_path(cfg: Config, ctx: Context) -> Path | None:
+    """Where this sweep keeps the choice for this job's ``sweep_key`` (None outside a sweep)."""
+    sweep_dir = os.environ.get(SWEEP_DIR)
+    if not sweep_dir:
+        return None
+    digest = hashlib.sha256(json.dumps(sweep_key(cfg, ctx), sort_keys=True, default=str).encode()).hexdigest()
+    return Path(sweep_dir) / SHARED / f"{cfg.model.label.replace('/', '_').replace(':', '_')}_k{ctx.K}_{digest[:12]}.json"
+
+
+def _publish(record: dict, shared: Path) -> list[int]:
+    """File the choice for the sweep's later jobs and return the bounds every job trains: this one's, or those a
+    job running beside it filed first (the first filed stays; ``os.link`` fails on an existing name)."""
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    draft = shared.with_name(f".{shared.name}.{os.getpid()}")
+    files.atomic_write(json.dumps(record).encode(), draft)
+    try:
+        os.link(draft, shared)
+    except FileExistsError:
+        return _read(shared)["bounds"]
+    finally:
+        draft.unlink()
+    return record["bounds"]
 
 
 def _read(path: Path) -> dict:

@@ -40,7 +40,7 @@ from fdg_dist.observe.trace import TraceWriter
 from fdg_dist.run import checkpoint, final_model, split_trial, unsplit
 from fdg_dist.run.distributed import Context, allreduce_mean, check_agreement
 from fdg_dist.run.preempt import Preemption, Stopped
-from fdg_dist.split import partition
+from fdg_dist.split import counted, partition
 from fdg_dist.util import files
 
 log = logging.getLogger("fdg_dist")
@@ -82,21 +82,21 @@ class BuiltModule:
     shapes: list[torch.Size]  # input and output activation shape of module k (batch 1)
 
 
-def build_module(cfg: Config, K: int, k: int, bounds: list[int] | None = None) -> BuiltModule:
+def build_module(cfg: Config, K: int, k: int, bounds: list[int] | None = None, device_type: str = "cpu"
+                 ) -> BuiltModule:
     """Module k of the split model, from the same seed on every rank.
 
     Every rank builds the whole model and keeps its blocks, so the split is deterministic and the
     weights equal those of the unsplit model built with that seed.  ``bounds`` (a split chosen by
-    ``split_trial``, identical on every rank) replaces ``pipeline.split`` balanced by counted FLOPs.
+    ``split_trial``, identical on every rank) replaces ``pipeline.split``; without it ``split=auto`` is
+    ``pipeline.cost``'s: counted work priced for ``device_type`` (``auto``, ``counted``) or counted FLOPs balanced.
     """
     seed_everything(cfg.trainer.seed)
     blocks = models.build_blocks(cfg.model, cfg.data.num_classes)
     spec = data.sample_spec(cfg.data)
     sample = (1, *spec.shape)
     if bounds is None:
-        split = cfg.pipeline.split if K > 1 else "auto"
-        bounds = partition.split_points(partition.block_costs(blocks, sample, spec.dtype), K, split,
-                                        partition.weighted_starts(blocks))
+        bounds = automatic_bounds(cfg, K, blocks, device_type)
     shapes = partition.boundary_shapes(blocks, sample, spec.dtype)
     module = nn.Sequential(OrderedDict((str(i), blocks[i]) for i in range(bounds[k], bounds[k + 1])))
     aux = None
@@ -105,6 +105,18 @@ def build_module(cfg: Config, K: int, k: int, bounds: list[int] | None = None) -
         aux = models.aux_head(shapes[bounds[k + 1]], cfg.data.num_classes, cfg.method.aux_channels,
                               per_token=bool(spec.label_shape))
     return BuiltModule(module, aux, bounds, [shapes[bounds[k]], shapes[bounds[k + 1]]])
+
+
+def automatic_bounds(cfg: Config, K: int, blocks: list[nn.Module], device_type: str) -> list[int]:
+    """The split of ``pipeline.split`` (by hand, or ``auto`` by ``pipeline.cost`` other than ``time``)."""
+    spec = data.sample_spec(cfg.data)
+    split = cfg.pipeline.split if K > 1 else "auto"
+    if split == "auto" and cfg.pipeline.cost in ("auto", "counted"):
+        batch = (max(cfg.trainer.batch_size // cfg.pipeline.replicas, 1), *spec.shape)
+        return counted.bounds(blocks, batch, K, cfg.method.name, device_type=device_type, dtype=spec.dtype,
+                              recompute=cfg.method.name == "fr" or cfg.method.stash == "recompute")
+    return partition.split_points(partition.block_costs(blocks, (1, *spec.shape), spec.dtype), K, split,
+                                  partition.weighted_starts(blocks))
 
 
 def split_table(cfg: Config, bounds: list[int], seconds: list[float] | None = None) -> str:
@@ -127,7 +139,7 @@ def build_stage(cfg: Config, K: int, k: int, device: torch.device, *, bounds: li
     ``total_batches`` (see ``run_batches``) sizes a per-batch LR schedule and ``corrector.anneal_fraction``.
     """
     t, m = cfg.trainer, cfg.method
-    built = build_module(cfg, K, k, bounds)
+    built = build_module(cfg, K, k, bounds, device.type)
     fmt = models.memory_format(t.channels_last)
     module = built.module.to(device, memory_format=fmt)
     aux = built.aux_head.to(device, memory_format=fmt) if built.aux_head is not None else None
@@ -265,11 +277,9 @@ class Trainer:
             if cut:
                 stop = (f"trainer.max_steps={cfg.trainer.max_steps} reached after {left} of the {len(sizes)} "
                         f"batches of epoch {epoch + 1}")
-                if self.is_reporter:
-                    log.info("%s: the run stops there", stop)
                 sizes = sizes[:left]
             tic = time.perf_counter()
-            train, record = self.train_epoch(epoch, sizes)
+            train, record, first = self.train_epoch(epoch, sizes)
             if train.stopped is not None:
                 self._stop(epoch, train.stopped)
             train_time = time.perf_counter() - tic
@@ -281,7 +291,7 @@ class Trainer:
             if self.is_reporter:
                 best = min(best, test.error)
             self.log.epoch(epoch, lr=self.stage.optimizer.param_groups[0]["lr"], train=train, test=test,
-                           seconds=train_time, samples=sum(sizes) * self.ctx.R, record=record,
+                           seconds=train_time, samples=sum(sizes[first:]) * self.ctx.R, record=record,
                            steps=self.stage.steps, memory=self.memory_of_every_rank())
             self.start_epoch = epoch + 1
             saved = cfg.checkpoint.enabled and (epoch + 1) % cfg.checkpoint.every_epochs == 0
@@ -291,15 +301,18 @@ class Trainer:
                 self._stop(epoch, None, saved=saved)
             if cut:
                 break
+        if self.is_reporter and stop.startswith("trainer.max_steps"):
+            log.info("%s: the run stopped there", stop)
         self.export_final_model()
         if self.trace is not None:
             self.trace.close()
         return self.log.finish(wall_s=time.perf_counter() - started, best_error=best, steps=self.stage.steps,
-                               stop=Stop(self.start_epoch, self.global_step, stop))
+                               stop=Stop(self.start_epoch, self.global_step, stop), bounds=self.bounds)
 
-    def train_epoch(self, epoch: int, sizes: list[int]) -> tuple[EpochResult, EpochRecord]:
+    def train_epoch(self, epoch: int, sizes: list[int]) -> tuple[EpochResult, EpochRecord, int]:
         """One epoch, or what is left of it after the cut a resumed checkpoint holds; a signal may cut it.
-        Returns what the module saw and the record of its actions."""
+        Returns what the module saw, the record of its actions and the first batch it forwarded (0 unless resumed:
+        the epoch's rate counts only the samples trained since)."""
         m = self.cfg.method
         plan = schedule.plan(m.name, self.k, self.K, len(sizes), train=True, accum_steps=m.accum_steps,
                              sync=schedule.sync_batches(m.sync_warmup_steps, self.global_step, len(sizes)))
@@ -312,7 +325,7 @@ class Trainer:
                                    on_action=chain(self.log.progress(epoch, len(sizes), self._memory_so_far),
                                                    checkpoint.kill_hook(self.run_dir, self.k, epoch)),
                                    on_timed=chain(record.add, trace))
-        return result, record
+        return result, record, first
 
     def _memory_so_far(self) -> dict[str, Usage] | None:
         """Every rank's memory as the last preemption vote brought it (None before the first)."""
@@ -344,7 +357,7 @@ class Trainer:
             epoch, cut.tick if cut else None)
         if not saved:
             self.save_checkpoint(epoch, cut.tick if cut else None)
-        raise Stopped(f"stopped by {by} {where}; checkpoint {directory} written: the same command resumes it", signum)
+        raise Stopped(f"stopped by {by} {where}; checkpoint {directory} written; {Stopped.SAME_COMMAND}", signum)
 
     # ------------------------------------------------------------------- state
     def layout(self) -> checkpoint.Layout:

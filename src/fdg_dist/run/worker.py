@@ -20,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from fdg_dist import models
 from fdg_dist.config import Config
 from fdg_dist.run import devices, distributed, rendezvous
 from fdg_dist.run.preempt import Stopped
@@ -150,7 +152,9 @@ def run(raw: dict, run_dir: str) -> dict | None:
                            precision=cfg.trainer.precision, ranks_per_gpu=cfg.dist.ranks_per_gpu)
     log.info("rank %d/%d: module %d of %d, replica %d, %s on %s, %d thread(s), pid %d", rank, world, module, stages,
              replica, ctx.backend, ctx.device, threads, os.getpid())
-    for line in devices.resolve(cfg, ctx.device):
+    blocks = models.build_blocks(cfg.model, cfg.data.num_classes, device="meta")
+    convolutions = any(isinstance(m, nn.modules.conv._ConvNd) for b in blocks for m in b.modules())
+    for line in devices.resolve(cfg, ctx.device, convolutions=convolutions):
         if rank == 0:
             log.info("default: %s", line)
     for line in sharing:
