@@ -46,7 +46,7 @@ def test_bits_per_char_perplexity_tokens_per_s_and_mfu_reach_every_record(
     with caplog.at_level(logging.INFO, logger="fdg_dist"):
         log.epoch(0, lr=1e-3, train=train, test=test, seconds=2.0, samples=9 * 16, record=EpochRecord(0, torch.device("cpu")),
                   steps=9)
-        result = log.finish(wall_s=3.0, best_error=0.5, steps=9, stop=Stop(1, 9, "done"))
+        result = log.finish(wall_s=3.0, best_error=0.5, steps=9, stop=Stop(1, 9, "done"), bounds=[0, 2, 4])
     row = json.loads((run_dir / "metrics.jsonl").read_text())
     flops = throughput.flops_per_token(cfg)
     assert row["tokens_per_s"] == tokens / 2.0
@@ -67,4 +67,4 @@ def test_bits_per_char_perplexity_tokens_per_s_and_mfu_reach_every_record(
     assert [e.value for e in events.Scalars("perf/mfu")] == [pytest.approx(row["mfu"])]
     assert f"{row['test_bpc']:.3f} bits/char" in sweep_summary(tmp_path / "sweep")
     table = report.report([tmp_path / "sweep"], tmp_path / "report")
-    assert "final test bpc (bits/token)" in table and f"| {row['test_bpc']:.2f} |" in table
+    assert "final test bpc (bits/token)" in table and f"| {row['test_bpc']:.2f} split [2] |" in table
