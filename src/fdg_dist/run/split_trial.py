@@ -43,6 +43,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -81,33 +82,17 @@ class Choice:
 
 def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build: BuildStage) -> Choice:
     """The split of this run (a collective: every rank calls it and gets the same answer)."""
-    kept: list = [None, None]  # (where, record) of a choice made earlier, or why it cannot be read
-    if ctx.rank == 0:
-        try:
-            kept[0] = _kept(cfg, run_dir)
-        except ValueError as e:
-            kept[1] = str(e)
-    dist.broadcast_object_list(kept, src=0, group=ctx.header_group)
-    if kept[1] is not None:  # every rank fails with it, none waits for rank 0
-        raise ValueError(kept[1])
-    if kept[0] is not None:
-        where, record = kept[0]
+    kept = _on_rank0(ctx, lambda: _kept(cfg, run_dir))  # (where, record) of a choice made earlier
+    if kept is not None:
+        where, record = kept
         return Choice(record["bounds"], [pace.BlockTime(*t).total for t in record["block_times"]],
                       f"kept from {where} (chosen when that run started)")
     shared = _shared_path(cfg, ctx)
-    taken: list = [None, None]  # the choice an earlier job of this sweep filed, or why it cannot be read
-    if ctx.rank == 0 and shared is not None and shared.is_file():
-        try:
-            taken[0] = _read(shared)
-        except ValueError as e:
-            taken[1] = str(e)
-    dist.broadcast_object_list(taken, src=0, group=ctx.header_group)
-    if taken[1] is not None:  # every rank fails with it, none waits for rank 0
-        raise ValueError(taken[1])
-    if taken[0] is not None:
+    taken = _on_rank0(ctx, lambda: _read(shared) if shared is not None and shared.is_file() else None)
+    if taken is not None:  # the choice an earlier job of this sweep filed
         if ctx.rank == 0:
-            files.atomic_write(json.dumps(taken[0]).encode(), run_dir / FILE)
-        return Choice(taken[0]["bounds"], [pace.BlockTime(*t).total for t in taken[0]["block_times"]],
+            files.atomic_write(json.dumps(taken).encode(), run_dir / FILE)
+        return Choice(taken["bounds"], [pace.BlockTime(*t).total for t in taken["block_times"]],
                       f"taken from {shared} (measured by an earlier job of this sweep); kept in {FILE}")
     times = _measured(cfg, ctx)
     starts = partition.weighted_starts(models.build_blocks(cfg.model, cfg.data.num_classes, device="meta"))
@@ -139,6 +124,21 @@ def choose(cfg: Config, ctx: Context, run_dir: Path, transport: Transport, build
             f"{b[1:-1]} {1e3 * m:.3g} ± {1e3 * se:.2g} ms over {len(t)}"
             for (b, _), t, (m, se) in zip(tried, trial, estimates, strict=True)) + ")")
     return Choice(bounds, [t.total for t in times], f"{how}; kept in {FILE}")
+
+
+def _on_rank0(ctx: Context, read: Callable[[], Any]) -> Any:
+    """What ``read`` returns on rank 0, on every rank; a ValueError it raises (a damaged file) is raised on every
+    rank, so none waits for rank 0."""
+    found: list = [None, None]
+    if ctx.rank == 0:
+        try:
+            found[0] = read()
+        except ValueError as e:
+            found[1] = str(e)
+    dist.broadcast_object_list(found, src=0, group=ctx.header_group)
+    if found[1] is not None:
+        raise ValueError(found[1])
+    return found[0]
 
 
 def _kept(cfg: Config, run_dir: Path) -> tuple[str, dict] | None:
