@@ -239,7 +239,7 @@ def test_the_rank_that_raised_is_named_whichever_exits_first_and_no_file_is_left
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # this process's temporary folder, and the workers'
     monkeypatch.setenv("TMPDIR", str(tmp))
     with pytest.raises(SystemExit) as stop:
-        cli._launch(cli_config("pipeline.k=2", "trainer.epochs=3"), damaged_metrics)
+        cli._launch(cli_config("pipeline.k=2", "trainer.epochs=3"), damaged_metrics, "fdg-train resume=auto")
     err = capsys.readouterr().err
     assert stop.value.code == 1
     metrics = damaged_metrics / "metrics.jsonl"
