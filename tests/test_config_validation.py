@@ -294,17 +294,17 @@ CLI_BASE = ["model=tiny", "data=synthetic", "logging.tensorboard=false"]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("override,key", [
+@pytest.mark.parametrize("override,key", [  # one process each: the rest of the table runs in-process above
     ("pipeline.k=0", "pipeline.k"),
-    ("method.beta=1.5", "method.beta"),
+    pytest.param("method.beta=1.5", "method.beta", marks=pytest.mark.long),
     ("+trainer.bogus=1", "trainer.bogus"),
-    ("resume=/nonexistent/run", "resume"),
+    pytest.param("resume=/nonexistent/run", "resume", marks=pytest.mark.long),
     ("trainer.seed=-1", "trainer.seed"),  # issue 27: these failed in a worker, naming no key
-    ("optim.lr=inf", "optim.lr"),
-    ("optim.lr=1e300", "optim.lr"),
-    ("trainer.threads=100000", "trainer.threads"),
+    pytest.param("optim.lr=inf", "optim.lr", marks=pytest.mark.long),
+    pytest.param("optim.lr=1e300", "optim.lr", marks=pytest.mark.long),
+    pytest.param("trainer.threads=100000", "trainer.threads", marks=pytest.mark.long),
     ("pipeline.kk=2", "pipeline.kk: unknown key; did you mean pipeline.k?"),  # issue 29: the exact line
-    ("trainer.batchsize=8", "trainer.batchsize: unknown key; did you mean trainer.batch_size?"),
+    pytest.param("trainer.batchsize=8", "trainer.batchsize: unknown key; did you mean trainer.batch_size?", marks=pytest.mark.long),
     ("model._target_=pkg.module.fn", "model._target_: names the builder of your own model and needs model=custom"),
 ])
 def test_cli_exits_2_with_one_line_before_starting_workers(override: str, key: str, tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ def _plain_torchrun(run_dir: Path, kill: str) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("attempt", [0, pytest.param(1, marks=pytest.mark.long), pytest.param(2, marks=pytest.mark.long)])
-@pytest.mark.parametrize("module", [0, K - 1])
+@pytest.mark.parametrize("module", [0, pytest.param(K - 1, marks=pytest.mark.long)])
 def test_killed_rank_restarts_under_plain_torchrun_and_resumes_bitwise(
         module: int, attempt: int, uninterrupted: Path, run_dir: Path) -> None:
     """No environment variable: the restarted group must not read the dead attempt's addresses from

@@ -55,6 +55,7 @@ def _job_results(sweep: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the β sweep with one measured split stays in the default run
 @pytest.mark.timeout(240)
 def test_sweep_over_beta_and_k_runs_four_jobs_and_feeds_the_report(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,6 +102,7 @@ def test_a_beta_sweep_with_a_measured_split_measures_it_once_and_every_job_train
     assert all(str(results[0]["split"][1:-1]) in line for line in summary[2:4]), summary
 
 
+@pytest.mark.long  # two nodes on loopback; tests/test_two_nodes.py has them in two network namespaces
 @pytest.mark.timeout(180)
 def test_two_torchrun_nodes_train_like_one(tmp_path: Path) -> None:
     """Two torchrun agents (--nnodes=2, one module each, c10d rendezvous on localhost) write one run
@@ -143,6 +145,7 @@ def test_two_replicas_of_a_two_module_pipeline_equal_the_replicated_reference(ru
     assert any(not torch.equal(want[n], single[n]) for n in want), "replicas made no difference: test is vacuous"
 
 
+@pytest.mark.long  # SLURM with stand-ins; the requeue path across two namespaces is in test_two_nodes too
 @pytest.mark.timeout(180)
 def test_slurm_script_stops_the_step_and_requeues_before_the_time_limit(tmp_path: Path) -> None:
     """launch/slurm.sbatch on one "node" with stand-ins for srun (runs the task) and scontrol (records its

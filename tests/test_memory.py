@@ -71,7 +71,7 @@ def sent_per_batch(cfg, K: int) -> list[int]:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("K", [2, 4])
+@pytest.mark.parametrize("K", [pytest.param(2, marks=pytest.mark.long), 4])
 def test_resident_memory_is_flat_over_an_epoch_of_hundreds_of_batches(K: int, tmp_path: Path) -> None:
     cfg = small_config(**{"pipeline.k": K, "trainer.epochs": 1, "data.train_size": BATCH * BATCHES,
                           "data.test_size": BATCH, "data.augment": False, "trainer.batch_size": BATCH,
