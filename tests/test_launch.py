@@ -217,6 +217,7 @@ def test_dockerfile_lints_clean_and_enters_fdg_train() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.long  # fdg-train's own launcher is checked for the same in test_faults
 @pytest.mark.timeout(150)
 def test_local_script_leaves_nothing_in_the_temporary_folder(tmp_path: Path) -> None:
     """Issue 27: every ``launch/local.sh`` run left a ``torchelastic_*`` folder in the system's temporary folder."""

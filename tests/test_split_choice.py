@@ -128,6 +128,7 @@ def test_the_trial_runs_every_candidate_twice_then_only_those_still_contending(m
 
 
 @pytest.mark.multiprocess
+@pytest.mark.long  # pipeline.cost=time is opt-in; test_launch runs it end to end in a sweep by default
 @pytest.mark.timeout(240)
 def test_a_measured_split_tries_the_best_candidates_in_its_pipeline_and_a_restart_keeps_the_choice(tmp_path: Path) -> None:
     """pipeline.cost=time (NHWC by default on the CPU, said in the log): rank 0 measures, every rank tries
