@@ -314,17 +314,19 @@ class RunLog:
         self.timing_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write((json.dumps({"module": self.module, "replica": self.replica, **self.totals.to_dict()},
                                  indent=2) + "\n").encode(), self.timing_path)
+        # a language model's numbers, once for every record (reading the BPE tokenizer's file included)
+        language = self._language(train, test) if self.reporter else {}
+        rates = throughput.rates(samples * self.cfg.data.context, seconds, self.flops_token,
+                                 self.peak_flops) if language else {}
         if self.tb_dir is not None:
-            self._tensorboard(lr, train, test, timing, record, steps)
+            self._tensorboard(lr, train, test, timing, record, steps, language, rates)
         if not self.reporter:
             return
         row = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_error": train.error,
                "test_loss": test.loss, "test_error": test.error, "epoch_time_s": seconds,
                "samples_per_s": samples / seconds if seconds > 0 else 0.0}
-        text = self._language(train, test)
-        if text:
-            text.update(throughput.rates(samples * self.cfg.data.context, seconds, self.flops_token, self.peak_flops))
-        row.update(text)
+        row.update(language)
+        row.update(rates)
         if memory is not None:
             row["memory"] = {name: usage.to_dict() for name, usage in memory.items()}
         append_line(self.metrics_path, json.dumps(row))
@@ -332,12 +334,12 @@ class RunLog:
         log.info("epoch %3d/%d  lr %.4g  train loss %.4f err %.2f%%  test loss %.4f err %.2f%%  %.1fs  %.0f samples/s",
                  epoch + 1, self.cfg.trainer.epochs, lr, train.loss, 100 * train.error, test.loss, 100 * test.error, seconds,
                  row["samples_per_s"])
-        if text:
+        if language:
             unit = token_unit(self.cfg.data.tokens)
-            mfu = f"  MFU {100 * text['mfu']:.2f} %" if "mfu" in text else ""
+            mfu = f"  MFU {100 * rates['mfu']:.2f} %" if "mfu" in rates else ""
             log.info("epoch %3d/%d  bits/%s train %.3f test %.3f  test perplexity %.2f  %.0f tokens/s%s", epoch + 1,
-                     self.cfg.trainer.epochs, unit, text["train_bpc"], text["test_bpc"], text["test_perplexity"],
-                     text["tokens_per_s"], mfu)
+                     self.cfg.trainer.epochs, unit, language["train_bpc"], language["test_bpc"],
+                     language["test_perplexity"], rates["tokens_per_s"], mfu)
 
     def _language(self, train: EpochResult, test: EpochResult) -> dict[str, float]:
         """Bits per character and perplexity for text data (with BPE also bits per byte), nothing otherwise."""
@@ -350,18 +352,16 @@ class RunLog:
         return out
 
     def _tensorboard(self, lr: float, train: EpochResult, test: EpochResult, timing: Timing,
-                     record: EpochRecord, steps: int) -> None:
+                     record: EpochRecord, steps: int, language: dict[str, float], rates: dict[str, float]) -> None:
         w = self.tensorboard()
         if self.reporter:
             for tag, value in (("train/loss", train.loss), ("train/error", train.error),
                                ("test/loss", test.loss), ("test/error", test.error)):
                 w.add_scalar(tag, value, steps)
-            for name, value in self._language(train, test).items():  # train_bpc -> train/bpc
+            for name, value in language.items():  # train_bpc -> train/bpc
                 w.add_scalar(name.replace("_", "/", 1), value, steps)
-            if self.cfg.data.name == "text":
-                for name, value in throughput.rates(timing.samples * self.cfg.data.context, timing.train_s,
-                                                    self.flops_token, self.peak_flops).items():
-                    w.add_scalar(f"perf/{name}", value, steps)
+            for name, value in rates.items():
+                w.add_scalar(f"perf/{name}", value, steps)
         first = steps - record.steps + 1  # module step number of the epoch's first step
         for tag, points in record.step_values().items():
             for i, value in points.items():
