@@ -203,7 +203,8 @@ def test_the_flight_recorder_is_off_unless_the_user_asks(monkeypatch: pytest.Mon
 
 _LAUNCHER_CHECK = """
 import sys
-from fdg_dist import cli
+from fdg_dist.run import warm
+from fdg_dist.train import PRELOAD
 from fdg_dist.config import Config, ConfigError
 from fdg_dist.validation import validate
 
@@ -212,9 +213,10 @@ def config(k):
     cfg.model.name, cfg.data.name, cfg.pipeline.k = "tiny", "synthetic", k
     return cfg
 
-cli._apart(lambda: validate(config(2)))
+warm.start(PRELOAD)
+warm.call(validate, config(2))
 try:
-    cli._apart(lambda: validate(config(50)))
+    warm.call(validate, config(50))
 except ConfigError as e:
     print("refused:", e)
 print("kept:", sorted(m for m in ("torch._dynamo", "torch._inductor", "sympy") if m in sys.modules))
@@ -223,7 +225,7 @@ print("kept:", sorted(m for m in ("torch._dynamo", "torch._inductor", "sympy") i
 
 def test_the_launcher_checks_the_model_in_a_child_and_keeps_nothing_of_it() -> None:
     """What the meta-device model check imports (torch._dynamo, torch._inductor, sympy: ~80 MB) stays in the
-    forked child; its refusal still reaches the launcher as the ConfigError it was."""
+    process forked from the warm server; its refusal still reaches the launcher as the ConfigError it was."""
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER_CHECK], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -20,15 +20,13 @@ import datetime
 import json
 import logging
 import os
-import pickle
 import re
 import secrets
 import shlex
 import signal
 import sys
-import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn
@@ -42,7 +40,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from fdg_dist import data, sweep
 from fdg_dist.config import Config, ConfigError, describe
-from fdg_dist.run import checkpoint, rendezvous, rundir, worker
+from fdg_dist.run import checkpoint, rendezvous, rundir, warm, worker
 from fdg_dist.run.preempt import Stopped
 from fdg_dist.util import files
 from fdg_dist.util.text import first_line
@@ -55,13 +53,9 @@ _PEER_LOSS = ("lost module", "Connection closed by peer", "Connection reset by p
               "Signal 15 (SIGTERM)")
 
 
-def _under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
 def _run_id() -> str:
     """One run directory name for all ranks: torchrun's run id (shared, stable across restarts) or a timestamp."""
-    if _under_torchrun():
+    if warm.under_torchrun():
         return f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}"
     return datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
@@ -130,8 +124,10 @@ class WorkersFailed(ChildFailedError):
 def launch_local(cfg: Config, run_dir: Path) -> dict | None:
     """Start the run's workers on this machine with torch's elastic agent; its store listens on loopback only.
 
-    The run gets a secret of its own, which the agent and the workers inherit through the environment and
-    sign their stores' values with (``rendezvous.SignedStore``).  The agent's per-worker files (error reports,
+    Workers are forked from the warm server where ``fdg-train`` started one (``run.warm``), spawned otherwise.
+    The run gets a secret of its own, which the agent and the workers take from the environment (a forked
+    worker with its arguments: the server's environment predates it) and sign their stores' values with
+    (``rendezvous.SignedStore``).  The agent's per-worker files (error reports,
     tracebacks) live in a private temporary folder removed afterwards; a failed run raises ``WorkersFailed``
     with every rank's own error.
     """
@@ -145,9 +141,10 @@ def launch_local(cfg: Config, run_dir: Path) -> dict | None:
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex,
                               rdzv_backend=rendezvous.BACKEND, rdzv_endpoint=f"{rendezvous.LOOPBACK}:0",
                               local_addr=rendezvous.LOOPBACK, max_restarts=cfg.dist.max_restarts,
-                              monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=agent_dir))
+                              monitor_interval=0.2, start_method=warm.start_method(),
+                              logs_specs=DefaultLogsSpecs(log_dir=agent_dir))
         try:
-            results = elastic_launch(config, worker.run)(cfg.to_dict(), str(run_dir))
+            results = elastic_launch(config, worker.run)(cfg.to_dict(), str(run_dir), warm.environment_since())
         except ChildFailedError as e:  # the agent gives up after its last attempt: number max_restarts
             raise WorkersFailed(e, _reports(Path(agent_dir), cfg.dist.max_restarts, cfg.world_size)) from e
     return next((r for r in results.values() if r is not None), None)
@@ -290,57 +287,18 @@ def _refuse(line: str, run_dir: Path) -> NoReturn:
     _stop(line, 2)
 
 
-def _apart(check: Callable[[], None]) -> None:
-    """Run ``check`` in a forked child and raise here what it raised there.
-
-    Checking a model builds it on the meta device, and torch's meta kernels import torch._dynamo,
-    torch._inductor, torch.onnx and sympy: ~80 MB that the launcher would otherwise hold for the whole run
-    while its workers train (its resident memory 676 MB with them, 593 MB without, on torch 2.14.1).  Where
-    there is no fork the check runs here."""
-    if not hasattr(os, "fork"):
-        check()
-        return
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: check, send the outcome, leave without the parent's exit handlers
-        os.close(read)
-        outcome: BaseException | None = None
-        try:
-            check()
-        except BaseException as e:
-            outcome = e
-            if not isinstance(e, ConfigError):
-                e.add_note("".join(traceback.format_exception(e)))
-        try:
-            payload = pickle.dumps(outcome)
-        except Exception:  # an exception that does not pickle: its text
-            payload = pickle.dumps(RuntimeError(f"{type(outcome).__name__}: {outcome}"))
-        with os.fdopen(write, "wb") as f:
-            f.write(payload)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        payload = f.read()
-    os.waitpid(pid, 0)
-    if not payload:
-        raise RuntimeError("the configuration check ended without an answer (its process died)")
-    outcome = pickle.loads(payload)
-    if outcome is not None:
-        raise outcome
-
-
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _main(raw: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    torchrun = _under_torchrun()
+    torchrun = warm.under_torchrun()
     try:
         cfg = config_from_hydra(raw)
         world = int(os.environ["WORLD_SIZE"]) if torchrun else None
         if torchrun:  # this process becomes a worker, which builds the model anyway
             validate(cfg, world_size=world)
         else:  # this process launches the workers and waits for them: it keeps nothing of the check
-            _apart(lambda: validate(cfg))
+            warm.call(validate, cfg)
         check_devices(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)) if torchrun else cfg.world_size)
         data.check_available(cfg.data, download=not torchrun)
     except ConfigError as e:
@@ -400,8 +358,7 @@ class ValidateSweep(Callback):
         points = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
         for job, overrides in enumerate(points):
             try:
-                _apart(lambda o=overrides: validate(config_from_hydra(compose(kwargs.get("config_name") or "train",
-                                                                              overrides=o))))
+                warm.call(validate, config_from_hydra(compose(kwargs.get("config_name") or "train", overrides=overrides)))
             except ConfigError as e:
                 _stop(f"invalid configuration in sweep job {job} ({' '.join(overrides)}): {e}; no job was started", 2)
 

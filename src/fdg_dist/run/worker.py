@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 
 from fdg_dist import models
 from fdg_dist.config import Config
-from fdg_dist.run import devices, distributed, rendezvous
+from fdg_dist.run import devices, distributed, rendezvous, warm
 from fdg_dist.run.preempt import Stopped
 from fdg_dist.run.trainer import Trainer
 from fdg_dist.util import files
@@ -133,8 +133,10 @@ def leave_within(abort: Callable[[], None], grace_s: float) -> None:
         timer.cancel()
 
 
-def run(raw: dict, run_dir: str) -> dict | None:
-    """Entry of every worker process; returns the run's result on the reporting rank."""
+def run(raw: dict, run_dir: str, environment: Mapping[str, str | None] | None = None) -> dict | None:
+    """Entry of every worker process; returns the run's result on the reporting rank.  ``environment``: what the
+    launcher's environment has that a worker forked from the warm server lacks (``warm.environment_since``)."""
+    warm.adopt(environment or {})
     cfg = Config.from_dict(raw)
     stages, replicas = (1, cfg.world_size) if cfg.method.name == "dp" else (cfg.pipeline.k, cfg.pipeline.replicas)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
