@@ -34,8 +34,9 @@ _TRAINING = re.compile(r"training time\s+([0-9.]+) s")
 
 
 def stamped(src: Path, args: list[str], run_dir: Path, timeout: float) -> list[tuple[float, str]]:
-    """``(seconds since start, line)`` for every console line of ``python -m fdg_dist.train ARGS``, then
-    ``(exit, "<exit N>")``."""
+    """``(seconds since start, line)`` for every console line of ``python -m fdg_dist.train ARGS``, then the
+    launcher's exit (what a shell's prompt waits for) and its output's end (what a pipe waits for: the warm
+    server, which holds the console for the workers it forks, leaves a moment after the launcher)."""
     key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
@@ -46,10 +47,11 @@ def stamped(src: Path, args: list[str], run_dir: Path, timeout: float) -> list[t
                                                           for line in proc.stdout))  # type: ignore[union-attr]
     reader.start()
     code = proc.wait(timeout=timeout)
+    exited = time.perf_counter() - start
     reader.join()
     if code != 0:
         raise SystemExit(f"{src}: {' '.join(args)} exited {code}:\n" + "\n".join(line for _, line in lines[-20:]))
-    return [*lines, (time.perf_counter() - start, f"<exit {code}>")]
+    return [*lines, (exited, "<exit>"), (time.perf_counter() - start, "<output closed>")]
 
 
 def first(lines: list[tuple[float, str]], text: str) -> float:
@@ -57,16 +59,16 @@ def first(lines: list[tuple[float, str]], text: str) -> float:
 
 
 def smoke_phases(lines: list[tuple[float, str]]) -> dict[str, float]:
-    exit_s = lines[-1][0]
+    exit_s, closed_s = first(lines, "<exit>"), first(lines, "<output closed>")
     worker, done = first(lines, "rank 0/"), first(lines, "run finished")
     return {"wall_s": exit_s, "first_worker_line_s": worker, "worker_line_to_finished_s": done - worker,
-            "finished_to_exit_s": exit_s - done}
+            "finished_to_exit_s": exit_s - done, "output_closed_s": closed_s}
 
 
 def sweep_overheads(lines: list[tuple[float, str]]) -> list[float]:
     """Per job: its wall time less the training time its summary reports."""
     starts = [t for t, line in lines if line.startswith("=== sweep job")]
-    ends = [*starts[1:], lines[-1][0]]
+    ends = [*starts[1:], first(lines, "<exit>")]
     trained = [float(m.group(1)) for _, line in lines if (m := _TRAINING.search(line))]
     return [end - begin - train for begin, end, train in zip(starts, ends, trained, strict=True)]
 
