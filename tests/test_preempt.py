@@ -39,12 +39,14 @@ OVERRIDES = ["model=tiny", "data=synthetic", "data.train_size=480", "data.test_s
              "trainer.channels_last=false"]  # the reference computes in NCHW; the split stays the default (auto)
 
 
-def _fdg_train(run_dir: Path | None, *args: str, cwd: Path = REPO, **env: str) -> subprocess.Popen:
-    """``fdg-train`` with ``args`` (OVERRIDES by default) in ``run_dir`` (None: Hydra's default, under ``cwd``)."""
+def _fdg_train(run_dir: Path | None, *args: str, cwd: Path = REPO, session: bool = False,
+               **env: str) -> subprocess.Popen:
+    """``fdg-train`` with ``args`` (OVERRIDES by default) in ``run_dir`` (None: Hydra's default, under ``cwd``);
+    ``session``: in a process group of its own, which ``os.killpg`` signals whole."""
     where = [] if run_dir is None else [f"hydra.run.dir={run_dir}"]
     return subprocess.Popen([sys.executable, "-m", "fdg_dist.train", *(args or OVERRIDES), *where],
                             cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=session)
 
 
 def _uninterrupted(bounds: list[int]) -> dict[str, torch.Tensor]:
@@ -53,8 +55,10 @@ def _uninterrupted(bounds: list[int]) -> dict[str, torch.Tensor]:
         return reference_state(config_from_hydra(compose("train", overrides=[*OVERRIDES, split])))
 
 
-def _stopped_then_resumed(run_dir: Path, proc: subprocess.Popen, signalled: float, *, mid_epoch: bool) -> None:
+def _stopped_then_resumed(run_dir: Path, proc: subprocess.Popen, signalled: float, *, mid_epoch: bool) -> str:
+    """Check the stopped run and its resume; returns what the stopped run printed on stderr."""
     _, err = proc.communicate(timeout=120)
+    stopped = err
     assert time.monotonic() - signalled < 30, "the run took more than 30 s to stop"
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("fdg-train:")]
@@ -80,6 +84,7 @@ def _stopped_then_resumed(run_dir: Path, proc: subprocess.Popen, signalled: floa
     bounds = json.loads((run_dir / "split.json").read_text())["bounds"]
     assert json.loads((run_dir / "result.json").read_text())["split"] == bounds
     assert_same_weights(final_state(run_dir), _uninterrupted(bounds))
+    return stopped
 
 
 def test_sigterm_to_one_worker_cuts_the_epoch_and_the_same_command_resumes_bitwise(tmp_path: Path) -> None:
@@ -102,6 +107,23 @@ def test_sigterm_to_the_launcher_of_a_default_directory_run_prints_the_command_t
     run_dir = logs[0].parent
     proc.send_signal(signal.SIGTERM)  # the agent passes it on to every worker, and waits 30 s for them
     _stopped_then_resumed(run_dir, proc, time.monotonic(), mid_epoch=False)  # a cut, or the end of an epoch
+
+
+def test_sigterm_to_every_process_of_the_run_stops_it_the_same_way(tmp_path: Path) -> None:
+    """SLURM's preemption and ``scancel`` signal every process of a job: the launcher, the warm fork server and
+    the workers at once.  The server must outlive it (it reports its workers' exit to the launcher), so the run
+    stops as when only the launcher is signalled, at a checkpoint, with the command that resumes it."""
+    run_dir = tmp_path / "run"
+    proc = _fdg_train(run_dir, session=True)
+    while not (run_dir / "train.log").exists() or "epoch0000 written" not in (run_dir / "train.log").read_text():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    proc.wait(timeout=120)  # the launcher leaves only once every worker has: its line names their checkpoint
+    newest = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "manifest.json").exists())[-1]
+    err = _stopped_then_resumed(run_dir, proc, signalled, mid_epoch=False)
+    assert f"keeps checkpoint {newest};" in err and "Traceback" not in err, err[-3000:]
 
 
 class _Done:

@@ -4,6 +4,7 @@ what comes back from a call made in it."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from fdg_dist.run import warm
 
 
-def test_the_environment_since_the_server_started_is_what_a_forked_process_adopts(
+def test_the_environment_since_the_server_started_is_what_a_forked_process_takes_on_as_it_arrives(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FDG_TEST_KEPT", "same")
     monkeypatch.setenv("FDG_TEST_CHANGED", "before")
@@ -30,7 +31,12 @@ def test_the_environment_since_the_server_started_is_what_a_forked_process_adopt
     monkeypatch.setenv("FDG_TEST_CHANGED", "before")
     monkeypatch.setenv("FDG_TEST_REMOVED", "there")
     monkeypatch.delenv("FDG_TEST_ADDED")
-    warm.adopt(changes)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as the server has it
+    try:
+        warm.arrive(changes)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert (os.environ["FDG_TEST_KEPT"], os.environ["FDG_TEST_CHANGED"], os.environ["FDG_TEST_ADDED"]) == \
         ("same", "after", "new")
     assert "FDG_TEST_REMOVED" not in os.environ

@@ -6,7 +6,12 @@ A spawned worker spends ~4 s on a 2-core CPU importing torch, the launcher and t
 first line; the launcher's check of the model another ~1-2 s.  ``fdg-train`` starts the server before it
 imports the launcher (``fdg_dist.train``), so the server's imports run on one core while the launcher's own run
 on another.  A forked process inherits the environment the server started with; what the launcher set since
-(the run's secret, its failure folder, a sweep's keys) travels with each call (``environment_since``, ``adopt``).
+(the run's secret, its failure folder, a sweep's keys) travels with each call (``environment_since``, ``arrive``).
+
+The server ignores SIGTERM.  It reports each worker's exit to the launcher, so it must outlive a SIGTERM sent
+to every process of the run at once (SLURM's preemption and ``scancel``, ``kill -TERM -PGID``): had it died,
+the launcher would have read every worker as ended (exit 255) and left while they were still writing their
+checkpoint.  A forked process takes SIGTERM's default action back as it ``arrive``s.
 
 The cost: the server stays resident while the launcher lives (torch and the launcher imported: a few hundred
 MB, shared copy-on-write with the workers it forks).  Where there is no fork server (Windows) workers are
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import forkserver
@@ -36,12 +42,16 @@ def under_torchrun() -> bool:
 
 def start(preload: Iterable[str]) -> bool:
     """Start the fork server, which imports ``preload`` (a name that does not import is skipped), without
-    waiting for it; returns whether one runs.  Once per process: later calls change nothing."""
+    waiting for it; returns whether one runs.  Once per process (its main thread): later calls change nothing."""
     global _server_environment
     if _server_environment is None and _FORKSERVER in multiprocessing.get_all_start_methods():
         forkserver.set_forkserver_preload(list(preload))
         _server_environment = dict(os.environ)
-        forkserver.ensure_running()
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return _server_environment is not None
 
 
@@ -52,7 +62,7 @@ def start_method() -> str:
 
 def environment_since() -> dict[str, str | None]:
     """The variables set or changed (their value) and removed (``None``) in this process since it started the
-    server: what a forked process must ``adopt`` to see this process's environment."""
+    server: what a forked process must take on as it ``arrive``s to see this process's environment."""
     if _server_environment is None:
         return {}
     changes: dict[str, str | None] = {k: v for k, v in os.environ.items() if _server_environment.get(k) != v}
@@ -60,8 +70,10 @@ def environment_since() -> dict[str, str | None]:
     return changes
 
 
-def adopt(changes: Mapping[str, str | None]) -> None:
-    """Apply ``environment_since``'s answer in a forked process (the first thing it does)."""
+def arrive(changes: Mapping[str, str | None]) -> None:
+    """The first thing a process forked from the server does: SIGTERM's default action back (the server
+    ignores it), and ``environment_since``'s answer applied.  Harmless in a spawned process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for key, value in changes.items():
         if value is None:
             os.environ.pop(key, None)
@@ -69,8 +81,8 @@ def adopt(changes: Mapping[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def _adopting(changes: Mapping[str, str | None], fn: Callable[..., T], args: tuple) -> T:
-    adopt(changes)
+def _arriving(changes: Mapping[str, str | None], fn: Callable[..., T], args: tuple) -> T:
+    arrive(changes)
     return fn(*args)
 
 
@@ -81,4 +93,4 @@ def call(fn: Callable[..., T], *args: Any) -> T:
     if _server_environment is None:
         return fn(*args)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(_FORKSERVER)) as pool:
-        return pool.submit(_adopting, environment_since(), fn, args).result()
+        return pool.submit(_arriving, environment_since(), fn, args).result()

@@ -136,7 +136,7 @@ def leave_within(abort: Callable[[], None], grace_s: float) -> None:
 def run(raw: dict, run_dir: str, environment: Mapping[str, str | None] | None = None) -> dict | None:
     """Entry of every worker process; returns the run's result on the reporting rank.  ``environment``: what the
     launcher's environment has that a worker forked from the warm server lacks (``warm.environment_since``)."""
-    warm.adopt(environment or {})
+    warm.arrive(environment or {})
     cfg = Config.from_dict(raw)
     stages, replicas = (1, cfg.world_size) if cfg.method.name == "dp" else (cfg.pipeline.k, cfg.pipeline.replicas)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
