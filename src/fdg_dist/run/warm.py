@@ -14,8 +14,9 @@ the launcher would have read every worker as ended (exit 255) and left while the
 checkpoint.  A forked process takes SIGTERM's default action back as it ``arrive``s.
 
 The cost: the server stays resident while the launcher lives (torch and the launcher imported: a few hundred
-MB, shared copy-on-write with the workers it forks).  Where there is no fork server (Windows) workers are
-spawned and ``call`` runs in this process.
+MB, shared copy-on-write with the workers it forks).  Where no server was started (Windows; Hydra's submitit
+launcher, which calls the job function on the node without ``fdg_dist.train``) workers are spawned and ``call``
+runs in this process.
 
 Must stay light to import (no torch: it runs before the launcher's imports) and must not know about training.
 """
