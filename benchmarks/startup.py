@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from time_to_accuracy import processor  # benchmarks/ is this script's directory
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SMOKE = ["experiment=quick_synthetic", "logging.progress=never"]
@@ -93,8 +94,7 @@ def main() -> None:
                     lines = stamped(src, SWEEP, Path(tmp) / f"{name}-sweep-{round_}".replace(" ", "_"), args.timeout)
                     results[name]["sweep_overhead_s"] += sweep_overheads(lines)
                 load.append(os.getloadavg()[0])
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = processor()
     print(f"{cpu}, {os.cpu_count()} cores, load average (1 min) {min(load):.2f}-{max(load):.2f}, "
           f"{args.rounds} rounds, medians:")
     for name, r in results.items():
