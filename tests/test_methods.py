@@ -28,6 +28,7 @@ from conftest import (
     small_config,
     train_spans,
 )
+from emulated import run_emulated
 
 from fdg_dist import models
 from fdg_dist.config import Config
@@ -149,6 +150,34 @@ def test_adl_steps_once_every_m_ticks(run_dir: Path) -> None:
         # staleness that restated the stash depth or the FDG rule would differ here
         assert_staleness_is_the_traces(run_dir, k)
     assert_same_weights(final_state(run_dir), reference_state(cfg))
+
+
+@pytest.mark.parametrize("K,M,beta", [(2, 3, 1.0), (3, 2, 0.5)])
+def test_adl_applies_the_mean_over_its_batches_once_and_beta_per_hop(K: int, M: int, beta: float) -> None:
+    """With every LR 0 nothing moves, so each gradient ADL applies is a fresh one: module k's step must apply
+    β^(K−1−k) × back-propagation's gradient of the mean loss over the step's M batches.  The 1/M of that mean is
+    applied once (at the loss); divided again at every hop, module k's gradient shrank by M^(K−k)."""
+    cfg = small_config(**{"method.name": "adl", "method.accum_steps": M, "method.beta": beta, "pipeline.k": K,
+                          "optim.lr": 0.0, "optim.momentum": 0.0, "optim.weight_decay": 0.0, "trainer.epochs": 1,
+                          "data.augment": False})
+    applied: dict[int, list[list[torch.Tensor]]] = {k: [] for k in range(K)}
+
+    def record(k, run) -> None:
+        params = list(run.stage.module.parameters())
+        run.stage.optimizer.register_step_pre_hook(
+            lambda *_: applied[k].append([p.grad.clone() for p in params]))
+
+    runs = run_emulated(cfg, evaluate=False, setup=record)
+    batches = next(epoch_batches(cfg))
+    groups = [batches[i:i + M] for i in range(0, len(batches), M)]
+    whole = torch.nn.Sequential(*[run.stage.module for run in runs]).train()  # the weights never moved
+    for step, group in enumerate(groups):
+        whole.zero_grad()
+        (sum(F.cross_entropy(whole(x), y) for x, y in group) / len(group)).backward()
+        for k, run in enumerate(runs):
+            want = [p.grad * beta ** (K - 1 - k) for p in run.stage.module.parameters()]
+            torch.testing.assert_close(applied[k][step], want, rtol=1e-5, atol=1e-7, msg=f"module {k} step {step}")
+    assert all(len(applied[k]) == len(groups) for k in range(K))
 
 
 # ---------------------------------------------------------------------------------------- multirun

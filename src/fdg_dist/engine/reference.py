@@ -134,7 +134,7 @@ class Simulation:
         elif self.stash_mode == "mixed":  # PyTorch 1.0: the optimizer had updated the graph's weights in place
             for used, live in zip(snapshot.parameters(), self.modules[k].parameters(), strict=True):
                 used.data.copy_(live.data)
-        scale = self.beta / self.M
+        scale = self.beta  # the 1/M of ADL's mean came with grad, from the last module's loss
         out.backward(grad * scale if scale != 1.0 else grad)
         applied = []
         for live, used in zip(self.modules[k].parameters(), snapshot.parameters(), strict=True):

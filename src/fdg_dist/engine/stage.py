@@ -216,6 +216,8 @@ class Stage:
         the corrector) are accumulated into ``.grad`` of the live parameters.  ``probe`` measures the
         first gradient of a step against the local fresh one (``staleness``) for the next step to report.
         ``delayed`` False (a synchronous batch): back-propagation's exact gradient, no β, no corrector.
+        Only β is applied per hop: ``grad_out`` already carries ADL's 1/M (a step's mean over its batches), from
+        the last module's loss; dividing again at every hop would shrink module k's gradient by M^(K−k).
         """
         entry = self.stash.pop(batch)
         x, out, params = entry.x, entry.out, entry.params
@@ -226,7 +228,7 @@ class Stage:
                 out = functional_call(self.module, {**params, **buffers}, (x,))
         elif self.stash_mode == "mixed":  # the live weights under the stored graph, unseen by autograd's versions
             torch._foreach_copy_([params[n].data for n in params], [p.detach() for _, p in self.module.named_parameters()])
-        scale = self.beta / self.accum_steps if delayed else 1.0
+        scale = self.beta if delayed else 1.0
         grad = grad_out.to(out.dtype) * scale if scale != 1.0 else grad_out.to(out.dtype)
         names = [n for n, p in params.items() if p.requires_grad]
         inputs = [params[n] for n in names] + ([x] if x.requires_grad else [])
