@@ -149,6 +149,36 @@ def test_command_line_overrides_a_preset(composed: Callable[..., Config]) -> Non
     assert (cfg.pipeline.k, cfg.method.name, cfg.method.beta, cfg.model.name) == (3, "bp", 1.0, "resnet56")
 
 
+RECIPES = {"near_bp_k2": (2, "fdg", "lr_by_delay", 1), "near_bp_k4": (4, "adl", "none", 4)}  # K, method, corrector, M
+
+
+@pytest.mark.parametrize("preset", ["budget_cifar10_resnet20", "budget_long_cifar10_resnet20"])
+def test_a_recipe_applies_on_top_of_a_preset(composed: Callable[..., Config], preset: str) -> None:
+    """Each recipe sets what docs/budget-reproduction.md measured (the K, the method, β = 1, Nesterov) and keeps
+    the preset's model, data and budget, and a step's batch (ADL: M micro-batches of 128/M); the command line
+    still wins over both."""
+    assert sorted(RECIPES) == options("recipe")
+    base = composed(f"experiment={preset}")
+    for name, (k, method, corrector, accum) in RECIPES.items():
+        cfg = composed(f"experiment={preset}", f"recipe={name}")
+        assert (cfg.recipe, cfg.pipeline.k, cfg.method.name, cfg.corrector.name) == (name, k, method, corrector)
+        assert (cfg.method.beta, cfg.optim.nesterov, cfg.method.accum_steps) == (1.0, True, accum)
+        assert cfg.trainer.batch_size * accum == base.trainer.batch_size == 128
+        assert (cfg.model, cfg.data, cfg.trainer.epochs, cfg.sched) == (base.model, base.data, base.trainer.epochs,
+                                                                        base.sched)
+        assert composed(f"experiment={preset}", f"recipe={name}", "pipeline.k=3").pipeline.k == 3
+
+
+@pytest.mark.parametrize("budget,preset", [("short", "budget_cifar10_resnet20"), ("long", "budget_long_cifar10_resnet20")])
+def test_every_parity_sweep_point_composes_and_validates(composed: Callable[..., Config], budget: str,
+                                                        preset: str) -> None:
+    """benchmarks/parity_sweep.sh runs each line as ``experiment=PRESET OVERRIDES``: a typo would fail minutes in."""
+    lines = (REPO / "benchmarks" / f"parity_points_{budget}.txt").read_text().splitlines()
+    points = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+    assert len({name for name, *_ in points}) == len(points) >= 3
+    for _, *overrides in points:
+        composed(f"experiment={preset}", *overrides)
+
 def test_run_dir_resolvers(hydra_conf: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the hydra node (as the app sees it) the custom resolver gives one timestamped run dir, shared by
     every rank under torchrun; Hydra writes no ``.hydra/`` itself (fdg-train does, once the run is accepted)."""

@@ -194,6 +194,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resume: str = "auto"  # auto (the run directory's newest checkpoint) | never | a checkpoint directory to start from
     experiment: str | None = None  # a preset of conf/experiment/ (set as experiment=NAME)
+    recipe: str | None = None  # a setting of conf/recipe/ (set as recipe=NAME)
 
     @property
     def world_size(self) -> int:
