@@ -285,6 +285,8 @@ def test_the_options_are_named_in_results() -> None:
                   "optim.nesterov": True, "method.sync_warmup_steps": 16, "optim.clip_norm": 1.0})
     assert staleness_options(cfg) == ["anneal=0.25", "dmom=0.99", "nesterov", "warmup=16", "clip=1"]
     assert staleness_options(_cfg(**{"optim.spike_compensation": True})) == ["spike"]
+    adl = _cfg(**{"method.name": "adl", "method.accum_steps": 4, "trainer.batch_size": 32, "optim.nesterov": True})
+    assert staleness_options(adl) == ["M=4", "batch=32", "nesterov"]  # micro-batched ADL is told from ADL at 128
 
 
 def test_delayed_update_is_plain_sgd_where_nothing_is_delayed() -> None:

@@ -227,10 +227,11 @@ class Config:
 
 def staleness_options(cfg: Config) -> list[str]:
     """The settings beside β and the corrector that change how delayed gradients are applied, as short tokens
-    (``anneal=0.25``, ``spike``, ``dmom=0.99``, ``nesterov``, ``warmup=16``, ``clip=1``): what ``result.json``
-    records and ``fdg-report`` shows after the corrector; none for the paper's algorithm."""
+    (``M=4 batch=32``: ADL's accumulation and batch per tick, ``anneal=0.25``, ``spike``, ``dmom=0.99``, ``nesterov``,
+    ``warmup=16``, ``clip=1``): what ``result.json`` records and ``fdg-report`` shows after the corrector; none for the
+    paper's algorithm."""
     o, m, c = cfg.optim, cfg.method, cfg.corrector
-    tokens = []
+    tokens = [f"M={m.accum_steps}", f"batch={cfg.trainer.batch_size}"] if m.name == "adl" else []
     if c.name == "lr_by_delay" and c.anneal_fraction is not None:
         tokens.append(f"anneal={c.anneal_fraction:g}")
     if o.spike_compensation:
