@@ -179,6 +179,7 @@ def test_every_parity_sweep_point_composes_and_validates(composed: Callable[...,
     for _, *overrides in points:
         composed(f"experiment={preset}", *overrides)
 
+
 def test_run_dir_resolvers(hydra_conf: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the hydra node (as the app sees it) the custom resolver gives one timestamped run dir, shared by
     every rank under torchrun; Hydra writes no ``.hydra/`` itself (fdg-train does, once the run is accepted)."""
